@@ -86,6 +86,12 @@ class SupervisorAPI(Protocol):
     def request_shutdown(self) -> None:
         """Begin the ordered shutdown (as SIGTERM); returns at once."""
 
+    def stats(self, name: str) -> dict[str, Any]:
+        """Resource usage of a program, read from its cgroup: any of ``cpu_usage_ns`` (int,
+        cumulative), ``memory_bytes`` (int), ``pids`` (int); keys that can't be read are left
+        out. ControlError(no_such_program). Added for ``nsinitctl top``; the control server
+        answers ``unsupported`` when the daemon doesn't offer it."""
+
     def emit(self, event: str, **fields: Any) -> None:
         """Emit an event (the server reports e.g. control.refused through this)."""
 
