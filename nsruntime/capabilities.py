@@ -1,0 +1,56 @@
+"""Capability names and numbers, and dropping them (bounding, effective, permitted, inheritable, ambient).
+
+``capabilities_mask`` follows the libcontainer sample: every capability named there is taken away
+from the container; every other one the runtime has stays.
+"""
+
+from __future__ import annotations
+
+from . import libc
+
+NAMES: tuple[str, ...] = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)  # fmt: skip
+
+
+def last_cap() -> int:
+    """The highest capability number this kernel knows."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return len(NAMES) - 1
+
+
+def number(name: str) -> int | None:
+    """CAP_SYS_ADMIN / SYS_ADMIN / sys_admin -> 21; None when this kernel doesn't know the name."""
+    key = name.upper().removeprefix("CAP_")
+    try:
+        n = NAMES.index(key)
+    except ValueError:
+        return None
+    return n if n <= last_cap() else None
+
+
+def drop(numbers: frozenset[int]) -> None:
+    """Remove the given capabilities from every set of the calling process.
+
+    The bounding set first: PR_CAPBSET_DROP needs CAP_SETPCAP, which may itself be in the list.
+    Inheritable and ambient are cleared of them too, or root would regain them at exec.
+    """
+    if not numbers:
+        return
+    for n in sorted(numbers):
+        if libc.prctl(libc.PR_CAPBSET_READ, n) == 1:
+            libc.prctl(libc.PR_CAPBSET_DROP, n)
+    mask = 0
+    for n in numbers:
+        mask |= 1 << n
+    eff, prm, inh = libc.capget()
+    libc.capset(eff & ~mask, prm & ~mask, inh & ~mask)
+    libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)

@@ -1,0 +1,527 @@
+"""container.json -> typed, frozen objects. Every error names the field path.
+
+The format is libcontainer's (the sample in configs/libcontainer-sample/container.json) plus
+the fields later libcontainer added (user, working_dir, readonly_fs, no_pivot_root). The README's
+"container.json reference" documents every field; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import capabilities
+from .errors import ConfigError
+from .libc import (
+    CLONE_NEWCGROUP,
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+)
+
+NAMESPACE_FLAGS: dict[str, int] = {
+    "NEWUSER": CLONE_NEWUSER,
+    "NEWNS": CLONE_NEWNS,
+    "NEWUTS": CLONE_NEWUTS,
+    "NEWIPC": CLONE_NEWIPC,
+    "NEWPID": CLONE_NEWPID,
+    "NEWNET": CLONE_NEWNET,
+    "NEWCGROUP": CLONE_NEWCGROUP,
+}
+# /proc/PID/ns/<file> for each, in the order a joining process must enter them (user first).
+NAMESPACE_FILES: dict[str, str] = {
+    "NEWUSER": "user",
+    "NEWIPC": "ipc",
+    "NEWUTS": "uts",
+    "NEWNET": "net",
+    "NEWPID": "pid",
+    "NEWCGROUP": "cgroup",
+    "NEWNS": "mnt",
+}
+DEFAULT_NAMESPACES = ("NEWNS", "NEWUTS", "NEWIPC", "NEWPID", "NEWNET")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# runc's defaults
+DEFAULT_MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+)  # fmt: skip
+DEFAULT_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+_CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_ENV_NAME = re.compile(r"^[^=\x00]+$")
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    destination: str
+    writable: bool = False
+    private: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: str | None
+    source: str | None
+    gateway: str | None
+    interface_name: str | None
+
+
+@dataclass(frozen=True)
+class Network:
+    type: str  # loopback | veth | netns
+    address: str | None = None  # CIDR
+    gateway: str | None = None
+    mtu: int | None = None
+    bridge: str | None = None  # veth: host bridge (context.bridge)
+    prefix: str = "veth"  # veth: host-side name prefix (context.prefix)
+    path: str | None = None  # netns: namespace file to join (context.path)
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    allow: bool
+    type: str  # a | c | b
+    major: int | None  # None = any
+    minor: int | None
+    access: str  # subset of rwm
+
+
+@dataclass(frozen=True)
+class Cgroups:
+    name: str | None = None
+    parent: str = "nsinit"
+    memory: int | None = None
+    memory_swap: int | None = None
+    cpu_shares: int | None = None
+    cpu_quota: int | None = None
+    cpu_period: int | None = None
+    cpuset_cpus: str | None = None
+    pids_limit: int | None = None
+    blkio_weight: int | None = None
+    allow_all_devices: bool = False
+    devices: tuple[DeviceRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class IdMap:
+    container_id: int
+    host_id: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    hostname: str | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    tty: bool = False
+    namespaces: tuple[str, ...] = DEFAULT_NAMESPACES
+    capabilities_mask: frozenset[int] = frozenset()
+    mounts: tuple[Mount, ...] = ()
+    networks: tuple[Network, ...] = ()
+    routes: tuple[Route, ...] = ()
+    cgroups: Cgroups = field(default_factory=Cgroups)
+    apparmor_profile: str | None = None
+    user: str | None = None
+    working_dir: str = "/"
+    readonly_fs: bool = False
+    no_pivot_root: bool = False
+    no_new_privileges: bool = True
+    uid_mappings: tuple[IdMap, ...] = ()
+    gid_mappings: tuple[IdMap, ...] = ()
+    masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
+    readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
+
+    @property
+    def clone_flags(self) -> int:
+        flags = 0
+        for ns in self.namespaces:
+            flags |= NAMESPACE_FLAGS[ns]
+        if any(n.type == "netns" for n in self.networks):
+            flags &= ~CLONE_NEWNET
+        return flags
+
+    def env_dict(self) -> dict[str, str]:
+        env = dict(self.environment)
+        env.setdefault("PATH", DEFAULT_PATH)
+        return env
+
+    @property
+    def needs_pyroute2(self) -> bool:
+        return any(n.type != "loopback" for n in self.networks) or bool(self.routes)
+
+
+T = TypeVar("T")
+
+
+def _type_name(v: object) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _expect(path: str, value: object, kind: type[T], what: str) -> T:
+    # bool is an int in Python; JSON true is never a number here
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(path, f"expected {what}, got {_type_name(value)}")
+    return value
+
+
+def _obj(path: str, value: object, known: set[str]) -> dict[str, Any]:
+    d = _expect(path, value, dict, "an object")
+    for key in d:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}" if path else key, "unknown field")
+    return d
+
+
+def _str(path: str, value: object, *, empty: bool = False) -> str:
+    s = _expect(path, value, str, "a string")
+    if not empty and not s:
+        raise ConfigError(path, "must not be empty")
+    if "\x00" in s:
+        raise ConfigError(path, "must not contain a NUL byte")
+    return s
+
+
+def _bool(path: str, value: object) -> bool:
+    return _expect(path, value, bool, "a boolean")
+
+
+def _int(path: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
+    n = _expect(path, value, int, "an integer")
+    if (lo is not None and n < lo) or (hi is not None and n > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(path, f"{n} out of range ({rng})")
+    return n
+
+
+def _list(path: str, value: object) -> list[Any]:
+    return _expect(path, value, list, "a list")
+
+
+def _abs_path(path: str, value: object) -> str:
+    s = _str(path, value)
+    if not s.startswith("/"):
+        raise ConfigError(path, f'"{s}" is not an absolute path')
+    return s
+
+
+def _opt(d: Mapping[str, Any], key: str, path: str, conv: Callable[[str, Any], T], default: T) -> T:
+    if key not in d or d[key] is None:
+        return default
+    return conv(f"{path}.{key}" if path else key, d[key])
+
+
+def _environment(path: str, value: object) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    items = value.items() if isinstance(value, dict) else None
+    if items is not None:
+        for k, v in items:
+            if not _ENV_NAME.match(k):
+                raise ConfigError(f"{path}.{k}", "bad variable name")
+            out.append((k, _str(f"{path}.{k}", v, empty=True)))
+        return tuple(out)
+    for i, item in enumerate(_list(path, value)):
+        s = _str(f"{path}[{i}]", item)
+        name, sep, val = s.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"{path}[{i}]", f'"{s}" is not NAME=VALUE')
+        out.append((name, val))
+    return tuple(out)
+
+
+def _namespaces(path: str, value: object) -> tuple[str, ...]:
+    names: list[str] = []
+    if isinstance(value, dict):  # later libcontainer: {"NEWNET": true, ...}
+        for k, v in value.items():
+            if k not in NAMESPACE_FLAGS:
+                raise ConfigError(f"{path}.{k}", f'unknown namespace "{k}"')
+            if _bool(f"{path}.{k}", v):
+                names.append(k)
+    else:
+        for i, item in enumerate(_list(path, value)):
+            s = _str(f"{path}[{i}]", item)
+            if s not in NAMESPACE_FLAGS:
+                raise ConfigError(f"{path}[{i}]", f'unknown namespace "{s}"')
+            if s in names:
+                raise ConfigError(f"{path}[{i}]", f'namespace "{s}" listed twice')
+            names.append(s)
+    if "NEWNS" not in names:
+        raise ConfigError(path, "NEWNS is required (the container's root is set up in its own mount namespace)")
+    return tuple(names)
+
+
+def _capabilities(path: str, value: object) -> frozenset[int]:
+    nums: set[int] = set()
+    for i, item in enumerate(_list(path, value)):
+        s = _str(f"{path}[{i}]", item)
+        n = capabilities.number(s)
+        if n is None:
+            raise ConfigError(f"{path}[{i}]", f'unknown capability "{s}" (this kernel knows up to '
+                              f"{capabilities.NAMES[capabilities.last_cap()]})")
+        nums.add(n)
+    return frozenset(nums)
+
+
+def _mounts(path: str, value: object) -> tuple[Mount, ...]:
+    out = []
+    for i, item in enumerate(_list(path, value)):
+        p = f"{path}[{i}]"
+        d = _obj(p, item, {"type", "source", "destination", "writable", "private", "readonly"})
+        if "type" in d and _str(f"{p}.type", d["type"]) != "bind":
+            raise ConfigError(f"{p}.type", f'unsupported mount type "{d["type"]}" (only "bind")')
+        for req in ("source", "destination"):
+            if req not in d:
+                raise ConfigError(f"{p}.{req}", "missing")
+        writable = _opt(d, "writable", p, _bool, False)
+        if "readonly" in d:
+            writable = not _bool(f"{p}.readonly", d["readonly"])
+        dest = _abs_path(f"{p}.destination", d["destination"])
+        if dest.rstrip("/") == "":
+            raise ConfigError(f"{p}.destination", "cannot mount over the container's root")
+        out.append(Mount(_abs_path(f"{p}.source", d["source"]), dest, writable,
+                         _opt(d, "private", p, _bool, False)))
+    return tuple(out)
+
+
+def _cidr(path: str, value: object) -> str:
+    s = _str(path, value)
+    try:
+        ipaddress.ip_interface(s)
+    except ValueError:
+        raise ConfigError(path, f'"{s}" is not an address in CIDR form (198.18.0.2/24, fd00::2/64)') from None
+    if "/" not in s:
+        raise ConfigError(path, f'"{s}" has no prefix length (198.18.0.2/24)')
+    return s
+
+
+def _ip(path: str, value: object) -> str:
+    s = _str(path, value)
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        raise ConfigError(path, f'"{s}" is not an IP address') from None
+    return s
+
+
+def _ifname_prefix(path: str, value: object) -> str:
+    s = _str(path, value)
+    if len(s) > 7 or not re.match(r"^[A-Za-z0-9_-]+$", s):
+        raise ConfigError(path, f'"{s}" must be 1..7 characters of [A-Za-z0-9_-] (a unique suffix is added)')
+    return s
+
+
+def _networks(path: str, value: object) -> tuple[Network, ...]:
+    out = []
+    for i, item in enumerate(_list(path, value)):
+        p = f"{path}[{i}]"
+        d = _obj(p, item, {"type", "address", "gateway", "mtu", "context"})
+        if "type" not in d:
+            raise ConfigError(f"{p}.type", "missing")
+        kind = _str(f"{p}.type", d["type"])
+        if kind not in ("loopback", "veth", "netns"):
+            raise ConfigError(f"{p}.type", f'unknown network type "{kind}" (loopback, veth, netns)')
+        ctx = _obj(f"{p}.context", d.get("context") or {}, {"bridge", "prefix", "path"})
+        mtu = _opt(d, "mtu", p, lambda q, v: _int(q, v, 68, 65535), None)
+        if kind == "loopback":
+            # the sample's loopback entry carries "address": "127.0.0.1/0", "gateway": "localhost":
+            # neither means anything for lo, so they are accepted and not used.
+            out.append(Network("loopback", mtu=mtu))
+            continue
+        if kind == "netns":
+            if "path" not in ctx:
+                raise ConfigError(f"{p}.context.path", "missing (the network namespace file to join)")
+            out.append(Network("netns", path=_abs_path(f"{p}.context.path", ctx["path"])))
+            continue
+        if "bridge" not in ctx:
+            raise ConfigError(f"{p}.context.bridge", "missing")
+        addr = _opt(d, "address", p, _cidr, None)
+        gw = _opt(d, "gateway", p, _ip, None)
+        if addr and gw and ipaddress.ip_interface(addr).version != ipaddress.ip_address(gw).version:
+            raise ConfigError(f"{p}.gateway", f'"{gw}" is not of the same IP version as address "{addr}"')
+        out.append(Network("veth", addr, gw, mtu, _str(f"{p}.context.bridge", ctx["bridge"]),
+                           _opt(ctx, "prefix", f"{p}.context", _ifname_prefix, "veth")))
+    if sum(1 for n in out if n.type == "netns") > 1:
+        raise ConfigError(path, "at most one network of type netns")
+    return tuple(out)
+
+
+def _routes(path: str, value: object) -> tuple[Route, ...]:
+    out = []
+    for i, item in enumerate(_list(path, value)):
+        p = f"{path}[{i}]"
+        d = _obj(p, item, {"destination", "source", "gateway", "interface_name"})
+
+        def cidr_or_default(q: str, v: object) -> str:
+            return "default" if v == "default" else _cidr(q, v)
+
+        out.append(Route(_opt(d, "destination", p, cidr_or_default, None), _opt(d, "source", p, _ip, None),
+                         _opt(d, "gateway", p, _ip, None), _opt(d, "interface_name", p, _str, None)))
+    return tuple(out)
+
+
+def _devices(path: str, value: object) -> tuple[DeviceRule, ...]:
+    out = []
+    for i, item in enumerate(_list(path, value)):
+        p = f"{path}[{i}]"
+        d = _obj(p, item, {"allow", "type", "major", "minor", "access"})
+        kind = _opt(d, "type", p, _str, "a")
+        if kind not in ("a", "b", "c"):
+            raise ConfigError(f"{p}.type", f'"{kind}" is not one of a, b, c')
+        access = _opt(d, "access", p, _str, "rwm")
+        if not access or set(access) - set("rwm"):
+            raise ConfigError(f"{p}.access", f'"{access}" is not made of r, w, m')
+        out.append(DeviceRule(_opt(d, "allow", p, _bool, True), kind,
+                              _opt(d, "major", p, lambda q, v: _int(q, v, 0), None),
+                              _opt(d, "minor", p, lambda q, v: _int(q, v, 0), None), access))
+    return tuple(out)
+
+
+def _cgroup_name(path: str, value: object) -> str:
+    s = _str(path, value)
+    parts = s.strip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts) or not re.match(r"^[A-Za-z0-9_.:/@-]+$", s):
+        raise ConfigError(path, f'"{s}" is not a relative cgroup path of [A-Za-z0-9_.:@-] names')
+    return s.strip("/")
+
+
+def _cgroups(path: str, value: object) -> Cgroups:
+    d = _obj(path, value, {"name", "parent", "memory", "memory_swap", "cpu_shares", "cpu_quota", "cpu_period",
+                           "cpuset_cpus", "pids_limit", "blkio_weight", "allow_all_devices", "devices"})
+    mem = _opt(d, "memory", path, lambda q, v: _int(q, v, 4096), None)
+    swap = _opt(d, "memory_swap", path, lambda q, v: _int(q, v, -1), None)
+    if swap is not None and swap != -1 and (mem is None or swap < mem):
+        raise ConfigError(f"{path}.memory_swap", "must be -1 or at least memory (memory + swap)")
+
+    def cpuset(q: str, v: object) -> str:
+        s = _str(q, v)
+        if not _CPUSET.match(s):
+            raise ConfigError(q, f'"{s}" is not a cpu list like "0-1,3"')
+        return s
+
+    return Cgroups(
+        name=_opt(d, "name", path, _cgroup_name, None),
+        parent=_opt(d, "parent", path, _cgroup_name, "nsinit"),
+        memory=mem,
+        memory_swap=swap,
+        cpu_shares=_opt(d, "cpu_shares", path, lambda q, v: _int(q, v, 2, 262144), None),
+        cpu_quota=_opt(d, "cpu_quota", path, lambda q, v: _int(q, v, -1), None),
+        cpu_period=_opt(d, "cpu_period", path, lambda q, v: _int(q, v, 1000, 1000000), None),
+        cpuset_cpus=_opt(d, "cpuset_cpus", path, cpuset, None),
+        pids_limit=_opt(d, "pids_limit", path, lambda q, v: _int(q, v, -1), None),
+        blkio_weight=_opt(d, "blkio_weight", path, lambda q, v: _int(q, v, 10, 1000), None),
+        allow_all_devices=_opt(d, "allow_all_devices", path, _bool, False),
+        devices=_opt(d, "devices", path, _devices, ()),
+    )
+
+
+def _idmaps(path: str, value: object) -> tuple[IdMap, ...]:
+    out = []
+    for i, item in enumerate(_list(path, value)):
+        p = f"{path}[{i}]"
+        d = _obj(p, item, {"container_id", "host_id", "size"})
+        for req in ("container_id", "host_id", "size"):
+            if req not in d:
+                raise ConfigError(f"{p}.{req}", "missing")
+        out.append(IdMap(_int(f"{p}.container_id", d["container_id"], 0, 2**32 - 2),
+                         _int(f"{p}.host_id", d["host_id"], 0, 2**32 - 2),
+                         _int(f"{p}.size", d["size"], 1, 2**32 - 1)))
+    return tuple(out)
+
+
+def _user(path: str, value: object) -> str:
+    s = _str(path, value)
+    if not re.match(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*(:[A-Za-z0-9_.][A-Za-z0-9_.-]*)?$", s):
+        raise ConfigError(path, f'"{s}" is not uid[:gid] or a user name')
+    return s
+
+
+def _hostname(path: str, value: object) -> str:
+    s = _str(path, value)
+    if len(s) > 64 or not _HOSTNAME.match(s):
+        raise ConfigError(path, f'"{s}" is not a valid host name')
+    return s
+
+
+def _path_list(path: str, value: object) -> tuple[str, ...]:
+    return tuple(_abs_path(f"{path}[{i}]", v) for i, v in enumerate(_list(path, value)))
+
+
+_FIELDS = {
+    "hostname", "environment", "tty", "namespaces", "capabilities_mask", "mounts", "networks", "routes",
+    "cgroups", "context", "user", "working_dir", "readonly_fs", "no_pivot_root", "no_new_privileges",
+    "uid_mappings", "gid_mappings", "masked_paths", "readonly_paths",
+}  # fmt: skip
+
+
+def parse(data: object) -> ContainerConfig:
+    """Validate a decoded container.json; raises ConfigError naming the field path."""
+    d = _obj("", data, _FIELDS)
+    ctx = _obj("context", d.get("context") or {}, {"apparmor_profile"})
+    namespaces = _opt(d, "namespaces", "", _namespaces, DEFAULT_NAMESPACES)
+    networks = _opt(d, "networks", "", _networks, ())
+    if networks and "NEWNET" not in namespaces and any(n.type == "veth" for n in networks):
+        raise ConfigError("networks", "veth networks need the NEWNET namespace")
+    uid_maps = _opt(d, "uid_mappings", "", _idmaps, ())
+    gid_maps = _opt(d, "gid_mappings", "", _idmaps, ())
+    if "NEWUSER" in namespaces and not uid_maps:
+        raise ConfigError("uid_mappings", "required with NEWUSER (who is root inside?)")
+    if (uid_maps or gid_maps) and "NEWUSER" not in namespaces:
+        raise ConfigError("uid_mappings", "only meaningful with the NEWUSER namespace")
+    wd = _opt(d, "working_dir", "", _abs_path, "/")
+    return ContainerConfig(
+        hostname=_opt(d, "hostname", "", _hostname, None),
+        environment=_opt(d, "environment", "", _environment, ()),
+        tty=_opt(d, "tty", "", _bool, False),
+        namespaces=namespaces,
+        capabilities_mask=_opt(d, "capabilities_mask", "", _capabilities, frozenset()),
+        mounts=_opt(d, "mounts", "", _mounts, ()),
+        networks=networks,
+        routes=_opt(d, "routes", "", _routes, ()),
+        cgroups=_opt(d, "cgroups", "", _cgroups, Cgroups()),
+        apparmor_profile=_opt(ctx, "apparmor_profile", "context", _str, None),
+        user=_opt(d, "user", "", _user, None),
+        working_dir=wd,
+        readonly_fs=_opt(d, "readonly_fs", "", _bool, False),
+        no_pivot_root=_opt(d, "no_pivot_root", "", _bool, False),
+        no_new_privileges=_opt(d, "no_new_privileges", "", _bool, True),
+        uid_mappings=uid_maps,
+        gid_mappings=gid_maps,
+        masked_paths=_opt(d, "masked_paths", "", _path_list, DEFAULT_MASKED_PATHS),
+        readonly_paths=_opt(d, "readonly_paths", "", _path_list, DEFAULT_READONLY_PATHS),
+    )
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def load(path: str | Path) -> ContainerConfig:
+    """Read and validate a container.json file."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(str(p), "no such file (a container directory holds a container.json)") from None
+    except OSError as e:
+        raise ConfigError(str(p), f"cannot read: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(p), f"larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ConfigError(str(p), "not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(str(p), f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ConfigError(str(p), "malformed JSON: nested too deeply") from None
+    return parse(data)

@@ -1,0 +1,214 @@
+"""The only module that talks to libc through ctypes.
+
+Every function declares argtypes/restype, and every failure raises SyscallError naming the call
+and its arguments, e.g. ``mount('/src' -> '/rootfs/dst'): EPERM (Operation not permitted)``.
+Nothing here returns -1 upward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+
+from .errors import SyscallError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+# clone(2) / unshare(2) flags
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# mount(2) flags
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+
+# prctl(2)
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# x86_64 and aarch64 share these numbers for the calls glibc doesn't wrap everywhere.
+_SYS = {
+    "x86_64": {"pivot_root": 155, "capget": 125, "capset": 126, "close_range": 436, "openat2": 437},
+    "aarch64": {"pivot_root": 41, "capget": 90, "capset": 91, "close_range": 436, "openat2": 437},
+}[os.uname().machine]
+
+_mount = _libc.mount
+_mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_mount.restype = ctypes.c_int
+_umount2 = _libc.umount2
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_umount2.restype = ctypes.c_int
+_unshare = _libc.unshare
+_unshare.argtypes = [ctypes.c_int]
+_unshare.restype = ctypes.c_int
+_setns = _libc.setns
+_setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_setns.restype = ctypes.c_int
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_signalfd = _libc.signalfd
+_signalfd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_signalfd.restype = ctypes.c_int
+
+
+def _fail(call: str) -> SyscallError:
+    return SyscallError(call, ctypes.get_errno())
+
+
+def _b(path: str | bytes | None) -> bytes | None:
+    if path is None or isinstance(path, bytes):
+        return path
+    return os.fsencode(path)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    if _mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        what = f"{source!r} -> {target!r}" if source else repr(target)
+        raise _fail(f"mount({what}, type={fstype}, flags={flags:#x})")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    if _umount2(_b(target), flags) != 0:
+        raise _fail(f"umount2({target!r})")
+
+
+def unshare(flags: int) -> None:
+    if _unshare(flags) != 0:
+        raise _fail(f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int, what: str = "") -> None:
+    if _setns(fd, nstype) != 0:
+        raise _fail(f"setns({what or fd!r}, {nstype:#x})")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    rc = _prctl(option, arg2, arg3, arg4, arg5)
+    if rc < 0:
+        raise _fail(f"prctl({option}, {arg2})")
+    return int(rc)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    if _syscall(_SYS["pivot_root"], _b(new_root), _b(put_old)) != 0:
+        raise _fail(f"pivot_root({new_root!r}, {put_old!r})")
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
+    """Close every fd from first on; falls back to closerange where the call is missing."""
+    if _syscall(_SYS["close_range"], ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(0)) != 0:
+        os.closerange(first, min(last, os.sysconf("SC_OPEN_MAX")))
+
+
+# capabilities (version 3: two 32-bit words per set)
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def capget() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of the calling thread, as 64-bit masks."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _syscall(_SYS["capget"], ctypes.byref(hdr), ctypes.byref(data)) != 0:
+        raise _fail("capget()")
+    return tuple(  # type: ignore[return-value]
+        getattr(data[0], f) | (getattr(data[1], f) << 32) for f in ("effective", "permitted", "inheritable")
+    )
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in (0, 1):
+        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
+    if _syscall(_SYS["capset"], ctypes.byref(hdr), ctypes.byref(data)) != 0:
+        raise _fail(f"capset(eff={effective:#x}, prm={permitted:#x}, inh={inheritable:#x})")
+
+
+# openat2(2)
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    how = _OpenHow(flags, mode, resolve)
+    fd = _syscall(_SYS["openat2"], ctypes.c_int(dirfd), _b(path), ctypes.byref(how), ctypes.c_size_t(24))
+    if fd < 0:
+        raise _fail(f"openat2({path!r})")
+    return int(fd)
+
+
+# signals
+_SIGSET_BYTES = 128  # the kernel uses 8, glibc's sigset_t is 128
+SFD_NONBLOCK = os.O_NONBLOCK
+SFD_CLOEXEC = os.O_CLOEXEC
+SIGNALFD_SIGINFO_SIZE = 128
+
+
+def _sigset(signals: list[int]) -> ctypes.Array[ctypes.c_char]:
+    mask = 0
+    for s in signals:
+        mask |= 1 << (s - 1)
+    return ctypes.create_string_buffer(mask.to_bytes(_SIGSET_BYTES, "little"), _SIGSET_BYTES)
+
+
+def signalfd(signals: list[int], flags: int = SFD_CLOEXEC) -> int:
+    fd = _signalfd(-1, ctypes.cast(_sigset(signals), ctypes.c_void_p), flags)
+    if fd < 0:
+        raise _fail("signalfd()")
+    return int(fd)
+
+
+def read_signalfd(fd: int) -> tuple[int, int, int] | None:
+    """(signo, sender pid, code) of one queued signal, or None when the fd would block."""
+    try:
+        data = os.read(fd, SIGNALFD_SIGINFO_SIZE)
+    except BlockingIOError:
+        return None
+    signo, _errno, code, pid = struct.unpack_from("<IiiI", data)
+    return signo, pid, code
+
+
+def set_subreaper() -> None:
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
