@@ -1,0 +1,524 @@
+"""The control socket of nsinitd: a trio unix-socket server feeding :mod:`supervisor.protocol`.
+
+The daemon runs ``await serve(api, socket_path, task_status=...)`` in its root nursery; ``serve``
+calls ``task_status.started()`` once the socket accepts connections and runs until cancelled, then
+removes the socket file it made.
+
+What this module promises, and how:
+
+* **Access.** The socket is created mode 0600 (0660 with the config's group) under a restrictive
+  umask, so it never exists with looser permissions, not even between bind and chmod. The file mode
+  is only the first gate: every connection's SO_PEERCRED (and SO_PEERGROUPS) is checked, so a
+  socket that ends up too open (a bind mount, a chmod by hand) still lets in only root, the daemon's
+  own user and the configured group. A refusal is answered with a ``refused`` error and reported as
+  a ``control.refused`` event (rate-limited, so a flood of refused peers can't flood the event log).
+* **One daemon per socket.** An existing socket file is probed before it is replaced: if nothing
+  listens (ECONNREFUSED) it is the leftover of a crashed daemon and is removed; if something
+  listens and the process that called listen() on it is alive, :class:`SocketInUseError` is
+  raised and the daemon must not start. A listener whose process is dead (its socket kept open by
+  an orphaned child) counts as stale. The probe and the bind run under a lock file so two daemons
+  starting together can't both take the path.
+* **Nobody blocks anybody.** Each connection is its own task and every wait on a peer is bounded:
+  a half-written request line is dropped after ``request_timeout``, a reply the peer doesn't read
+  after ``send_timeout``, an idle connection after ``idle_timeout``. Connections beyond
+  ``max_connections`` get a ``busy`` error at once and are closed. Lines are bounded by the
+  protocol (``too_large`` and close). An event subscriber has a bounded buffer in the daemon
+  (``event_buffer``); falling that far behind, or not draining the socket within ``send_timeout``,
+  drops it with a final ``end`` notice when the socket can still take one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from supervisor import __version__
+from supervisor import protocol as proto
+from supervisor.api import ControlError, SupervisorAPI
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python doesn't name it
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_RECEIVE_CHUNK = 64 * 1024
+
+
+class SocketInUseError(RuntimeError):
+    """The control socket path belongs to a live daemon (or isn't a socket): refuse to start."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection bounds; the defaults suit a daemon, tests shrink them."""
+
+    max_connections: int = 1024
+    request_timeout: float = 5.0  # from the first byte of a request line to its newline
+    idle_timeout: float = 300.0  # no request in progress and nothing received
+    send_timeout: float = 10.0  # one reply or event written to a peer that doesn't read
+    event_buffer: int = 1000  # events a subscriber may fall behind before it is dropped
+    refusal_events_per_second: float = 10.0
+    backlog: int = 1024
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    def describe(self) -> str:
+        return f"pid {self.pid}, uid {self.uid}, gid {self.gid}"
+
+
+class _Drop(Exception):
+    """The connection must be closed now (peer stuck or gone)."""
+
+
+async def serve(
+    api: SupervisorAPI,
+    socket_path: str | os.PathLike[str],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    *,
+    limits: Limits = Limits(),  # frozen, so sharing the default is safe
+) -> None:
+    """Serve the control protocol on ``socket_path`` until cancelled.
+
+    Raises :class:`SocketInUseError` (before ``task_status.started()``) when another live daemon
+    owns the path, or when the path exists and isn't a socket.
+    """
+    path = Path(socket_path)
+    listener, identity = await _bind(path, api.socket_group, limits.backlog)
+    server = _Server(api, limits)
+    try:
+        with listener:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await server.accept_loop(listener, nursery)
+    finally:
+        _unlink_if_ours(path, identity)
+
+
+# -- the socket file -------------------------------------------------------------------------------
+
+
+async def _bind(
+    path: Path, group: int | None, backlog: int
+) -> tuple[trio.socket.SocketType, tuple[int, int]]:
+    if len(os.fsencode(path)) > 107:
+        raise SocketInUseError(f"control socket path too long for AF_UNIX (max 107 bytes): {path}")
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with _lock(path):
+        await _remove_if_stale(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # umask rather than a chmod after bind: the file must never exist with looser bits.
+            old_umask = os.umask(0o177)
+            try:
+                await sock.bind(os.fspath(path))
+            finally:
+                os.umask(old_umask)
+            if group is not None:
+                os.chown(path, -1, group)
+                os.chmod(path, 0o660)
+            sock.listen(backlog)
+            st = os.stat(path)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise SocketInUseError(
+                    f"control socket {path} appeared while starting; not taking it over"
+                ) from e
+            raise
+        return sock, (st.st_dev, st.st_ino)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """Serialise the stale-check-and-bind of daemons starting at the same time. Held only while
+    binding: a lock held for the daemon's life would be inherited by every child it forks and
+    outlive a SIGKILLed daemon."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SocketInUseError(f"another nsinitd is starting on {path} right now") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _remove_if_stale(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUseError(f"{path} exists and is not a socket; not replacing it")
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with probe:
+        try:
+            with trio.fail_after(2):
+                await probe.connect(os.fspath(path))
+        except trio.TooSlowError:
+            # A full backlog: someone is listening and busy, which is alive enough.
+            raise SocketInUseError(
+                f"{path} is in use by a live nsinitd (it accepts no connection now)"
+            ) from None
+        except ConnectionRefusedError:
+            pass  # nobody listens: a crashed daemon's leftover
+        except FileNotFoundError:
+            return
+        else:
+            listener_pid = _peer(probe).pid
+            if _alive(listener_pid):
+                raise SocketInUseError(
+                    f"{path} is in use by a live nsinitd (pid {listener_pid}); refusing to take it over"
+                )
+            # The listener's process is gone, but an orphaned child still holds the socket open.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # no credentials to judge by: assume alive rather than steal
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink_if_ours(path: Path, identity: tuple[int, int]) -> None:
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# -- peers -----------------------------------------------------------------------------------------
+
+
+def _peer(sock: trio.socket.SocketType | socket.socket) -> Peer:
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return Peer(pid, uid, gid)
+
+
+def _peer_groups(sock: trio.socket.SocketType) -> set[int]:
+    size = 64 * 4
+    for _ in range(4):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                size *= 4
+                continue
+            return set()
+        return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    return set()
+
+
+def peer_allowed(peer: Peer, groups: set[int], socket_group: int | None) -> bool:
+    """Root, the daemon's own user, and members of the configured group."""
+    if peer.uid in (0, os.geteuid()):
+        return True
+    return socket_group is not None and (peer.gid == socket_group or socket_group in groups)
+
+
+# -- connections -----------------------------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, api: SupervisorAPI, limits: Limits) -> None:
+        self.api = api
+        self.limits = limits
+        self.active = 0
+        self._refusal_tokens = limits.refusal_events_per_second
+        self._refusal_stamp = time.monotonic()
+        self._refusals_suppressed = 0
+
+    async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    # Out of descriptors: back off instead of spinning; connections wait in the backlog.
+                    await trio.sleep(0.05)
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                raise
+            if self.active >= self.limits.max_connections:
+                _reply_and_close(sock, proto.Error(None, proto.BUSY, "too many connections; try again"))
+                continue
+            self.active += 1
+            nursery.start_soon(self._connection, sock)
+
+    async def _connection(self, sock: trio.socket.SocketType) -> None:
+        try:
+            stream = trio.SocketStream(sock)
+            async with stream:
+                with contextlib.suppress(_Drop, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await self._converse(stream, sock)
+        finally:
+            self.active -= 1
+
+    async def _converse(self, stream: trio.SocketStream, sock: trio.socket.SocketType) -> None:
+        peer = _peer(sock)
+        if not peer_allowed(peer, _peer_groups(sock), self.api.socket_group):
+            self._report_refusal(peer)
+            allowed = "root" if self.api.socket_group is None else f"root and group {self.api.socket_group}"
+            _reply_and_close(
+                sock,
+                proto.Error(
+                    None,
+                    proto.REFUSED,
+                    f"permission denied: uid {peer.uid} may not use the control socket (only {allowed})",
+                ),
+            )
+            return
+        conn = proto.Connection(proto.Role.SERVER)
+        partial_since: float | None = None
+        while True:
+            try:
+                event = conn.next_event()
+            except proto.ProtocolError as e:
+                await self._send(stream, conn, proto.Error(e.request_id, e.code, e.message))
+                if e.fatal:
+                    return
+                continue
+            if event is proto.CLOSED:
+                return
+            if event is proto.NEED_DATA:
+                now = trio.current_time()
+                if conn.pending:
+                    partial_since = now if partial_since is None else partial_since
+                    deadline = partial_since + self.limits.request_timeout
+                else:
+                    partial_since = None
+                    deadline = now + self.limits.idle_timeout
+                data: bytes | None = None
+                with trio.move_on_at(deadline):
+                    data = await stream.receive_some(_RECEIVE_CHUNK)
+                if data is None:
+                    if conn.pending:
+                        await self._send(
+                            stream,
+                            conn,
+                            proto.Error(
+                                None,
+                                proto.TIMEOUT,
+                                f"request incomplete after {self.limits.request_timeout:g}s; closing",
+                            ),
+                        )
+                    return
+                conn.receive_data(data)
+                continue
+            assert isinstance(event, proto.Request)
+            partial_since = None
+            if event.command in proto.STREAMING_COMMANDS:
+                await self._stream_events(stream, sock, conn, event, peer)
+                return
+            await self._send(stream, conn, await self._dispatch(event))
+
+    async def _send(self, stream: trio.SocketStream, conn: proto.Connection, message: proto.Message) -> None:
+        try:
+            data = conn.send(message)
+        except (TypeError, ValueError) as e:
+            data = conn.send(
+                proto.Error(getattr(message, "id", None), proto.INTERNAL, f"unencodable reply: {e}")
+            )
+        with trio.move_on_after(self.limits.send_timeout):
+            await stream.send_all(data)
+            return
+        raise _Drop
+
+    def _report_refusal(self, peer: Peer) -> None:
+        now = time.monotonic()
+        rate = self.limits.refusal_events_per_second
+        self._refusal_tokens = min(rate, self._refusal_tokens + (now - self._refusal_stamp) * rate)
+        self._refusal_stamp = now
+        if self._refusal_tokens < 1:
+            self._refusals_suppressed += 1
+            return
+        self._refusal_tokens -= 1
+        suppressed, self._refusals_suppressed = self._refusals_suppressed, 0
+        self._emit(
+            "control.refused",
+            pid=peer.pid,
+            uid=peer.uid,
+            gid=peer.gid,
+            reason="not root or the socket's group",
+            suppressed=suppressed,
+        )
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        # Reporting must never take the server down with it.
+        with contextlib.suppress(Exception):
+            self.api.emit(event, **fields)
+
+    async def _dispatch(self, request: proto.Request) -> proto.Message:
+        try:
+            result = await self._call(request.command, request.args)
+        except ControlError as e:
+            return proto.Error(request.id, e.code, e.message)
+        except proto.ProtocolError as e:
+            return proto.Error(request.id, e.code, e.message)
+        except Exception as e:
+            self._emit("control.error", command=request.command, error=f"{type(e).__name__}: {e}")
+            return proto.Error(
+                request.id,
+                proto.INTERNAL,
+                f"{request.command} failed inside nsinitd: {type(e).__name__}: {e}",
+            )
+        return proto.Reply(request.id, result)
+
+    async def _call(self, command: str, args: Any) -> Any:
+        api = self.api
+        if command == "status":
+            return [s.to_json() for s in api.status(tuple(args.get("names", ())))]
+        if command == "start":
+            return (await api.start(args["name"])).to_json()
+        if command == "stop":
+            return (await api.stop(args["name"])).to_json()
+        if command == "restart":
+            return (await api.restart(args["name"])).to_json()
+        if command == "signal":
+            signum = args["signum"]
+            if signum not in signal.valid_signals() or signum == 0:
+                raise ControlError("bad_request", f"signal: no such signal {signum}")
+            api.signal(args["name"], signum)
+            return None
+        if command == "exec_target":
+            return os.fspath(api.exec_target(args["name"]))
+        if command == "log_path":
+            return os.fspath(api.log_path(args["name"], args["stream"]))
+        if command == "stats":
+            return self._stats(args.get("names"))
+        if command == "pid":
+            if "name" not in args:
+                return api.pid
+            status = api.status((args["name"],))[0]
+            if status.pid is None:
+                raise ControlError("bad_state", f"{status.name} is not running ({status.state})")
+            return status.pid
+        if command == "reload":
+            return await api.reload()
+        if command == "shutdown":
+            api.request_shutdown()
+            return {"pid": api.pid}
+        if command == "version":
+            return {"version": __version__, "protocol": proto.PROTOCOL_VERSION, "pid": api.pid}
+        raise ControlError("bad_request", f"unknown command {command!r}")
+
+    def _stats(self, names: list[str] | None) -> dict[str, Any]:
+        stats = getattr(self.api, "stats", None)
+        if stats is None:
+            raise ControlError(proto.UNSUPPORTED, "this nsinitd doesn't report resource usage (stats)")
+        statuses = self.api.status(tuple(names or ()))
+        result: dict[str, Any] = {}
+        for status in statuses:
+            try:
+                usage = dict(stats(status.name))
+            except NotImplementedError:
+                raise ControlError(proto.UNSUPPORTED, "this nsinitd doesn't report resource usage") from None
+            result[status.name] = {"status": status.to_json(), "stats": usage}
+        return result
+
+    async def _stream_events(
+        self,
+        stream: trio.SocketStream,
+        sock: trio.socket.SocketType,
+        conn: proto.Connection,
+        request: proto.Request,
+        peer: Peer,
+    ) -> None:
+        channel = self.api.subscribe(self.limits.event_buffer)
+        try:
+            await self._send(stream, conn, proto.Reply(request.id, {"stream": True}))
+            async with trio.open_nursery() as nursery:
+                # A streaming connection takes no more requests: anything the client sends, or its
+                # EOF, ends the stream. Watching for it also notices a client that went away.
+                nursery.start_soon(_cancel_on_input, stream, nursery.cancel_scope)
+                try:
+                    ended = await self._forward(stream, conn, request.id, channel)
+                except _Drop:
+                    self._emit(
+                        "control.dropped",
+                        pid=peer.pid,
+                        uid=peer.uid,
+                        reason=f"event reader did not read for {self.limits.send_timeout:g}s",
+                    )
+                    _send_nowait(
+                        sock,
+                        conn.send(proto.StreamEnd(request.id, "dropped", "event reader too slow; dropped")),
+                    )
+                    raise
+                if ended is not None:
+                    await self._send(stream, conn, ended)
+                nursery.cancel_scope.cancel()
+        finally:
+            _close_channel(channel)
+
+    async def _forward(
+        self, stream: trio.SocketStream, conn: proto.Connection, request_id: int, channel: Any
+    ) -> proto.StreamEnd | None:
+        async for event in channel:
+            item = dict(event)
+            await self._send(stream, conn, proto.StreamItem(request_id, item))
+            if item.get("event") == "subscriber.dropped":
+                return proto.StreamEnd(request_id, "dropped", str(item.get("reason", "fell behind; dropped")))
+        return proto.StreamEnd(request_id, "closed", "the event stream ended")
+
+
+async def _cancel_on_input(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.receive_some(_RECEIVE_CHUNK)
+    scope.cancel()
+
+
+def _close_channel(channel: Any) -> None:
+    close = getattr(channel, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
+
+
+def _send_nowait(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Best effort, never blocking: for a last word to a peer we are about to drop."""
+    with contextlib.suppress(OSError):
+        _raw_send(sock, data)
+
+
+def _raw_send(sock: trio.socket.SocketType, data: bytes) -> None:
+    # trio sockets only offer async send; the fd is non-blocking, so a plain send can't block.
+    with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+        raw.setblocking(False)
+        raw.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+
+
+def _reply_and_close(sock: trio.socket.SocketType, error: proto.Error) -> None:
+    _send_nowait(
+        sock,
+        proto.encode({"id": error.id, "ok": False, "error": {"code": error.code, "message": error.message}}),
+    )
+    sock.close()
