@@ -348,6 +348,15 @@ def _networks(path: str, value: object) -> tuple[Network, ...]:
         gw = _opt(d, "gateway", p, _ip, None)
         if addr and gw and ipaddress.ip_interface(addr).version != ipaddress.ip_address(gw).version:
             raise ConfigError(f"{p}.gateway", f'"{gw}" is not of the same IP version as address "{addr}"')
+        if gw and not addr:
+            raise ConfigError(f"{p}.gateway", f'"{gw}" needs an address to reach it from')
+        if addr and gw:
+            iface = ipaddress.ip_interface(addr)
+            if ipaddress.ip_address(gw) not in iface.network or ipaddress.ip_address(gw) == iface.ip:
+                raise ConfigError(f"{p}.gateway", f'"{gw}" is not another host on {iface.network} '
+                                  f'(the network of address "{addr}")')
+        if addr and mtu is not None and mtu < 1280 and ipaddress.ip_interface(addr).version == 6:
+            raise ConfigError(f"{p}.mtu", f"{mtu} is below IPv6's minimum of 1280 (address \"{addr}\")")
         out.append(Network("veth", addr, gw, mtu, _str(f"{p}.context.bridge", ctx["bridge"]),
                            _opt(ctx, "prefix", f"{p}.context", _ifname_prefix, "veth")))
     if sum(1 for n in out if n.type == "netns") > 1:
@@ -364,8 +373,19 @@ def _routes(path: str, value: object) -> tuple[Route, ...]:
         def cidr_or_default(q: str, v: object) -> str:
             return "default" if v == "default" else _cidr(q, v)
 
-        out.append(Route(_opt(d, "destination", p, cidr_or_default, None), _opt(d, "source", p, _ip, None),
-                         _opt(d, "gateway", p, _ip, None), _opt(d, "interface_name", p, _str, None)))
+        route = Route(_opt(d, "destination", p, cidr_or_default, None), _opt(d, "source", p, _ip, None),
+                      _opt(d, "gateway", p, _ip, None), _opt(d, "interface_name", p, _str, None))
+        if route.gateway is None and route.interface_name is None:
+            raise ConfigError(p, "needs a gateway or an interface_name")
+        versions = {k: ipaddress.ip_interface(v).version for k, v in
+                    (("destination", route.destination), ("source", route.source), ("gateway", route.gateway))
+                    if v is not None and v != "default"}
+        if len(set(versions.values())) > 1:
+            raise ConfigError(p, "mixes IPv4 and IPv6 (" + ", ".join(f"{k} IPv{v}" for k, v in versions.items())
+                              + ")")
+        if route.interface_name is not None and len(route.interface_name.encode()) > 15:
+            raise ConfigError(f"{p}.interface_name", f'"{route.interface_name}" is longer than 15 bytes')
+        out.append(route)
     return tuple(out)
 
 
