@@ -1,0 +1,313 @@
+"""``supervisor.toml`` -> frozen dataclasses, validated before anything starts.
+
+Every error names its table and key, e.g. ``programs.web.autorestart: expected one of always,
+on-failure, never``, and nsinitd exits with status 2 without starting anything. Unknown keys are
+errors too (a typo must not silently fall back to a default).
+
+Relative paths (``container``, ``socket``, ``event_log``, ``log_dir``, ``state_dir``) are taken
+relative to the directory of the config file, so a config and its containers can move together.
+"""
+
+from __future__ import annotations
+
+import grp
+import re
+import signal as _signal
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .machine import AutoRestart, Policy
+
+AUTORESTART_CHOICES: tuple[AutoRestart, ...] = ("always", "on-failure", "never")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+DEFAULT_SOCKET = "/run/nsinit/nsinitd.sock"
+DEFAULT_LOG_DIR = "/var/log/nsinit"
+DEFAULT_STATE_DIR = "/run/nsinit"
+
+
+class ConfigError(Exception):
+    """A bad config; ``str()`` is one line naming the key: ``programs.web.startsecs: ...``."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 1.0
+    factor: float = 2.0
+    max: float = 60.0
+
+
+@dataclass(frozen=True)
+class ProgramConfig:
+    name: str
+    command: tuple[str, ...]
+    container: Path | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    autostart: bool = True
+    autorestart: AutoRestart = "on-failure"
+    exitcodes: frozenset[int] = frozenset({0})
+    startsecs: float = 1.0
+    startretries: int = 3
+    backoff: Backoff = field(default_factory=Backoff)
+    stopsignal: int = int(_signal.SIGTERM)
+    stopwaitsecs: float = 10.0
+    priority: int = 999
+    stdout_maxbytes: int = 50 * 1024 * 1024
+    stdout_backups: int = 10
+    redirect_stderr: bool = False
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(
+            autorestart=self.autorestart,
+            startretries=self.startretries,
+            backoff_initial=self.backoff.initial,
+            backoff_factor=self.backoff.factor,
+            backoff_max=self.backoff.max,
+        )
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.environment)
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    socket: Path
+    log_dir: Path
+    state_dir: Path
+    event_log: Path | None = None
+    socket_group: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    supervisor: SupervisorConfig
+    programs: Mapping[str, ProgramConfig]
+
+    def by_priority(self) -> list[ProgramConfig]:
+        return sorted(self.programs.values(), key=lambda p: (p.priority, p.name))
+
+
+# -- value checkers: each takes the dotted key for its error message -----------------------------
+
+
+def _type_name(v: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _bool(key: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {_type_name(v)}")
+    return v
+
+
+def _int(key: str, v: object, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(key, f"expected an integer, got {_type_name(v)}")
+    if lo is not None and v < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {v}")
+    return v
+
+
+def _number(key: str, v: object, lo: float = 0.0, hi: float = 10.0**9, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ConfigError(key, f"expected a number, got {_type_name(v)}")
+    f = float(v)
+    if f != f or f < lo or (lo_open and f == lo) or f > hi:
+        op = ">" if lo_open else ">="
+        raise ConfigError(key, f"must be a number {op} {lo:g} and <= {hi:g}, got {v!r}")
+    return f
+
+
+def _str(key: str, v: object, nonempty: bool = True) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"expected a string, got {_type_name(v)}")
+    if nonempty and not v:
+        raise ConfigError(key, "must not be empty")
+    if "\x00" in v:
+        raise ConfigError(key, "must not contain NUL")
+    return v
+
+
+def _path(key: str, v: object, base: Path) -> Path:
+    p = Path(_str(key, v))
+    return p if p.is_absolute() else base / p
+
+
+def _table(key: str, v: object) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ConfigError(key, f"expected a table, got {_type_name(v)}")
+    return v
+
+
+def _no_unknown(key: str, table: Mapping[str, Any], known: set[str]) -> None:
+    for k in table:
+        if k not in known:
+            prefix = f"{key}." if key else ""
+            raise ConfigError(f"{prefix}{k}", f"unknown key (expected one of {', '.join(sorted(known))})")
+
+
+def parse_signal(key: str, v: object) -> int:
+    """``"TERM"``, ``"SIGTERM"``, ``"term"`` or ``15`` -> 15."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        if 1 <= v < _signal.NSIG and v in {s.value for s in _signal.Signals}:
+            return v
+        raise ConfigError(key, f"not a signal number: {v}")
+    s = _str(key, v).upper()
+    name = s if s.startswith("SIG") else "SIG" + s
+    try:
+        return int(_signal.Signals[name])
+    except KeyError:
+        raise ConfigError(key, f"unknown signal {v!r}") from None
+
+
+def _size(key: str, v: object) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return _int(key, v, 0)
+    if isinstance(v, str):
+        m = _SIZE_RE.match(v)
+        if m:
+            unit = m.group(2).upper() if m.group(2) else None
+            return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ConfigError(key, f"expected a size in bytes (integer, or a string like \"10MB\"), got {v!r}")
+
+
+def _group(key: str, v: object) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return _int(key, v, 0, 2**32 - 2)
+    name = _str(key, v)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(key, f"no such group {name!r}") from None
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+_SUPERVISOR_KEYS = {"socket", "event_log", "log_dir", "state_dir", "socket_group"}
+_PROGRAM_KEYS = {
+    "container", "command", "environment", "autostart", "autorestart", "exitcodes", "startsecs",
+    "startretries", "backoff", "stopsignal", "stopwaitsecs", "priority", "stdout_maxbytes",
+    "stdout_backups", "redirect_stderr",
+}
+_BACKOFF_KEYS = {"initial", "factor", "max"}
+
+
+def _supervisor(t: Mapping[str, Any], base: Path) -> SupervisorConfig:
+    k = "supervisor"
+    _no_unknown(k, t, _SUPERVISOR_KEYS)
+    return SupervisorConfig(
+        socket=_path(f"{k}.socket", t.get("socket", DEFAULT_SOCKET), base),
+        log_dir=_path(f"{k}.log_dir", t.get("log_dir", DEFAULT_LOG_DIR), base),
+        state_dir=_path(f"{k}.state_dir", t.get("state_dir", DEFAULT_STATE_DIR), base),
+        event_log=_path(f"{k}.event_log", t["event_log"], base) if "event_log" in t else None,
+        socket_group=_group(f"{k}.socket_group", t["socket_group"]) if "socket_group" in t else None,
+    )
+
+
+def _program(name: str, t: Mapping[str, Any], base: Path) -> ProgramConfig:
+    k = f"programs.{name}"
+    _no_unknown(k, t, _PROGRAM_KEYS)
+    if "command" not in t:
+        raise ConfigError(f"{k}.command", "missing (an array of strings: the program and its arguments)")
+    cmd = t["command"]
+    if not isinstance(cmd, list) or not cmd:
+        raise ConfigError(f"{k}.command", "expected a non-empty array of strings")
+    command = tuple(_str(f"{k}.command[{i}]", a, nonempty=(i == 0)) for i, a in enumerate(cmd))
+
+    container: Path | None = None
+    if "container" in t:
+        container = _path(f"{k}.container", t["container"], base)
+        if not (container / "container.json").is_file():
+            raise ConfigError(f"{k}.container", f"{container}: no container.json there")
+
+    env: list[tuple[str, str]] = []
+    for ek, ev in _table(f"{k}.environment", t.get("environment", {})).items():
+        if not ek or "=" in ek or "\x00" in ek:
+            raise ConfigError(f"{k}.environment.{ek}", "not a valid environment variable name")
+        env.append((ek, _str(f"{k}.environment.{ek}", ev, nonempty=False)))
+
+    autorestart = t.get("autorestart", "on-failure")
+    if autorestart not in AUTORESTART_CHOICES:
+        raise ConfigError(f"{k}.autorestart", f"expected one of {', '.join(AUTORESTART_CHOICES)}")
+
+    codes = t.get("exitcodes", [0])
+    if not isinstance(codes, list):
+        raise ConfigError(f"{k}.exitcodes", f"expected an array of integers, got {_type_name(codes)}")
+    exitcodes = frozenset(_int(f"{k}.exitcodes[{i}]", c, 0, 255) for i, c in enumerate(codes))
+
+    b = _table(f"{k}.backoff", t.get("backoff", {}))
+    _no_unknown(f"{k}.backoff", b, _BACKOFF_KEYS)
+    backoff = Backoff(
+        initial=_number(f"{k}.backoff.initial", b.get("initial", 1.0), 0.0, 86400.0),
+        factor=_number(f"{k}.backoff.factor", b.get("factor", 2.0), 1.0, 100.0),
+        max=_number(f"{k}.backoff.max", b.get("max", 60.0), 0.0, 86400.0),
+    )
+    if backoff.max < backoff.initial:
+        raise ConfigError(f"{k}.backoff.max", f"must be >= initial ({backoff.initial:g})")
+
+    return ProgramConfig(
+        name=name,
+        command=command,
+        container=container,
+        environment=tuple(env),
+        autostart=_bool(f"{k}.autostart", t.get("autostart", True)),
+        autorestart=autorestart,
+        exitcodes=exitcodes,
+        startsecs=_number(f"{k}.startsecs", t.get("startsecs", 1.0), 0.0, 3600.0),
+        startretries=_int(f"{k}.startretries", t.get("startretries", 3), 0, 10**6),
+        backoff=backoff,
+        stopsignal=parse_signal(f"{k}.stopsignal", t.get("stopsignal", "TERM")),
+        stopwaitsecs=_number(f"{k}.stopwaitsecs", t.get("stopwaitsecs", 10.0), 0.0, 86400.0),
+        priority=_int(f"{k}.priority", t.get("priority", 999), -(10**9), 10**9),
+        stdout_maxbytes=_size(f"{k}.stdout_maxbytes", t.get("stdout_maxbytes", 50 * 1024 * 1024)),
+        stdout_backups=_int(f"{k}.stdout_backups", t.get("stdout_backups", 10), 0, 1000),
+        redirect_stderr=_bool(f"{k}.redirect_stderr", t.get("redirect_stderr", False)),
+    )
+
+
+def parse(data: Mapping[str, Any], path: Path) -> Config:
+    """Validate an already-decoded TOML document; ``path`` anchors relative paths."""
+    base = path.parent
+    _no_unknown("", data, {"supervisor", "programs"})
+    sup = _supervisor(_table("supervisor", data.get("supervisor", {})), base)
+    progs: dict[str, ProgramConfig] = {}
+    for name, t in _table("programs", data.get("programs", {})).items():
+        if not NAME_RE.match(name):
+            raise ConfigError(f"programs.{name}",
+                              "program names are 1-64 of A-Z a-z 0-9 _ . - (not starting with . or -)")
+        progs[name] = _program(name, _table(f"programs.{name}", t), base)
+    return Config(path=path, supervisor=sup, programs=progs)
+
+
+def loads(text: str, path: Path) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"invalid TOML: {e}") from None
+    return parse(data, path)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError with a one-line message."""
+    p = Path(path).absolute()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(p), f"cannot read: {getattr(e, 'strerror', None) or e}") from None
+    return loads(text, p)

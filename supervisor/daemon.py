@@ -1,0 +1,405 @@
+"""``nsinitd``: the supervisor daemon, in the foreground, on one trio event loop.
+
+    nsinitd -c FILE [--no-socket] [--check]
+
+Signals: TERM and INT stop every program in descending priority (stopsignal, SIGKILL after
+stopwaitsecs, containers torn down) and exit 0; HUP rereads the config and applies additions,
+removals and changes (a changed program is restarted); USR2 reopens the event log and the
+captured-output files. nsinitd is a child subreaper (container PID 1s and orphaned grandchildren
+are reparented to it) and reaps every child no program owns, which is also what it does as PID 1.
+
+Under systemd (``NOTIFY_SOCKET`` set) it sends READY=1 once the autostart programs have left
+STARTING, and STOPPING=1 when the shutdown begins.
+
+Exit status:
+    0  ordered shutdown (signal or ``nsinitctl shutdown``)
+    1  could not run: state/log directory, control socket in use, internal error
+    2  bad command line or bad config (nothing was started); the message names table and key
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from . import config as config_mod
+from . import machine
+from .api import ControlError, ProgramStatus
+from .config import Config, ConfigError
+from .events import EventBus
+from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, set_child_subreaper
+from .program import Context, Program
+from .states import SIGNALLABLE_STATES, ProcessState
+
+VERSION = "0.1.0"
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def sd_notify(message: str) -> None:
+    """Send a message to systemd's notify socket, if there is one; never fails."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
+    """Kill and remove what a crashed nsinitd left under ``parent/nsinitd-<pid>``."""
+    try:
+        dirs = list(parent.glob("nsinitd-*"))
+    except OSError:
+        return
+    for d in dirs:
+        suffix = d.name.removeprefix("nsinitd-")
+        if not suffix.isdigit() or int(suffix) == os.getpid() or _alive(int(suffix)):
+            continue
+        for sub in [p for p in d.iterdir() if p.is_dir()] + [d]:
+            cg = Cgroup(sub)
+            cg.kill()
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+
+
+class Daemon:
+    """The supervisor; implements :class:`supervisor.api.SupervisorAPI` for the control server."""
+
+    def __init__(self, config: Config, *, stream: TextIO | None = None, use_socket: bool = True,
+                 runtime: Any = None, subreaper: bool = True) -> None:
+        self.config = config
+        self.stream = stream if stream is not None else sys.stdout
+        self.use_socket = use_socket
+        self.subreaper = subreaper
+        sup = config.supervisor
+        self.bus = EventBus(self.stream, sup.event_log)
+        self.reaper = Reaper()
+        self.ctx = Context(self.bus, self.reaper, sup.log_dir, sup.state_dir, runtime=runtime)
+        self.programs: dict[str, Program] = {}
+        self._programs_nursery: trio.Nursery | None = None
+        self._shutdown = trio.Event()
+        self._shutdown_reason = ""
+        self._startup_scope = trio.CancelScope()
+        self._lock = trio.Lock()
+        self.ready = trio.Event()
+        self.exit_code = EXIT_OK
+
+    # -- the main task ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        sup = self.config.supervisor
+        try:
+            for d, mode in ((sup.state_dir, 0o700), (sup.log_dir, 0o750)):
+                d.mkdir(parents=True, exist_ok=True, mode=mode)
+        except OSError as e:
+            print(f"nsinitd: cannot create {e.filename}: {e.strerror}", file=sys.stderr)
+            return EXIT_FAILED
+        if self.subreaper:
+            try:
+                set_child_subreaper()
+            except OSError as e:
+                print(f"nsinitd: warning: {e}", file=sys.stderr)
+        self.ctx.cgroup_root = self._make_cgroup_root()
+        self.reaper.on_reaped = self._stranger_reaped
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(self._signals)
+                root.start_soon(self.reaper.run)
+                root.start_soon(self._tick)
+                if self.use_socket and not await self._start_server(root):
+                    self.exit_code = EXIT_FAILED
+                    root.cancel_scope.cancel()
+                    return self.exit_code
+                self.bus.emit("supervisor.started", pid=os.getpid(), config=str(self.config.path),
+                              version=VERSION)
+                async with trio.open_nursery() as programs:
+                    self._programs_nursery = programs
+                    for pcfg in self.config.by_priority():
+                        await self._add(pcfg)
+                    with self._startup_scope:
+                        await self._start_group([p for p in self.config.by_priority() if p.autostart])
+                        sd_notify("READY=1")
+                        self.ready.set()
+                    await self._shutdown.wait()
+                    await self._stop_all()
+                    programs.cancel_scope.cancel()
+                root.cancel_scope.cancel()
+        except BaseException:
+            self.exit_code = EXIT_FAILED
+            raise
+        finally:
+            self._remove_cgroup_root()
+            self.bus.emit("supervisor.stopped", exit_code=self.exit_code)
+            self.bus.close()
+        return self.exit_code
+
+    async def _start_server(self, nursery: trio.Nursery) -> bool:
+        try:
+            from . import server  # written separately; nsinitd runs without it
+        except ImportError:
+            return True
+        serve = getattr(server, "serve", None)
+        if serve is None:
+            return True
+        try:
+            await nursery.start(serve, self, self.config.supervisor.socket)
+        except OSError as e:
+            print(f"nsinitd: control socket {self.config.supervisor.socket}: {e}", file=sys.stderr)
+            return False
+        return True
+
+    def _make_cgroup_root(self) -> Path | None:
+        mount = cgroup2_mount()
+        if mount is None:
+            return None
+        try:
+            parent = own_cgroup2(mount)
+            _clean_stale_cgroups(parent, self.reaper)
+            root = parent / f"nsinitd-{os.getpid()}"
+            root.mkdir(exist_ok=True)
+            return root
+        except OSError as e:
+            print(f"nsinitd: warning: no cgroup tracking ({e}); grandchildren may escape",
+                  file=sys.stderr)
+            return None
+
+    def _remove_cgroup_root(self) -> None:
+        root = self.ctx.cgroup_root
+        if root is None:
+            return
+        for sub in [p for p in root.iterdir() if p.is_dir()] if root.exists() else []:
+            Cgroup(sub).kill()
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+        try:
+            root.rmdir()
+        except OSError:
+            pass
+
+    def _stranger_reaped(self, pid: int, info: Any) -> None:
+        self.bus.emit("stranger.reaped", pid=pid, exit_code=info.exit_code)
+
+    async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+        with trio.open_signal_receiver(*sigs) as receiver:
+            task_status.started()
+            async for signum in receiver:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.request_shutdown(signal.Signals(signum).name)
+                elif signum == signal.SIGHUP:
+                    await self._reload_quietly()
+                elif signum == signal.SIGUSR2:
+                    self.reopen_logs()
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self.reload()
+        except ControlError:
+            pass  # already reported as config.error
+
+    async def _tick(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.bus.retry()
+
+    # -- programs ---------------------------------------------------------------------------------
+
+    async def _add(self, pcfg: config_mod.ProgramConfig) -> Program:
+        assert self._programs_nursery is not None
+        prog = Program(pcfg, self.ctx)
+        self.programs[pcfg.name] = prog
+        await self._programs_nursery.start(prog.run)
+        return prog
+
+    async def _start_group(self, pcfgs: Sequence[config_mod.ProgramConfig]) -> None:
+        """Start in ascending priority; each priority level leaves STARTING before the next."""
+        levels: dict[int, list[Program]] = {}
+        for p in pcfgs:
+            levels.setdefault(p.priority, []).append(self.programs[p.name])
+        for prio in sorted(levels):
+            for prog in levels[prio]:  # spawned in name order, then awaited together
+                await prog.command(machine.Start())
+            for prog in levels[prio]:
+                await prog.wait_until(lambda s: s is not ProcessState.STARTING)
+
+    async def _stop_all(self) -> None:
+        """Stop every program in descending priority and end their tasks."""
+        async with self._lock:
+            sd_notify("STOPPING=1")
+            self.bus.emit("supervisor.stopping", reason=self._shutdown_reason or "requested")
+            levels: dict[int, list[Program]] = {}
+            for prog in self.programs.values():
+                levels.setdefault(prog.cfg.priority, []).append(prog)
+            for prio in sorted(levels, reverse=True):
+                async with trio.open_nursery() as n:
+                    for prog in levels[prio]:
+                        n.start_soon(prog.finish)
+
+    def reopen_logs(self) -> None:
+        self.bus.reopen()
+        for prog in self.programs.values():
+            prog.logs.reopen()
+
+    # -- SupervisorAPI ----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def socket_group(self) -> int | None:
+        return self.config.supervisor.socket_group
+
+    def _get(self, name: str) -> Program:
+        prog = self.programs.get(name)
+        if prog is None:
+            raise ControlError("no_such_program", f"no such program: {name}")
+        return prog
+
+    def _status(self, prog: Program) -> ProgramStatus:
+        e = prog.last_exit
+        return ProgramStatus(
+            name=prog.name,
+            state=prog.state.value,
+            pid=prog.pid,
+            since=prog.since,
+            exit_code=e.exit_code if e else None,
+            signal=e.signal_name if e else None,
+            restarts=prog.restarts,
+            container=str(prog.cfg.container) if prog.cfg.container else None,
+            description=prog.describe(),
+        )
+
+    def status(self, names: Sequence[str] = ()) -> list[ProgramStatus]:
+        progs = [self._get(n) for n in names] if names else [self.programs[n] for n in sorted(self.programs)]
+        return [self._status(p) for p in progs]
+
+    def _check_open(self) -> None:
+        if self._shutdown.is_set():
+            raise ControlError("bad_state", "nsinitd is shutting down")
+
+    async def start(self, name: str) -> ProgramStatus:
+        prog = self._get(name)
+        self._check_open()
+        await prog.start()
+        return self._status(prog)
+
+    async def stop(self, name: str) -> ProgramStatus:
+        prog = self._get(name)
+        await prog.stop()
+        return self._status(prog)
+
+    async def restart(self, name: str) -> ProgramStatus:
+        prog = self._get(name)
+        self._check_open()
+        await prog.stop()
+        await prog.start()
+        return self._status(prog)
+
+    def signal(self, name: str, signum: int) -> None:
+        prog = self._get(name)
+        if prog.child is None or prog.state not in SIGNALLABLE_STATES:
+            raise ControlError("bad_state", f"{name} is not running ({prog.state.value})")
+        try:
+            prog.signal(signum)
+        except OSError as e:
+            raise ControlError("failed", f"signal {signum} to {name}: {e}") from None
+
+    def exec_target(self, name: str) -> Path:
+        prog = self._get(name)
+        if prog.cfg.container is None:
+            raise ControlError("not_a_container", f"{name} is a plain process, not a container")
+        if prog.child is None or prog.state not in (ProcessState.STARTING, ProcessState.RUNNING):
+            raise ControlError("bad_state", f"{name} is not running ({prog.state.value})")
+        return prog.state_dir
+
+    def log_path(self, name: str, stream: str) -> Path:
+        prog = self._get(name)
+        if stream not in ("stdout", "stderr"):
+            raise ControlError("bad_request", f"stream must be stdout or stderr, not {stream!r}")
+        return prog.logs.path(stream)
+
+    def subscribe(self, max_buffer: int) -> Any:
+        return self.bus.subscribe(max_buffer)
+
+    async def reload(self) -> dict[str, list[str]]:
+        async with self._lock:
+            self._check_open()
+            try:
+                new = config_mod.load(self.config.path)
+            except ConfigError as e:
+                self.bus.emit("config.error", error=str(e))
+                raise ControlError("failed", str(e)) from None
+            old = self.config.programs
+            added = sorted(new.programs.keys() - old.keys())
+            removed = sorted(old.keys() - new.programs.keys())
+            changed = sorted(n for n in old.keys() & new.programs.keys() if old[n] != new.programs[n])
+            going = sorted((self.programs[n] for n in removed + changed),
+                           key=lambda p: p.cfg.priority, reverse=True)
+            for prog in going:
+                await prog.finish()
+                del self.programs[prog.name]
+            self.config = Config(self.config.path, self.config.supervisor, new.programs)
+            fresh = [new.programs[n] for n in added + changed]
+            for pcfg in sorted(fresh, key=lambda p: (p.priority, p.name)):
+                await self._add(pcfg)
+            self.bus.emit("config.reloaded", added=added, removed=removed, changed=changed,
+                          supervisor_changed=new.supervisor != self.config.supervisor)
+            for pcfg in sorted(fresh, key=lambda p: (p.priority, p.name)):
+                if pcfg.autostart:
+                    await self.programs[pcfg.name].command(machine.Start())
+            return {"added": added, "removed": removed, "changed": changed}
+
+    def request_shutdown(self, reason: str = "requested") -> None:
+        if not self._shutdown.is_set():
+            self._shutdown_reason = reason
+            self._shutdown.set()
+            self._startup_scope.cancel()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        program = fields.pop("program", None)
+        self.bus.emit(event, program, **fields)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nsinitd", description="nsinit process and container supervisor")
+    parser.add_argument("-c", "--config", required=True, help="supervisor config file (TOML)")
+    parser.add_argument("--no-socket", action="store_true", help="do not open the control socket")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--version", action="version", version=f"nsinitd {VERSION}")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as e:
+        print(f"nsinitd: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if args.check:
+        print(f"nsinitd: {cfg.path}: ok, {len(cfg.programs)} programs")
+        sys.exit(EXIT_OK)
+    daemon = Daemon(cfg, use_socket=not args.no_socket)
+    sys.exit(trio.run(daemon.run))
+
+
+if __name__ == "__main__":
+    main()

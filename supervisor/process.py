@@ -1,0 +1,398 @@
+"""Spawning and reaping plain processes; cgroup2 tracking; the container adapter.
+
+A plain program (no ``container`` key) is forked here, not through ``subprocess``: the child
+needs to join the program's cgroup *before* exec (so nothing it forks can escape), start a new
+session, and reset what CPython leaves behind (ignored SIGPIPE/SIGXFSZ, the signal mask,
+inherited descriptors). An exec failure comes back through a close-on-exec pipe, so a missing
+binary is a spawn error, not a mysterious exit 127.
+
+Every child is waited for through a pidfd (readable once it exited), then reaped with
+``waitpid(pid)``: never ``waitpid(-1)``, which would steal other waiters' statuses. The only
+exception is :class:`Reaper`: nsinitd is a child subreaper (and may be PID 1), so orphans are
+reparented to it; the reaper reaps exactly the children that no program owns.
+
+Exit codes follow the shell: ``exit_code`` is the status, or 128+N when killed by signal N.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class SpawnError(Exception):
+    """The program could not be started; ``str()`` is one line."""
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exit_code: int  # exit status, or 128+N when killed by signal N
+    signal: int | None
+    oom_killed: bool | None = None  # None when unknown (plain processes)
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal_name(self.signal) if self.signal else None
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
+
+
+def decode_wait_status(status: int) -> ExitInfo:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return ExitInfo(128 + sig, sig)
+    return ExitInfo(os.WEXITSTATUS(status), None)
+
+
+# -- subreaper and strangers ----------------------------------------------------------------------
+
+
+def set_child_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER, 1): {os.strerror(err)}")
+
+
+def children() -> set[int]:
+    """Our direct children (zombies included), from /proc/self/task/*/children."""
+    pids: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+class Reaper:
+    """Knows which children are owned (waited for by someone) and reaps all the others.
+
+    An owner registers a pid in the same synchronous step that forked it (no checkpoint in
+    between), so the reaper, which runs in the same trio thread, can never see it unowned.
+    """
+
+    def __init__(self) -> None:
+        self.owned: set[int] = set()
+        self.on_reaped: Callable[[int, ExitInfo], None] | None = None
+
+    def own(self, pid: int) -> None:
+        self.owned.add(pid)
+
+    def disown(self, pid: int) -> None:
+        self.owned.discard(pid)
+
+    def reap_strangers(self) -> list[tuple[int, ExitInfo]]:
+        reaped = []
+        for pid in children() - self.owned:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if got == pid:
+                info = decode_wait_status(status)
+                reaped.append((pid, info))
+                if self.on_reaped is not None:
+                    self.on_reaped(pid, info)
+        return reaped
+
+    async def run(self, interval: float = 2.0) -> None:
+        """Reap on every SIGCHLD, and on a slow tick as a safety net (signals coalesce)."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as sigs:
+            while True:
+                self.reap_strangers()
+                with trio.move_on_after(interval):
+                    await sigs.__anext__()
+
+
+# -- cgroup2 --------------------------------------------------------------------------------------
+
+
+def cgroup2_mount() -> Path | None:
+    """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup/unified here), or None."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "cgroup2":
+                    mnt = Path(left.split()[4])
+                    if (mnt / "cgroup.procs").exists():
+                        return mnt
+    except OSError:
+        pass
+    return None
+
+
+def own_cgroup2(mount: Path) -> Path:
+    """nsinitd's own cgroup2 directory (the ``0::`` line of /proc/self/cgroup)."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return mount / line.strip()[3:].lstrip("/")
+    return mount
+
+
+class Cgroup:
+    """One cgroup2 directory: enough to track, kill and remove every process of a program."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def create(self) -> None:
+        self.path.mkdir(parents=False, exist_ok=True)
+
+    def procs(self) -> list[int]:
+        try:
+            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            return []
+
+    def populated(self) -> bool:
+        try:
+            for line in (self.path / "cgroup.events").read_text().splitlines():
+                k, _, v = line.partition(" ")
+                if k == "populated":
+                    return v.strip() == "1"
+        except FileNotFoundError:
+            return False
+        return bool(self.procs())
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup (cgroup.kill, else one by one)."""
+        try:
+            (self.path / "cgroup.kill").write_text("1")
+            return
+        except FileNotFoundError:
+            if not self.path.exists():
+                return
+        except OSError:
+            pass
+        for pid in self.procs():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def remove(self, reaper: Reaper | None, timeout: float = 5.0) -> list[str]:
+        """Kill what is left, wait for it to empty, rmdir (EBUSY until reaped: bounded retries).
+
+        Returns the released paths; raises OSError naming the cgroup and its remaining pids.
+        """
+        if not self.path.exists():
+            return []
+        with trio.move_on_after(timeout):
+            delay = 0.005
+            while True:
+                if self.populated():
+                    self.kill()
+                if reaper is not None:
+                    reaper.reap_strangers()
+                try:
+                    self.path.rmdir()
+                    return [str(self.path)]
+                except FileNotFoundError:
+                    return []
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        raise OSError(e.errno, f"rmdir({self.path!s}): {e.strerror}") from None
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        raise OSError(errno.EBUSY, f"rmdir({self.path!s}): still busy after {timeout:g}s, "
+                                   f"pids {self.procs()}")
+
+
+# -- children -------------------------------------------------------------------------------------
+
+
+class Child(Protocol):
+    """A started program: a plain process or a container's PID 1."""
+
+    pid: int
+    pidfd: int
+
+    def signal(self, signum: int) -> None: ...
+    def kill(self) -> None: ...
+    def reap(self) -> ExitInfo | None: ...
+    async def teardown(self) -> dict[str, Any]: ...
+
+
+class PlainChild:
+    def __init__(self, pid: int, pidfd: int, cgroup: Cgroup | None, reaper: Reaper) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.cgroup = cgroup
+        self.reaper = reaper
+        self.exit: ExitInfo | None = None
+
+    def signal(self, signum: int) -> None:
+        if self.exit is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        if self.exit is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.signal(signal.SIGKILL)
+
+    def reap(self) -> ExitInfo | None:
+        if self.exit is None:
+            try:
+                got, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # someone stole it: should never happen
+                got, status = self.pid, 255 << 8
+            if got == 0:
+                return None
+            self.exit = decode_wait_status(status)
+            self.reaper.disown(self.pid)
+            try:
+                os.close(self.pidfd)
+            except OSError:
+                pass
+            self.pidfd = -1
+        return self.exit
+
+    async def teardown(self) -> dict[str, Any]:
+        """Kill whatever the program left running (grandchildren) and release its cgroup."""
+        released: dict[str, Any] = {"cgroups": []}
+        if self.cgroup is not None:
+            released["cgroups"] = await self.cgroup.remove(self.reaper)
+        else:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)  # its session's process group, if any is left
+            except (ProcessLookupError, PermissionError):
+                pass
+        return released
+
+
+def _exec_child(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, int, int],
+                cgroup_fd: int, errw: int, cwd: str | None) -> None:
+    """Runs in the forked child; never returns."""
+    step = "setsid"
+    try:
+        os.setsid()
+        if cgroup_fd >= 0:
+            step = "join cgroup"
+            os.write(cgroup_fd, b"0")
+        step = "stdio"
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target, inheritable=True)
+        step = "signals"
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        for sig in range(1, signal.NSIG):
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+        step = "close fds"
+        os.closerange(3, errw)
+        os.closerange(errw + 1, 1 << 20)
+        if cwd is not None:
+            step = f"chdir {cwd}"
+            os.chdir(cwd)
+        step = f"exec {argv[0]}"
+        os.execvpe(argv[0], list(argv), dict(env))
+    except BaseException as e:
+        try:
+            err = e.errno if isinstance(e, OSError) and e.errno else 0
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            os.write(errw, f"{err}\0{step}: {msg}".encode())
+        finally:
+            os._exit(127)
+    os._exit(127)
+
+
+def spawn_plain(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, int, int],
+                reaper: Reaper, cgroup: Cgroup | None = None, cwd: str | None = None) -> PlainChild:
+    """Fork and exec ``argv``; raise SpawnError (reaping the child) if exec fails.
+
+    Synchronous and quick: returns once the child has exec'd (the error pipe hit EOF).
+    """
+    cgroup_fd = -1
+    if cgroup is not None:
+        cgroup.create()
+        cgroup_fd = os.open(cgroup.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _exec_child(argv, env, stdio, cgroup_fd, errw, cwd)
+        reaper.own(pid)
+        pidfd = os.pidfd_open(pid)
+    finally:
+        os.close(errw)
+        if cgroup_fd >= 0:
+            os.close(cgroup_fd)
+    try:
+        report = b""
+        while chunk := os.read(errr, 4096):
+            report += chunk
+    finally:
+        os.close(errr)
+    if report:
+        os.waitpid(pid, 0)
+        reaper.disown(pid)
+        os.close(pidfd)
+        _, _, msg = report.decode(errors="replace").partition("\0")
+        raise SpawnError(msg)
+    return PlainChild(pid, pidfd, cgroup, reaper)
+
+
+async def wait_exit(child: Child) -> None:
+    """Return once the child has exited (its pidfd is readable); does not reap."""
+    await trio.lowlevel.wait_readable(child.pidfd)
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot); split after the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(")") + 2 :].split()
+    return int(fields[19])
+
+
+def write_pid_files(state_dir: Path, pid: int) -> None:
+    """state_dir/pid and state_dir/start, each written to a temporary name and renamed."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, value in (("pid", pid), ("start", proc_start_time(pid))):
+        tmp = state_dir / f".{name}.tmp"
+        tmp.write_text(f"{value}\n")
+        os.replace(tmp, state_dir / name)
+
+
+def remove_pid_files(state_dir: Path, names: Iterable[str] = ("pid", "start")) -> None:
+    for name in names:
+        (state_dir / name).unlink(missing_ok=True)

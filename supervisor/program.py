@@ -1,0 +1,470 @@
+"""One trio task per program, carrying out the decisions of :mod:`supervisor.machine`.
+
+Everything that changes a program goes through its inbox and is handled by its own task, one
+item at a time: operator commands (start/stop), timer expiries (startsecs, backoff, stopwaitsecs)
+and process exits. Handling an exit awaits the teardown (reap, kill what is left in the cgroup or
+destroy the container) *before* the machine sees it, so a restart never overlaps the previous
+incarnation. Timers carry a token; a timer that fires after its state was left is ignored, which
+closes the race between a timer and an exit arriving together.
+
+Cancellation reaps: however the task ends (shutdown, removal on reload, a bug), its ``finally``
+stops the live process in a shielded, bounded scope (stopsignal, stopwaitsecs, SIGKILL of the
+whole cgroup/container, wait, teardown), as trio's ``run_process`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal as _signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import machine
+from .config import ProgramConfig
+from .events import EventBus
+from .logs import ProgramLogs, pump
+from .process import (
+    Cgroup,
+    Child,
+    ExitInfo,
+    Reaper,
+    SpawnError,
+    remove_pid_files,
+    signal_name,
+    spawn_plain,
+    wait_exit,
+    write_pid_files,
+)
+from .states import RUNNING_STATES, STOPPED_STATES, ProcessState, Wanted
+
+#: Bound on the teardown of one incarnation (cgroup emptying, container destroy).
+TEARDOWN_TIMEOUT = 10.0
+#: Bound on waiting for a SIGKILLed process to disappear.
+KILL_WAIT = 5.0
+
+
+@dataclass
+class Context:
+    """What every program shares with the daemon."""
+
+    bus: EventBus
+    reaper: Reaper
+    log_dir: Path
+    state_dir: Path
+    cgroup_root: Path | None = None  # nsinitd-<pid>/ in the cgroup2 tree, or None
+    runtime: Any = None  # the nsruntime module (or a fake in tests); loaded on first use
+    base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def load_runtime(self) -> Any:
+        if self.runtime is None:
+            import nsruntime  # lazily: plain-process setups never pay for it
+
+            self.runtime = nsruntime
+        return self.runtime
+
+
+class ContainerChild:
+    """Adapter from an ``nsruntime`` container to :class:`supervisor.process.Child`."""
+
+    def __init__(self, container: Any, reaper: Reaper) -> None:
+        self.c = container
+        self.pid: int = container.pid
+        self.pidfd: int = container.pidfd
+        self.reaper = reaper
+        self.exit: ExitInfo | None = None
+        self.destroyed = False
+
+    def signal(self, signum: int) -> None:
+        if self.exit is None:
+            self.c.signal(signum)
+
+    def kill(self) -> None:
+        self.c.kill()
+
+    def reap(self) -> ExitInfo | None:
+        if self.exit is None:
+            st = self.c.poll()
+            if st is None:
+                return None
+            sig = getattr(st, "signal", None)
+            code = st.exit_code if st.exit_code is not None else 128 + (sig or 0)
+            self.exit = ExitInfo(int(code), sig, getattr(st, "oom_killed", None))
+            self.reaper.disown(self.pid)
+        return self.exit
+
+    async def teardown(self) -> dict[str, Any]:
+        if self.destroyed:
+            return {}
+        self.destroyed = True
+        released = self.c.destroy()
+        self.reaper.disown(self.pid)
+        return dict(released or {})
+
+
+@dataclass(frozen=True)
+class _Command:
+    event: machine.Event
+    done: trio.Event
+
+
+@dataclass(frozen=True)
+class _Timer:
+    token: int
+    event: machine.Event
+
+
+@dataclass(frozen=True)
+class _Exited:
+    child: Child
+
+
+def _fmt_uptime(secs: float) -> str:
+    s = int(secs)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Program:
+    def __init__(self, cfg: ProgramConfig, ctx: Context) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.name = cfg.name
+        self.policy = cfg.policy
+        self.status = machine.Status()
+        self.since = time.time()
+        self.child: Child | None = None
+        self.started_at = 0.0
+        self.last_exit: ExitInfo | None = None
+        self.fatal_reason = ""
+        self.restarts = 0
+        self.logs = ProgramLogs(ctx.log_dir, cfg.name, cfg.stdout_maxbytes, cfg.stdout_backups,
+                                cfg.redirect_stderr)
+        self._send, self._recv = trio.open_memory_channel[_Command | _Timer | _Exited](math.inf)
+        self._changed = trio.Event()
+        self._timer_token = 0
+        self._timer_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._by_operator = False
+        self.done = trio.Event()
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ProcessState:
+        return self.status.state
+
+    @property
+    def state_dir(self) -> Path:
+        return self.ctx.state_dir / self.name
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    def describe(self) -> str:
+        st, now = self.state, time.time()
+        if st is ProcessState.RUNNING and self.child is not None:
+            return f"pid {self.child.pid}, uptime {_fmt_uptime(now - self.started_at)}"
+        if st in (ProcessState.STARTING, ProcessState.STOPPING) and self.child is not None:
+            return f"pid {self.child.pid}"
+        if st is ProcessState.BACKOFF:
+            return f"exited too quickly (attempt {self.status.attempt})"
+        if st is ProcessState.FATAL:
+            return self.fatal_reason
+        if self.last_exit is not None and st in (ProcessState.EXITED, ProcessState.STOPPED):
+            e = self.last_exit
+            how = f"killed by {e.signal_name}" if e.signal else f"exited {e.exit_code}"
+            return how
+        return ""
+
+    # -- commands (from the daemon / control socket) ---------------------------------------------
+
+    async def command(self, event: machine.Event) -> None:
+        """Queue ``event`` and return once the program task has handled it."""
+        done = trio.Event()
+        try:
+            self._send.send_nowait(_Command(event, done))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        await done.wait()
+
+    async def wait_until(self, pred: Callable[[ProcessState], bool]) -> None:
+        while not pred(self.state):
+            await self._changed.wait()
+
+    async def start(self) -> None:
+        """Start and wait until it leaves STARTING (RUNNING, BACKOFF, FATAL, EXITED, ...)."""
+        if self.state in RUNNING_STATES - {ProcessState.BACKOFF}:
+            return
+        await self.command(machine.Start())
+        await self.wait_until(lambda s: s is not ProcessState.STARTING)
+
+    async def stop(self) -> None:
+        """Stop and wait until nothing runs."""
+        if self.state in STOPPED_STATES:
+            return
+        await self.command(machine.Stop())
+        await self.wait_until(lambda s: s in STOPPED_STATES)
+
+    async def finish(self) -> None:
+        """Stop, then end the program task (used on removal and shutdown)."""
+        await self.stop()
+        self._send.close()
+        await self.done.wait()
+
+    def signal(self, signum: int) -> None:
+        if self.child is not None:
+            self.child.signal(signum)
+
+    # -- the task ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                async for item in self._recv:
+                    await self._handle(item)
+                self._cancel_timer()
+                # Output pumps end at EOF once every writer is gone; don't wait forever for a
+                # stray writer that escaped (only possible without a cgroup).
+                nursery.cancel_scope.deadline = trio.current_time() + 2.0
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._ensure_dead()
+                self.logs.close()
+                self.done.set()
+
+    async def _handle(self, item: _Command | _Timer | _Exited) -> None:
+        if isinstance(item, _Command):
+            try:
+                if machine.allowed(self.state, type(item.event)):
+                    self._by_operator = isinstance(item.event, machine.Start)
+                    self._apply(item.event)
+            finally:
+                item.done.set()
+        elif isinstance(item, _Timer):
+            if item.token == self._timer_token:
+                self._timer_scope = None
+                self._by_operator = False
+                self._apply(item.event)
+        elif item.child is self.child:
+            info = item.child.reap()
+            if info is None:  # not reapable yet (should not happen): watch again
+                self._watch(item.child)
+                return
+            stopping = self.state is ProcessState.STOPPING
+            expected = stopping or (info.signal is None and info.exit_code in self.cfg.exitcodes)
+            self._emit("program.exited", pid=item.child.pid, exit_code=info.exit_code,
+                       signal=info.signal_name, expected=expected, oom_killed=info.oom_killed)
+            await self._release(item.child, info)
+            self._by_operator = False
+            self._apply(machine.Exited(expected=expected))
+
+    async def _release(self, child: Child, info: ExitInfo) -> None:
+        """The incarnation is over: kill its leftovers, release its container/cgroup."""
+        self.last_exit = info
+        self.child = None
+        released: dict[str, Any] = {}
+        try:
+            with trio.fail_after(TEARDOWN_TIMEOUT):
+                released = await child.teardown()
+        except (OSError, trio.TooSlowError) as e:
+            released = {"error": str(e) or "teardown timed out"}
+        except Exception as e:  # the runtime's own errors
+            released = {"error": f"{type(e).__name__}: {e}"}
+        if isinstance(child, ContainerChild):
+            self._emit("container.destroyed", released=released)
+        remove_pid_files(self.state_dir)
+
+    def _apply(self, event: machine.Event) -> None:
+        old = self.status
+        new, actions = machine.step(old, event, self.policy)
+        self.status = new
+        if new.state is not old.state:
+            self.since = time.time()
+            self._cancel_timer()
+            self._changed.set()
+            self._changed = trio.Event()
+        for action in actions:
+            self._do(action)
+
+    def _do(self, action: machine.Action) -> None:
+        if isinstance(action, machine.Emit):
+            fields = dict(action.fields)
+            if action.event == "program.running":
+                fields["pid"] = self.pid
+                self.started_at = time.time()
+            elif action.event == "program.stopping":
+                fields.update(pid=self.pid, signal=signal_name(self.cfg.stopsignal))
+            elif action.event == "program.fatal":
+                self.fatal_reason = fields.get("reason", "")
+            self._emit(action.event, **fields)
+        elif isinstance(action, machine.Spawn):
+            self._spawn()
+        elif isinstance(action, machine.SignalStop):
+            if self.child is not None:
+                self.child.signal(self.cfg.stopsignal)
+            self._arm(self.cfg.stopwaitsecs, machine.StopTimeout())
+        elif isinstance(action, machine.Kill):
+            if self.child is not None:
+                self._emit("program.killing", pid=self.child.pid)
+                self.child.kill()
+            self._arm(1.0, machine.StopTimeout())  # again, if it is still there in a second
+        elif isinstance(action, machine.ScheduleRetry):
+            self._arm(action.delay, machine.BackoffElapsed())
+
+    def _emit(self, name: str, **facts: Any) -> None:
+        self.ctx.bus.emit(name, self.name, **facts)
+
+    # -- timers -----------------------------------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        self._timer_token += 1
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
+            self._timer_scope = None
+
+    def _arm(self, delay: float, event: machine.Event) -> None:
+        self._cancel_timer()
+        token = self._timer_token
+        scope = trio.CancelScope()
+        self._timer_scope = scope
+        assert self._nursery is not None
+        self._nursery.start_soon(self._fire, scope, delay, _Timer(token, event))
+
+    async def _fire(self, scope: trio.CancelScope, delay: float, item: _Timer) -> None:
+        with scope:
+            await trio.sleep(delay)
+            try:
+                self._send.send_nowait(item)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    # -- spawning ---------------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        """Carry out machine.Spawn: synchronous; the result goes back into the machine."""
+        if not self._by_operator:
+            self.restarts += 1
+        try:
+            child = self._spawn_child()
+        except SpawnError as e:
+            self._apply(machine.SpawnFailed(reason=str(e)))
+            return
+        except Exception as e:  # the runtime's errors (NsRuntimeError ...), one line each
+            self._apply(machine.SpawnFailed(reason=f"{type(e).__name__}: {e}"))
+            return
+        self.child = child
+        self._watch(child)
+        if self.cfg.startsecs <= 0:
+            self._apply(machine.Started())
+        else:
+            self._arm(self.cfg.startsecs, machine.Started())
+
+    def _spawn_child(self) -> Child:
+        assert self._nursery is not None
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        if self.cfg.redirect_stderr:
+            err_r, err_w = -1, out_w
+        else:
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            env = {**self.ctx.base_env, **self.cfg.env}
+            if self.cfg.container is not None:
+                child: Child = self._spawn_container((devnull, out_w, err_w), self.cfg.env)
+            else:
+                cgroup = Cgroup(self.ctx.cgroup_root / self.name) if self.ctx.cgroup_root else None
+                child = spawn_plain(self.cfg.command, env, (devnull, out_w, err_w), self.ctx.reaper, cgroup)
+                try:
+                    write_pid_files(self.state_dir, child.pid)
+                except OSError:
+                    pass
+        except BaseException:
+            for fd in (out_r, err_r):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in {out_w, err_w, devnull}:
+                os.close(fd)
+        self._nursery.start_soon(pump, out_r, self.logs.stdout)
+        if err_r >= 0:
+            self._nursery.start_soon(pump, err_r, self.logs.stderr)
+        return child
+
+    def _spawn_container(self, stdio: tuple[int, int, int], env: dict[str, str]) -> Child:
+        assert self.cfg.container is not None
+        rt = self.ctx.load_runtime()
+        cfg = rt.load_config(self.cfg.container / "container.json")
+        c = rt.create(cfg, rootfs=self.cfg.container, command=list(self.cfg.command),
+                      state_dir=self.state_dir, env=env, stdio=stdio, die_with_parent=False)
+        self.ctx.reaper.own(c.pid)
+        child = ContainerChild(c, self.ctx.reaper)
+        try:
+            c.start()
+        except BaseException:
+            c.kill()
+            c.destroy()
+            self.ctx.reaper.disown(c.pid)
+            raise
+        self._emit("container.created", host_pid=c.pid, container=str(self.cfg.container),
+                   namespaces=_namespaces(cfg))
+        return child
+
+    def _watch(self, child: Child) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_task, child)
+
+    async def _watch_task(self, child: Child) -> None:
+        await wait_exit(child)
+        try:
+            self._send.send_nowait(_Exited(child))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    # -- the safety net ---------------------------------------------------------------------------
+
+    async def _ensure_dead(self) -> None:
+        """Stop whatever still runs, bounded; called shielded from ``run``'s finally."""
+        child = self.child
+        if child is None:
+            return
+        info = child.reap()
+        if info is None:
+            if self.state is not ProcessState.STOPPING:
+                self._emit("program.stopping", pid=child.pid, signal=signal_name(self.cfg.stopsignal))
+                child.signal(self.cfg.stopsignal)
+            with trio.move_on_after(self.cfg.stopwaitsecs):
+                await wait_exit(child)
+            info = child.reap()
+            if info is None:
+                self._emit("program.killing", pid=child.pid)
+                child.kill()
+                with trio.move_on_after(KILL_WAIT):
+                    await wait_exit(child)
+                info = child.reap()
+        if info is None:  # unkillable (D state): report it and let the stranger reaper have it
+            self.ctx.reaper.disown(child.pid)
+            info = ExitInfo(128 + int(_signal.SIGKILL), int(_signal.SIGKILL))
+        self._emit("program.exited", pid=child.pid, exit_code=info.exit_code, signal=info.signal_name,
+                   expected=True, oom_killed=info.oom_killed)
+        await self._release(child, info)
+        self.status = machine.Status(ProcessState.STOPPED, Wanted.DOWN, 0)
+        self.since = time.time()
+        self._changed.set()
+        self._emit("program.stopped")
+
+
+def _namespaces(cfg: Any) -> list[str]:
+    out: list[str] = []
+    for ns in getattr(cfg, "namespaces", None) or []:
+        t = getattr(ns, "type", None) or (ns.get("type") if isinstance(ns, dict) else ns)
+        out.append(str(t))
+    return out
