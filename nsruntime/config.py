@@ -61,10 +61,12 @@ _ENV_NAME = re.compile(r"^[^=\x00]+$")
 
 @dataclass(frozen=True)
 class Mount:
-    source: str
+    source: str | None  # None for tmpfs
     destination: str
     writable: bool = False
     private: bool = False
+    type: str = "bind"  # bind | tmpfs
+    optional: bool = False  # skip a bind whose source is missing
 
 
 @dataclass(frozen=True)
@@ -276,20 +278,22 @@ def _mounts(path: str, value: object) -> tuple[Mount, ...]:
     out = []
     for i, item in enumerate(_list(path, value)):
         p = f"{path}[{i}]"
-        d = _obj(p, item, {"type", "source", "destination", "writable", "private", "readonly"})
-        if "type" in d and _str(f"{p}.type", d["type"]) != "bind":
-            raise ConfigError(f"{p}.type", f'unsupported mount type "{d["type"]}" (only "bind")')
-        for req in ("source", "destination"):
+        d = _obj(p, item, {"type", "source", "destination", "writable", "private", "readonly", "optional"})
+        kind = _opt(d, "type", p, _str, "bind")
+        if kind not in ("bind", "tmpfs"):
+            raise ConfigError(f"{p}.type", f'unsupported mount type "{kind}" (bind, tmpfs)')
+        for req in ("source", "destination") if kind == "bind" else ("destination",):
             if req not in d:
                 raise ConfigError(f"{p}.{req}", "missing")
-        writable = _opt(d, "writable", p, _bool, False)
+        writable = _opt(d, "writable", p, _bool, kind == "tmpfs")
         if "readonly" in d:
             writable = not _bool(f"{p}.readonly", d["readonly"])
         dest = _abs_path(f"{p}.destination", d["destination"])
         if dest.rstrip("/") == "":
             raise ConfigError(f"{p}.destination", "cannot mount over the container's root")
-        out.append(Mount(_abs_path(f"{p}.source", d["source"]), dest, writable,
-                         _opt(d, "private", p, _bool, False)))
+        source = _abs_path(f"{p}.source", d["source"]) if kind == "bind" else None
+        out.append(Mount(source, dest, writable, _opt(d, "private", p, _bool, False), kind,
+                         _opt(d, "optional", p, _bool, False)))
     return tuple(out)
 
 

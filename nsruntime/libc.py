@@ -69,6 +69,9 @@ _setns.restype = ctypes.c_int
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
+_prctl_name = _libc["prctl"]  # a second prototype of prctl: PR_SET_NAME takes a string
+_prctl_name.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl_name.restype = ctypes.c_int
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _signalfd = _libc.signalfd
@@ -112,6 +115,12 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     if rc < 0:
         raise _fail(f"prctl({option}, {arg2})")
     return int(rc)
+
+
+def set_process_name(name: str) -> None:
+    """PR_SET_NAME: the name ps and /proc/PID/comm show (15 bytes at most)."""
+    if _prctl_name(15, name.encode()[:15], 0, 0, 0) != 0:
+        raise _fail(f"prctl(PR_SET_NAME, {name!r})")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

@@ -1,0 +1,165 @@
+"""``nsinit``: run a command in a new container made from the current directory, or join it.
+
+    nsinit [--root DIR] exec [--] CMD [ARG...]   run CMD in the container (join it if it lives)
+    nsinit [--root DIR] state                    print the container's state as JSON
+    nsinit [--root DIR] kill [SIGNAL]            signal the container's command (TERM by default)
+
+The rootfs is the current directory; container.json and the pid/start/state.json files are in
+the current directory too, or in DIR with --root.
+
+Exit status: the command's (128+N when killed by signal N); 125 when nsinit failed (bad
+container.json, setup failure: one line on stderr names the field, step, path or call); 126 when
+the command is not executable; 127 when it is not found; 1 for state/kill with no live container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from . import console, init, libc
+from .errors import EXIT_RUNTIME_FAILED, NsRuntimeError, StateError
+from .state import StateDir
+
+USAGE = "usage: nsinit [--root DIR] {exec [--] CMD [ARG...] | state | kill [SIGNAL]}"
+
+
+def _err(msg: str, code: int = EXIT_RUNTIME_FAILED) -> int:
+    sys.stderr.write(f"nsinit: {msg}\n")
+    return code
+
+
+def _parse(argv: list[str]) -> tuple[Path | None, str, list[str]]:
+    # a hand-made parser: exec's arguments belong to the command, whatever they look like
+    root = None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--root" and i + 1 < len(argv):
+            root = Path(argv[i + 1])
+            i += 2
+        elif a.startswith("--root="):
+            root = Path(a.split("=", 1)[1])
+            i += 1
+        elif a in ("-h", "--help"):
+            raise SystemExit(print(__doc__) or 0)
+        else:
+            break
+    if i >= len(argv):
+        raise ValueError("no verb")
+    verb, rest = argv[i], argv[i + 1 :]
+    if verb == "exec" and rest[:1] == ["--"]:
+        rest = rest[1:]
+    return root, verb, rest
+
+
+def _loop(sigfd: int, waitfd: int, forward: Callable[[int], None], master: int | None) -> None:
+    """Forward signals and relay the terminal until waitfd (a pidfd) says the process is gone."""
+    relay = console.Relay(master) if master is not None else None
+    while True:
+        rfds = [sigfd, waitfd] + (relay.read_fds() if relay else [])
+        wfds = relay.write_fds() if relay else []
+        r, w, _ = select.select(rfds, wfds, [])
+        if sigfd in r:
+            while (info := libc.read_signalfd(sigfd)) is not None:
+                signo = info[0]
+                if signo == signal.SIGCHLD:
+                    continue
+                if signo == signal.SIGWINCH and master is not None:
+                    console.copy_winsize(0, master)
+                    continue
+                forward(signo)
+        if relay:
+            relay.pump(r, w)
+        if waitfd in r:
+            break
+    if relay:
+        relay.drain()
+
+
+def _exec(root: Path, command: list[str]) -> int:
+    from . import container
+    from .config import load
+
+    if not command:
+        return _err("exec: no command given")
+    cfg_path = root / "container.json"
+    cfg = load(cfg_path)
+    raw = container.dump_config(cfg_path)
+    # blocked from here on and read from a signalfd: nothing sent to us is lost or kills us halfway
+    init.block_signals()
+    sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
+    sdir = StateDir(root)
+    if sdir.live_pid() is None:
+        try:
+            c = container.create(cfg, Path.cwd(), command, root, raw_config=raw, die_with_parent=True)
+        except StateError:
+            c = None  # somebody made it meanwhile: join theirs
+        if c is not None:
+            try:
+                with console.raw_mode(0) if c.console is not None else _nothing():
+                    if c.console is not None:
+                        console.copy_winsize(0, c.console)
+                    c.start()
+                    _loop(sigfd, c.pidfd, c.signal, c.console)
+                status = c.poll()
+            finally:
+                c.destroy()
+            assert status is not None
+            return status.exit_code
+    j = container.open_join(root, command)
+    waitfd = os.pidfd_open(j.pid)
+    with console.raw_mode(0) if j.console is not None else _nothing():
+        if j.console is not None:
+            console.copy_winsize(0, j.console)
+        _loop(sigfd, waitfd, j.signal, j.console)
+    return j.wait().exit_code
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        root_opt, verb, rest = _parse(args)
+    except ValueError:
+        return _err(USAGE)
+    root = (root_opt or Path.cwd()).resolve()
+    try:
+        if verb == "exec":
+            return _exec(root, rest)
+        if verb == "state":
+            from .container import describe
+
+            print(json.dumps(describe(root), indent=1))
+            return 0 if StateDir(root).live_pid() else 1
+        if verb == "kill":
+            pid = StateDir(root).live_pid()
+            if pid is None:
+                return _err(f"{root}: no live container", 1)
+            sig = rest[0] if rest else "TERM"
+            signum = int(sig) if sig.isdigit() else signal.Signals["SIG" + sig.upper().removeprefix("SIG")]
+            os.kill(pid, signum)
+            return 0
+        return _err(f'unknown verb "{verb}"\n{USAGE}')
+    except NsRuntimeError as e:
+        return _err(str(e))
+    except KeyError as e:
+        return _err(f"unknown signal {e}")
+    except OSError as e:
+        return _err(f"{e.filename or ''}: {e.strerror}" if e.filename else str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

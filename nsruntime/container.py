@@ -1,0 +1,636 @@
+"""The verbs: create, start, signal, kill, poll/wait, destroy, and join.
+
+Processes (host view)::
+
+    caller ──fork──► setup child ──unshare(...)──fork──► PID 1 (init.py) ──fork──► command
+       ▲                 └── exits at once; PID 1 is reparented to the caller (a child subreaper)
+       └── talks to PID 1 over a socketpair: "pid N", "ready" (+ pty master), "start", "exited C S"
+
+The caller stays single-threaded across fork (trio's loop is), and every namespace change happens
+in the freshly forked setup child, never in the caller. Creating (namespaces, cgroups, network,
+root in place, pid file written) and starting the command are separate steps, as the OCI runtime
+commands will need. ``join`` enters a live container's namespaces, root and cgroups from a new
+child and runs one more command there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import init, libc, network, rootfs
+from .config import NAMESPACE_FILES, ContainerConfig, parse
+from .errors import NsRuntimeError, SetupError, StateError, TeardownError
+from .state import StateDir, start_time
+
+SETUP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    exit_code: int  # the command's exit code, 128+N when killed by signal N
+    signal: int | None  # the killing signal, None on a normal exit
+    oom_killed: bool = False
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name
+        except ValueError:
+            return f"SIG{self.signal}"
+
+
+def container_id(rootfs: Path, state_dir: Path) -> str:
+    h = hashlib.sha256(f"{rootfs}\0{state_dir}".encode()).hexdigest()[:10]
+    base = "".join(c if c.isalnum() or c in "-_." else "-" for c in rootfs.name)[:32] or "root"
+    return f"{base}-{h}"
+
+
+def _recv_line(sock: socket.socket, deadline: float, what: str) -> tuple[str, list[int]]:
+    """One newline-terminated message (and any fds passed with it), bounded by deadline."""
+    buf = b""
+    fds: list[int] = []
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SetupError(what, f"container init did not answer within {SETUP_TIMEOUT:.0f} s")
+        r, _, _ = select.select([sock], [], [], left)
+        if not r:
+            continue
+        data, got, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+        fds += got
+        if not data:
+            raise SetupError(what, "container init exited during setup")
+        buf += data
+    return buf.decode().rstrip("\n"), fds
+
+
+def _keep_only_fds(keep: Sequence[int]) -> None:
+    """Close every descriptor but keep (and 0-2): nothing of the caller may reach the container."""
+    prev = 2
+    for fd in sorted({*keep, 2}):
+        if fd > prev + 1:
+            libc.close_range(prev + 1, fd - 1)
+        prev = max(prev, fd)
+    libc.close_range(prev + 1)
+
+
+def _cgroups_module() -> Any:
+    try:
+        from . import cgroups
+    except ImportError:  # TODO(cgroups): remove once nsruntime.cgroups lands
+        return None
+    return cgroups if hasattr(cgroups, "setup") else None
+
+
+@dataclass
+class Container:
+    """A created container: PID 1 is up, its root in place, the command waiting for start()."""
+
+    id: str
+    config: ContainerConfig
+    rootfs: Path
+    state: StateDir
+    pid: int
+    pidfd: int
+    cgroups: Any
+    links: list[str]
+    console: int | None  # pty master when the command has a terminal
+    _sock: socket.socket
+    _status: ExitStatus | None = None
+    _destroyed: bool = False
+    _exit_msg: tuple[int, int] | None = field(default=None)
+
+    def start(self) -> None:
+        init.send(self._sock, "start")
+
+    def signal(self, signum: int) -> None:
+        """To the command, through PID 1 (which forwards everything but SIGCHLD)."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signum)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the container (the cgroup), PID 1 included."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        if self.cgroups is not None:
+            with contextlib.suppress(NsRuntimeError, OSError):
+                self.cgroups.kill()
+
+    def _read_exit_msg(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.setblocking(False)
+            data = b""
+            while True:
+                try:
+                    chunk = self._sock.recv(4096)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            for line in data.decode(errors="replace").splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[0] == "exited":
+                    self._exit_msg = (int(parts[1]), int(parts[2]))
+
+    def poll(self) -> ExitStatus | None:
+        """The exit status once PID 1 has exited (reaping it), else None. Never blocks."""
+        if self._status is not None:
+            return self._status
+        try:
+            res = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+            if res is None:
+                return None
+        except ChildProcessError:  # not our child (adopted after a restart): exit status unknown
+            res = None
+            if not _pidfd_readable(self.pidfd):
+                return None
+        self._read_exit_msg()
+        oom = self._oom_kills() > 0
+        if self._exit_msg is not None:
+            code, sig = self._exit_msg
+            self._status = ExitStatus(code, sig or None, oom and sig == signal.SIGKILL)
+        elif res is not None and res.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            self._status = ExitStatus(128 + res.si_status, res.si_status, oom and res.si_status == signal.SIGKILL)
+        elif res is not None:
+            self._status = ExitStatus(res.si_status, None)
+        else:
+            self._status = ExitStatus(128 + signal.SIGKILL, signal.SIGKILL, oom)
+        return self._status
+
+    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        """Block until PID 1 exits (or timeout); returns its status."""
+        select.select([self.pidfd], [], [], timeout)
+        return self.poll()
+
+    def stats(self) -> dict[str, Any]:
+        if self.cgroups is None:
+            return {}
+        try:
+            return dict(self.cgroups.stats())
+        except (NsRuntimeError, OSError):
+            return {}
+
+    def _oom_kills(self) -> int:
+        return int(self.stats().get("oom_kills", 0) or 0)
+
+    def destroy(self, timeout: float = 10.0) -> dict[str, list[str]]:
+        """Kill what is left, reap PID 1, release cgroups, links and files. Idempotent, bounded.
+
+        Raises TeardownError naming what would not go; everything else is still released.
+        """
+        released: dict[str, list[str]] = {"cgroups": [], "links": [], "files": []}
+        if self._destroyed:
+            return released
+        errors: list[str] = []
+        if self.poll() is None:
+            self.kill()
+            if self.wait(timeout) is None:
+                errors.append(f"pid {self.pid}: PID 1 did not exit within {timeout:.0f} s of SIGKILL")
+        if self.cgroups is not None:
+            try:
+                self.cgroups.kill()
+                released["cgroups"] = list(self.cgroups.destroy(timeout=timeout))
+            except (NsRuntimeError, OSError) as e:
+                errors.append(str(e))
+        if self.links:
+            try:
+                released["links"] = network.teardown(self.links)
+            except (NsRuntimeError, OSError) as e:
+                errors.append(str(e))
+        released["files"] = self.state.remove()
+        if self.console is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.console)
+            self.console = None
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+        self._sock.close()
+        self._destroyed = True
+        if errors:
+            raise TeardownError("; ".join(errors))
+        return released
+
+
+def _pidfd_readable(pidfd: int) -> bool:
+    r, _, _ = select.select([pidfd], [], [], 0)
+    return bool(r)
+
+
+def create(
+    cfg: ContainerConfig,
+    rootfs_dir: str | Path,
+    command: Sequence[str],
+    state_dir: str | Path,
+    *,
+    env: dict[str, str] | None = None,
+    stdio: tuple[int, int, int] | None = None,
+    tty: bool | None = None,
+    die_with_parent: bool = True,
+    raw_config: Any = None,
+) -> Container:
+    """Make the container and its PID 1, waiting to start ``command``.
+
+    Quick and synchronous (a few forks and a handshake, bounded by SETUP_TIMEOUT); on failure
+    raises NsRuntimeError and leaves nothing behind. The caller becomes a child subreaper: PID 1 is
+    reparented to it when the setup child exits. With die_with_parent, the container is killed
+    when the caller dies.
+    """
+    if not command:
+        raise NsRuntimeError("command: empty")
+    root = Path(rootfs_dir).resolve()
+    if not root.is_dir():
+        raise SetupError("rootfs", f"{root}: not a directory")
+    sdir = StateDir(Path(state_dir).resolve())
+    sdir.path.mkdir(parents=True, exist_ok=True)
+    use_tty = cfg.tty if tty is None else tty
+    cid = container_id(root, sdir.path)
+    libc.set_subreaper()
+    with sdir.locked():
+        if sdir.live_pid() is not None:
+            raise StateError(f"{sdir.path}: a container is already running here (pid {sdir.live_pid()})")
+        cleanup_stale(sdir)
+        sdir.write_state({"id": cid, "rootfs": str(root), "config": raw_config, "cgroups": [], "links": []})
+        cg = None
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = 0
+        pidfd = -1
+        links: list[str] = []
+        try:
+            cgmod = _cgroups_module()
+            cg = cgmod.setup(cfg.cgroups, cid) if cgmod else None
+            cg_paths = list(cg.paths) if cg else []
+            sdir.write_state({"id": cid, "rootfs": str(root), "config": raw_config, "cgroups": cg_paths,
+                              "links": []})
+            full_env = cfg.env_dict()
+            if env:
+                full_env.update(env)
+            gc.collect()
+            gc.freeze()  # keep the forked PID 1 from dirtying the caller's pages on its first gc
+            child = os.fork()
+            if child == 0:
+                _setup_child(cfg, str(root), list(command), full_env, stdio, use_tty, cg, child_sock,
+                             parent_sock, die_with_parent)
+            gc.unfreeze()
+            child_sock.close()
+            deadline = time.monotonic() + SETUP_TIMEOUT
+            msg, _ = _handshake(parent_sock, deadline, "create", cfg, child)
+            os.waitpid(child, 0)
+            pid = int(msg.split()[1])
+            pidfd = os.pidfd_open(pid)
+            if cfg.needs_pyroute2:
+                handle = network.setup(cfg, cid, pid)
+                links = list(handle.links)
+                sdir.write_state({"id": cid, "rootfs": str(root), "config": raw_config,
+                                  "cgroups": cg_paths, "links": links})
+            init.send(parent_sock, "go")
+            msg, fds = _recv_line(parent_sock, deadline, "create")
+            if msg.startswith("error "):
+                raise SetupError("container init", msg[6:])
+            if msg != "ready":
+                raise SetupError("container init", f"unexpected message {msg!r}")
+            st = start_time(pid)
+            if st is None:
+                raise SetupError("container init", f"pid {pid} vanished during setup")
+            # the pid file appears only now that the root is in place: a join can never land on the host's root
+            sdir.write_pid(pid, st)
+            return Container(cid, cfg, root, sdir, pid, pidfd, cg, links, fds[0] if fds else None, parent_sock)
+        except BaseException:
+            _abort(pid, pidfd, cg, links, sdir, parent_sock)
+            raise
+
+
+def _handshake(sock: socket.socket, deadline: float, what: str, cfg: ContainerConfig,
+               child: int) -> tuple[str, list[int]]:
+    """Answer the setup child until it reports PID 1's pid (user namespace maps are written here)."""
+    while True:
+        try:
+            msg, fds = _recv_line(sock, deadline, what)
+        except SetupError:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)
+            raise
+        if msg == "userns":
+            _write_id_maps(cfg, child)
+            init.send(sock, "mapped")
+            continue
+        if msg.startswith("error "):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)
+            raise SetupError("container setup", msg[6:])
+        return msg, fds
+
+
+def _write_id_maps(cfg: ContainerConfig, pid: int) -> None:
+    def fmt(maps: Any) -> str:
+        return "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in maps)
+
+    try:
+        with open(f"/proc/{pid}/uid_map", "w") as f:
+            f.write(fmt(cfg.uid_mappings))
+        if cfg.gid_mappings:
+            with open(f"/proc/{pid}/gid_map", "w") as f:
+                f.write(fmt(cfg.gid_mappings))
+    except OSError as e:
+        raise SetupError("uid_mappings", f"/proc/{pid}/uid_map: {e.strerror}") from None
+
+
+def _abort(pid: int, pidfd: int, cg: Any, links: list[str], sdir: StateDir, sock: socket.socket) -> None:
+    """Undo a half-made container: nothing may stay behind."""
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    if pidfd >= 0:
+        os.close(pidfd)
+    if cg is not None:
+        with contextlib.suppress(NsRuntimeError, OSError):
+            cg.kill()
+            cg.destroy(timeout=5.0)
+    if links:
+        with contextlib.suppress(NsRuntimeError, OSError):
+            network.teardown(links)
+    sdir.remove()
+    sock.close()
+
+
+def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
+                 stdio: tuple[int, int, int] | None, use_tty: bool, cg: Any, sock: socket.socket,
+                 parent_end: socket.socket, die_with_parent: bool) -> None:
+    """In the forked setup child: namespaces, then fork PID 1. Never returns."""
+    try:
+        init.block_signals()  # before PID 1 exists: it inherits the mask, nothing sent to it is lost
+        gc.disable()
+        parent_end.close()
+        if stdio is not None:
+            tmp = [os.dup(fd) for fd in stdio]
+            for n, fd in enumerate(tmp):
+                os.dup2(fd, n)
+                os.close(fd)
+        if sock.fileno() <= 2:
+            sock = socket.socket(fileno=os.dup(sock.fileno()))
+        sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
+        _keep_only_fds([sock.fileno(), sigfd])
+        if cg is not None:
+            cg.join(os.getpid())
+        flags = cfg.clone_flags
+        for n in cfg.networks:
+            if n.type == "netns" and n.path:
+                fd = os.open(n.path, os.O_RDONLY | os.O_CLOEXEC)
+                libc.setns(fd, libc.CLONE_NEWNET, n.path)
+                os.close(fd)
+        if flags & libc.CLONE_NEWUSER:
+            libc.unshare(libc.CLONE_NEWUSER)
+            init.send(sock, "userns")
+            msg = sock.recv(64)
+            if msg != b"mapped\n":
+                os._exit(125)
+            if cfg.gid_mappings:
+                os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        libc.unshare(flags & ~libc.CLONE_NEWUSER)
+        pid1 = os.fork()
+        if pid1 == 0:
+            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent)
+        init.send(sock, f"pid {pid1}")
+        os._exit(0)
+    except BaseException as e:
+        init.main_fail(sock, e)
+
+
+def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
+          sock: socket.socket, sigfd: int, die_with_parent: bool) -> None:
+    with contextlib.suppress(NsRuntimeError):
+        libc.set_process_name("nsinit-init")
+    try:
+        # wait for the host side (network) to be done with our namespaces
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                os._exit(125)
+            line += chunk
+        rootfs.prepare(cfg, root)
+        rootfs.switch_root(cfg, root)
+        if cfg.hostname and "NEWUTS" in cfg.namespaces:
+            socket.sethostname(cfg.hostname)
+        if "NEWNET" in cfg.namespaces and not any(n.type == "netns" for n in cfg.networks):
+            network.loopback_up()
+        rootfs.finish(cfg)
+        tty_path = None
+        slave = -1
+        fds: list[int] = []
+        if use_tty:
+            master, slave = os.openpty()  # /dev/ptmx is now the container's own devpts
+            tty_path = os.ttyname(slave)
+            fds = [master]
+        init.send(sock, "ready", fds)
+        for fd in fds:
+            os.close(fd)
+        msg = sock.recv(64)
+        if msg != b"start\n":
+            os._exit(125)  # the creator went away (or changed its mind) before start
+    except BaseException as e:
+        init.main_fail(sock, e)
+    cmd = os.fork()
+    if cmd == 0:
+        os.close(sigfd)
+        sock.close()
+        init.exec_command(cfg, command, env, tty_path)
+    if slave >= 0:
+        # held open until the command has its own: the master reads EIO while no slave is open
+        os.close(slave)
+    init.serve(sock, sigfd, cmd, die_with_parent, "NEWPID" in cfg.namespaces)
+
+
+def cleanup_stale(sdir: StateDir) -> dict[str, list[str]]:
+    """Release what a dead container recorded in its state dir (its PID 1 is gone, or not ours)."""
+    released: dict[str, list[str]] = {"cgroups": [], "links": [], "files": []}
+    if not sdir.has_files() or sdir.live_pid() is not None:
+        return released
+    st = sdir.read_state()
+    if st.get("cgroups"):
+        with contextlib.suppress(NsRuntimeError, OSError, ImportError):
+            cg = _cgroups_module().from_paths(st["cgroups"])
+            cg.kill()
+            released["cgroups"] = list(cg.destroy(timeout=5.0))
+    if st.get("links"):
+        with contextlib.suppress(NsRuntimeError, OSError):
+            released["links"] = network.teardown(list(st["links"]))
+    released["files"] = sdir.remove()
+    return released
+
+
+# ---------------------------------------------------------------- join
+
+
+@dataclass
+class Joined:
+    """A command started inside a live container by join(); ``pid`` is its host pid."""
+
+    pid: int  # the host-side helper waiting for it; signal() reaches the command
+    cmd_pid: int
+    console: int | None
+    _sock: socket.socket
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.cmd_pid, signum)
+
+    def wait(self) -> ExitStatus:
+        _, st = os.waitpid(self.pid, 0)
+        self._sock.close()
+        code = os.waitstatus_to_exitcode(st)
+        if code < 0:
+            return ExitStatus(128 - code, -code)
+        sig = code - 128 if code > 128 else None
+        return ExitStatus(code, sig)
+
+
+def load_state_config(sdir: StateDir) -> tuple[ContainerConfig, dict[str, Any]]:
+    st = sdir.read_state()
+    raw = st.get("config")
+    if raw is None:
+        raise StateError(f"{sdir.path}: state.json holds no config")
+    return parse(raw), st
+
+
+def open_join(state_dir: str | Path, command: Sequence[str], *, stdio: tuple[int, int, int] | None = None,
+              tty: bool | None = None, env: dict[str, str] | None = None) -> Joined:
+    """Start ``command`` inside the live container whose pid file stands in state_dir."""
+    sdir = StateDir(Path(state_dir).resolve())
+    pid = sdir.live_pid()
+    if pid is None:
+        raise StateError(f"{sdir.path}: no live container")
+    cfg, st = load_state_config(sdir)
+    use_tty = cfg.tty if tty is None else tty
+    full_env = cfg.env_dict()
+    if env:
+        full_env.update(env)
+    cgmod = _cgroups_module()
+    cg = cgmod.from_paths(st["cgroups"]) if st.get("cgroups") and cgmod else None
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    helper = os.fork()
+    if helper == 0:
+        _join_child(cfg, pid, list(command), full_env, stdio, use_tty, cg, child_sock, parent_sock)
+    child_sock.close()
+    try:
+        msg, fds = _recv_line(parent_sock, time.monotonic() + SETUP_TIMEOUT, "join")
+        if msg.startswith("error "):
+            raise SetupError("join", msg[6:])
+        return Joined(helper, int(msg.split()[1]), fds[0] if fds else None, parent_sock)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)
+        os.waitpid(helper, 0)
+        parent_sock.close()
+        raise
+
+
+def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[str, str],
+                stdio: tuple[int, int, int] | None, use_tty: bool, cg: Any, sock: socket.socket,
+                parent_end: socket.socket) -> None:
+    try:
+        init.block_signals()
+        gc.disable()
+        parent_end.close()
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if stdio is not None:
+            tmp = [os.dup(fd) for fd in stdio]
+            for n, fd in enumerate(tmp):
+                os.dup2(fd, n)
+                os.close(fd)
+        if sock.fileno() <= 2:
+            sock = socket.socket(fileno=os.dup(sock.fileno()))
+        sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
+        _keep_only_fds([sock.fileno(), sigfd])
+        if cg is not None:
+            cg.join(os.getpid())  # before setns and fork: the command counts against the pids limit
+        nsfds = []
+        for name, nsfile in NAMESPACE_FILES.items():
+            if name not in cfg.namespaces and not (name == "NEWNET" and any(n.type == "netns" for n in cfg.networks)):
+                continue
+            path = f"/proc/{pid}/ns/{nsfile}"
+            if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{nsfile}").st_ino:
+                continue
+            nsfds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), path))
+        rootfd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for fd, path in nsfds:
+            libc.setns(fd, 0, path)
+            os.close(fd)
+        # setns(mnt) puts us at the namespace's root; the container's root is PID 1's, take it exactly
+        os.fchdir(rootfd)
+        os.chroot(".")
+        os.close(rootfd)
+        os.chdir("/")
+        tty_path = None
+        fds: list[int] = []
+        slave = -1
+        if use_tty:
+            master, slave = os.openpty()
+            tty_path = os.ttyname(slave)
+            fds = [master]
+        cmd = os.fork()
+        if cmd == 0:
+            os.close(sigfd)
+            sock.close()
+            if fds:
+                os.close(fds[0])
+            init.exec_command(cfg, command, env, tty_path)
+        init.send(sock, f"pid {cmd}", fds)
+        for fd in [*fds, slave]:
+            if fd >= 0:
+                os.close(fd)
+    except BaseException as e:
+        init.main_fail(sock, e)
+    # forward what reaches this helper to the command; leave with its status
+    status = None
+    while status is None:
+        select.select([sigfd], [], [])
+        while (info := libc.read_signalfd(sigfd)) is not None:
+            if info[0] == signal.SIGCHLD:
+                with contextlib.suppress(ChildProcessError):
+                    p, st_ = os.waitpid(cmd, os.WNOHANG)
+                    if p == cmd:
+                        status = st_
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(cmd, info[0])
+    code, _sig = init.status_to_code(status)
+    os._exit(code)
+
+
+def describe(state_dir: str | Path) -> dict[str, Any]:
+    """The state of the container in state_dir, in the shape of the OCI ``state`` verb."""
+    sdir = StateDir(Path(state_dir).resolve())
+    pid = sdir.live_pid()
+    st = sdir.read_state()
+    return {
+        "ociVersion": "1.0.2",
+        "id": st.get("id"),
+        "status": "running" if pid else ("stopped" if sdir.has_files() else "absent"),
+        "pid": pid,
+        "bundle": st.get("rootfs"),
+        "cgroups": st.get("cgroups", []),
+        "links": st.get("links", []),
+    }
+
+
+def dump_config(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.load(f)
