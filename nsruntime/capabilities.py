@@ -37,20 +37,38 @@ def number(name: str) -> int | None:
     return n if n <= last_cap() else None
 
 
-def drop(numbers: frozenset[int]) -> None:
-    """Remove the given capabilities from every set of the calling process.
+def drop(numbers: frozenset[int] | set[int]) -> None:
+    """Remove the given capabilities from every set of the calling thread; the others stay.
 
-    The bounding set first: PR_CAPBSET_DROP needs CAP_SETPCAP, which may itself be in the list.
-    Inheritable and ambient are cleared of them too, or root would regain them at exec.
+    Order matters. The bounding set first: PR_CAPBSET_DROP needs CAP_SETPCAP in the effective
+    set, and SETPCAP may itself be in the list. Then effective, permitted and inheritable in one
+    capset. Then ambient: the kernel already clears an ambient capability that leaves permitted or
+    inheritable, but it is lowered by name too so that no kernel version is relied upon. Without the
+    inheritable and ambient steps root would regain a capability at execve.
     """
     if not numbers:
         return
+    last = last_cap()
     for n in sorted(numbers):
-        if libc.prctl(libc.PR_CAPBSET_READ, n) == 1:
+        if n <= last and libc.prctl(libc.PR_CAPBSET_READ, n) == 1:
             libc.prctl(libc.PR_CAPBSET_DROP, n)
     mask = 0
     for n in numbers:
         mask |= 1 << n
     eff, prm, inh = libc.capget()
-    libc.capset(eff & ~mask, prm & ~mask, inh & ~mask)
-    libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
+    if (eff | prm | inh) & mask:
+        libc.capset(eff & ~mask, prm & ~mask, inh & ~mask)
+    for n in sorted(numbers):
+        if n <= last and libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_IS_SET, n) == 1:
+            libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_LOWER, n)
+
+
+def set_no_new_privs() -> None:
+    """From here on, execve never grants privileges (setuid bits, file capabilities). Inherited by
+    children and kept across execve; cannot be undone."""
+    libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def names(numbers: frozenset[int] | set[int]) -> list[str]:
+    """Numbers -> CAP_ names, for messages and docs."""
+    return [f"CAP_{NAMES[n]}" if n < len(NAMES) else f"CAP_{n}" for n in sorted(numbers)]

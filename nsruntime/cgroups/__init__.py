@@ -1,0 +1,187 @@
+"""A container's cgroups on v1, v2 and hybrid layouts.
+
+    cg = setup(cfg.cgroups, container_id)  # host side, before fork: one directory per hierarchy
+    cg.paths                               # for the state file
+    cg.join(pid)                           # in the forked child, for itself, before unshare/fork
+    cg.kill(); cg.stats(); cg.destroy()
+    from_paths(paths)                      # rebuild from a state file
+
+Where the directories go: ``<own>/<parent>/<name>`` in each hierarchy, ``<own>`` being the
+runtime process's own cgroup there (/proc/self/cgroup). A runtime started inside a limited cgroup
+keeps its containers inside those limits, and one that may only write below its own cgroup
+(delegation) works unchanged. ``name`` defaults to the container id.
+
+Which hierarchies: every v1 hierarchy carrying a controller (named ones such as name=systemd
+belong to their manager and are left alone) and the unified one. Each limit goes to the v1
+hierarchy of its controller, or to the unified one when v1 doesn't carry that controller and
+the unified tree offers it; when neither does, setup refuses rather than run without the limit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING
+
+from ..errors import SetupError, StateError
+from .base import STAT_KEYS, CgroupDir, CgroupSet, describe
+from .detect import Hierarchy, Layout, detect, hierarchy_of
+from .v1 import V1Dir, prepare
+from .v2 import V2Dir, enable
+
+if TYPE_CHECKING:
+    from ..config import Cgroups
+
+__all__ = ["STAT_KEYS", "CgroupSet", "Layout", "detect", "from_paths", "setup"]
+
+# config field -> (v1 controller, v2 controller)
+FIELD_CONTROLLERS: dict[str, tuple[str, str]] = {
+    "memory": ("memory", "memory"),
+    "memory_swap": ("memory", "memory"),
+    "cpu_shares": ("cpu", "cpu"),
+    "cpu_quota": ("cpu", "cpu"),
+    "cpu_period": ("cpu", "cpu"),
+    "cpuset_cpus": ("cpuset", "cpuset"),
+    "pids_limit": ("pids", "pids"),
+    "blkio_weight": ("blkio", "io"),
+}
+_ID = re.compile(r"^[A-Za-z0-9_.:@-]+$")
+
+
+def _plan(cfg: Cgroups, layout: Layout) -> dict[Hierarchy, set[str]]:
+    """Which hierarchy carries each limit. Decided before any mkdir, so a missing controller
+    leaves nothing behind."""
+    plan: dict[Hierarchy, set[str]] = {}
+    unified = layout.unified
+    for field, (c1, c2) in FIELD_CONTROLLERS.items():
+        if getattr(cfg, field) is None:
+            continue
+        h = layout.v1(c1)
+        if h is not None:
+            plan.setdefault(h, set()).add(c1)
+        elif unified is not None and c2 in unified.available():
+            plan.setdefault(unified, set()).add(c2)
+        else:
+            raise SetupError(f"cgroups: {field}", f"no cgroup hierarchy offers the {c1 if c1 == c2 else c1 + '/' + c2} "
+                             f"controller (layout: {layout.kind}; see /proc/self/mountinfo"
+                             + (f", {unified.base}/cgroup.controllers" if unified else "") + ")")
+    if cfg.devices and layout.v1("devices") is None:
+        raise SetupError("cgroups: devices", "device rules need the v1 devices controller; on cgroup v2 they need a "
+                         "BPF program, which nsinit does not load")
+    return plan
+
+
+def _mkdir(path: str) -> bool:
+    """mkdir; False when it exists already."""
+    try:
+        os.mkdir(path, 0o755)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise SetupError("cgroups: mkdir", f"mkdir {path}: {describe(e)}") from None
+
+
+def _make(h: Hierarchy, rel: list[str], made: list[str]) -> str:
+    for _attempt in range(5):
+        cur = h.base
+        for comp in rel[:-1]:
+            cur = os.path.join(cur, comp)
+            if _mkdir(cur):
+                made.append(cur)
+                if "cpuset" in h.controllers:
+                    prepare(cur)
+        leaf = os.path.join(cur, rel[-1])
+        try:
+            os.mkdir(leaf, 0o755)
+        except FileExistsError:
+            raise SetupError("cgroups: mkdir", f"mkdir {leaf}: EEXIST (File exists): a cgroup of that name exists "
+                             "(a live container, or one not torn down)") from None
+        except FileNotFoundError:
+            continue  # another container's teardown removed a shared parent between our mkdirs
+        except OSError as e:
+            raise SetupError("cgroups: mkdir", f"mkdir {leaf}: {describe(e)}") from None
+        if "cpuset" in h.controllers:
+            try:
+                prepare(leaf)
+            except SetupError:
+                os.rmdir(leaf)
+                raise
+        return leaf
+    raise SetupError("cgroups: mkdir", f"mkdir {os.path.join(h.base, *rel)}: ENOENT: its parent keeps disappearing")
+
+
+def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> CgroupSet:
+    """Make the container's directory in each hierarchy and apply the limits.
+
+    On any failure every directory made so far is removed and SetupError names the step, the path
+    and the errno. With the default Cgroups() it only makes the directories: tracking, kill, stats.
+    """
+    if not _ID.match(container_id) or container_id in (".", ".."):
+        raise SetupError("cgroups", f"container id {container_id!r} is not a cgroup name of [A-Za-z0-9_.:@-]")
+    if layout is None:
+        try:
+            layout = detect()
+        except OSError as e:
+            raise SetupError("cgroups: detect", f"{e.filename}: {describe(e)}") from None
+    targets = [h for h in layout.hierarchies if h.version == 2 or h.controllers]
+    if not targets:
+        raise SetupError("cgroups: detect", "no cgroup hierarchy is mounted (see /proc/self/mountinfo)")
+    plan = _plan(cfg, layout)
+    devices_h = layout.v1("devices")
+    rel = [*cfg.parent.split("/"), *(cfg.name or container_id).split("/")]
+    made: list[str] = []
+    leaves: list[CgroupDir] = []
+    try:
+        for h in targets:
+            leaf = _make(h, rel, made)
+            limits = frozenset(plan.get(h, ()))
+            if h.version == 1:
+                leaves.append(V1Dir(leaf, limits, devices=h == devices_h))
+            else:
+                leaves.append(V2Dir(leaf, limits))
+                if limits:
+                    enable(h.base, leaf, limits)
+        for d in leaves:
+            d.apply(cfg)
+    except BaseException:
+        _undo(leaves, made)
+        raise
+    return CgroupSet(leaves, made)
+
+
+def _undo(leaves: list[CgroupDir], made: list[str]) -> None:
+    # nothing has joined yet: these directories are empty
+    for path in [*(d.path for d in reversed(leaves)), *reversed(made)]:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def from_paths(paths: list[str]) -> CgroupSet:
+    """Rebuild the CgroupSet whose ``paths`` a state file recorded, to join, kill or tear down.
+
+    The leaves are the paths with no other path below them; the rest are parents setup made.
+    Each path must lie on a cgroup filesystem (StateError otherwise): a damaged state file must not
+    turn teardown loose on other directories.
+    """
+    norm = [os.path.normpath(p) for p in paths]
+    leaves: list[CgroupDir] = []
+    parents: list[str] = []
+    for p in norm:
+        if not os.path.isabs(p):
+            raise StateError(f"cgroup path {p!r} is not absolute")
+        try:
+            where = hierarchy_of(p)
+        except OSError as e:
+            raise StateError(f"cgroups: {e.filename}: {describe(e)}") from None
+        if where is None:
+            raise StateError(f"{p} is not on a cgroup filesystem")
+        if any(q.startswith(p + "/") for q in norm):
+            parents.append(p)
+        elif where[0] == 1:
+            leaves.append(V1Dir(p))
+        else:
+            leaves.append(V2Dir(p))
+    return CgroupSet(leaves, parents)
