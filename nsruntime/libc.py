@@ -221,3 +221,9 @@ def read_signalfd(fd: int) -> tuple[int, int, int] | None:
 
 def set_subreaper() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+# prctl(PR_CAP_AMBIENT, ...) sub-operations (capabilities.drop lowers each dropped capability)
+PR_CAP_AMBIENT_IS_SET = 1
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_LOWER = 3
