@@ -112,9 +112,7 @@ async def serve(
 # -- the socket file -------------------------------------------------------------------------------
 
 
-async def _bind(
-    path: Path, group: int | None, backlog: int
-) -> tuple[trio.socket.SocketType, tuple[int, int]]:
+async def _bind(path: Path, group: int | None, backlog: int) -> tuple[trio.socket.SocketType, tuple[int, int]]:
     if len(os.fsencode(path)) > 107:
         raise SocketInUseError(f"control socket path too long for AF_UNIX (max 107 bytes): {path}")
     if not path.parent.exists():
@@ -137,9 +135,7 @@ async def _bind(
         except OSError as e:
             sock.close()
             if e.errno == errno.EADDRINUSE:
-                raise SocketInUseError(
-                    f"control socket {path} appeared while starting; not taking it over"
-                ) from e
+                raise SocketInUseError(f"control socket {path} appeared while starting; not taking it over") from e
             raise
         return sock, (st.st_dev, st.st_ino)
 
@@ -175,9 +171,7 @@ async def _remove_if_stale(path: Path) -> None:
                 await probe.connect(os.fspath(path))
         except trio.TooSlowError:
             # A full backlog: someone is listening and busy, which is alive enough.
-            raise SocketInUseError(
-                f"{path} is in use by a live nsinitd (it accepts no connection now)"
-            ) from None
+            raise SocketInUseError(f"{path} is in use by a live nsinitd (it accepts no connection now)") from None
         except ConnectionRefusedError:
             pass  # nobody listens: a crashed daemon's leftover
         except FileNotFoundError:
@@ -277,8 +271,13 @@ class _Server:
         try:
             stream = trio.SocketStream(sock)
             async with stream:
-                with contextlib.suppress(_Drop, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                try:
                     await self._converse(stream, sock)
+                except* (_Drop, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass  # the peer is stuck or gone: closing is all there is to do
+                except* Exception as group:
+                    # A bug serving one connection must not take the control socket down with it.
+                    self._emit("control.error", error=repr(group.exceptions[0]))
         finally:
             self.active -= 1
 
@@ -287,14 +286,10 @@ class _Server:
         if not peer_allowed(peer, _peer_groups(sock), self.api.socket_group):
             self._report_refusal(peer)
             allowed = "root" if self.api.socket_group is None else f"root and group {self.api.socket_group}"
-            _reply_and_close(
-                sock,
-                proto.Error(
-                    None,
-                    proto.REFUSED,
-                    f"permission denied: uid {peer.uid} may not use the control socket (only {allowed})",
-                ),
-            )
+            conn = proto.Connection(proto.Role.SERVER)
+            message = f"permission denied: uid {peer.uid} may not use the control socket (only {allowed})"
+            await self._send(stream, conn, proto.Error(None, proto.REFUSED, message))
+            await _linger(stream)
             return
         conn = proto.Connection(proto.Role.SERVER)
         partial_since: float | None = None
@@ -304,6 +299,7 @@ class _Server:
             except proto.ProtocolError as e:
                 await self._send(stream, conn, proto.Error(e.request_id, e.code, e.message))
                 if e.fatal:
+                    await _linger(stream)
                     return
                 continue
             if event is proto.CLOSED:
@@ -330,6 +326,7 @@ class _Server:
                                 f"request incomplete after {self.limits.request_timeout:g}s; closing",
                             ),
                         )
+                        await _linger(stream)
                     return
                 conn.receive_data(data)
                 continue
@@ -344,9 +341,7 @@ class _Server:
         try:
             data = conn.send(message)
         except (TypeError, ValueError) as e:
-            data = conn.send(
-                proto.Error(getattr(message, "id", None), proto.INTERNAL, f"unencodable reply: {e}")
-            )
+            data = conn.send(proto.Error(getattr(message, "id", None), proto.INTERNAL, f"unencodable reply: {e}"))
         with trio.move_on_after(self.limits.send_timeout):
             await stream.send_all(data)
             return
@@ -459,8 +454,11 @@ class _Server:
                 # A streaming connection takes no more requests: anything the client sends, or its
                 # EOF, ends the stream. Watching for it also notices a client that went away.
                 nursery.start_soon(_cancel_on_input, stream, nursery.cancel_scope)
+                # Errors are handled inside the nursery body: raised out of it they would arrive
+                # wrapped in an ExceptionGroup.
                 try:
                     ended = await self._forward(stream, conn, request.id, channel)
+                    await self._send(stream, conn, ended)
                 except _Drop:
                     self._emit(
                         "control.dropped",
@@ -472,22 +470,32 @@ class _Server:
                         sock,
                         conn.send(proto.StreamEnd(request.id, "dropped", "event reader too slow; dropped")),
                     )
-                    raise
-                if ended is not None:
-                    await self._send(stream, conn, ended)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
                 nursery.cancel_scope.cancel()
         finally:
             _close_channel(channel)
 
     async def _forward(
         self, stream: trio.SocketStream, conn: proto.Connection, request_id: int, channel: Any
-    ) -> proto.StreamEnd | None:
+    ) -> proto.StreamEnd:
         async for event in channel:
             item = dict(event)
             await self._send(stream, conn, proto.StreamItem(request_id, item))
             if item.get("event") == "subscriber.dropped":
                 return proto.StreamEnd(request_id, "dropped", str(item.get("reason", "fell behind; dropped")))
         return proto.StreamEnd(request_id, "closed", "the event stream ended")
+
+
+async def _linger(stream: trio.SocketStream, seconds: float = 0.5, limit: int = 4 << 20) -> None:
+    """Before closing on a peer that may still be sending: closing with unread input makes the
+    kernel reset the connection, and the peer could lose the error we just wrote. So shut our
+    side, then discard its input for a bounded time and amount."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.send_eof()
+        with trio.move_on_after(seconds):
+            while limit > 0 and (chunk := await stream.receive_some(_RECEIVE_CHUNK)):
+                limit -= len(chunk)
 
 
 async def _cancel_on_input(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
