@@ -37,10 +37,9 @@ class RotatingFile:
         while data:
             fd = self._open()
             if self.maxbytes > 0 and self.size > 0 and self.size + len(data) > self.maxbytes:
-                room = self.maxbytes - self.size
-                if room > 0:
-                    # fill the current file up to its limit, preferably at a line end
-                    cut = data.rfind(b"\n", 0, room) + 1 or room
+                # fill the current file with whole lines that fit; a line that doesn't starts the next
+                cut = data.rfind(b"\n", 0, max(0, self.maxbytes - self.size)) + 1
+                if cut > 0:
                     self._write_all(fd, data[:cut])
                     data = data[cut:]
                 self.rotate()
