@@ -178,9 +178,12 @@ class _Session:
         except OSError as e:
             raise SetupError("networks", f"cannot enter {self.nspath}: {_ename(e.errno)}") from None
         try:
-            self.inside = IPRoute(fileno=sock.detach(), groups=_RTM_GROUPS_NONE)
+            self.inside = IPRoute(fileno=sock.fileno(), groups=_RTM_GROUPS_NONE)
+            sock.detach()  # pyroute2 owns (and closes) the descriptor from here on
             self.host = IPRoute(groups=_RTM_GROUPS_NONE)
         except BaseException:
+            if self.inside is None:
+                sock.close()
             self.close()
             raise
         return self

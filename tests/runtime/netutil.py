@@ -159,3 +159,19 @@ def stop(p: subprocess.Popen[Any], timeout: float = 5) -> None:
     if p.poll() is None:
         p.send_signal(signal.SIGKILL)
     p.wait(timeout)
+
+
+def children() -> list[str]:
+    """This process's live children (pid and command), to check that a test left none running."""
+    me = str(os.getpid())
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # the command may hold spaces and parentheses
+        if fields[1] == me and fields[0] != "Z":
+            out.append(f"{pid} {stat[stat.index('(') + 1 : stat.rindex(')')]}")
+    return out
