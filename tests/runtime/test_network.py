@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -497,3 +498,79 @@ def test_e2e_netns_type_joins_an_existing_namespace(host: Host, container_dir: P
     assert "nsbr0" not in r.stdout
     assert "198.18.5.1/24" in addrs(c.links()["nstjoin0"])[0]  # joined as-is: nothing taken away
     assert host.veths() == []
+
+
+def nsinit_bg(host: Host, cdir: Path, *cmd: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return host.call(lambda: subprocess.Popen([sys.executable, "-m", "nsruntime.cli", "exec", *cmd], cwd=cdir,
+                                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+
+def wait_until(pred: Any, what: str, timeout: float = 10) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def live_pid(cdir: Path) -> int | None:
+    try:
+        pid = int((cdir / "pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if os.path.exists(f"/proc/{pid}") else None
+
+
+@e2e
+def test_e2e_exec_again_joins_the_network_as_is(host: Host, container_dir: Path) -> None:
+    write_config(container_dir, sample_network())
+    first = nsinit_bg(host, container_dir, "sleep", "30")
+    try:
+        wait_until(lambda: live_pid(container_dir), "the container to be up")
+        [link] = host.veths()
+        r = nsinit(host, container_dir, "ip", "addr", "show", "eth0")  # a live container: join it
+        assert r.returncode == 0, r.stderr
+        assert f"inet {NET4}.101/24" in r.stdout
+        assert host.veths() == [link], "joining made (or removed) a link"
+        r = nsinit(host, container_dir, "ping", "-c", "1", "-W", "2", f"{NET4}.1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        host.call(lambda: subprocess.run([sys.executable, "-m", "nsruntime.cli", "kill", "KILL"],
+                                         cwd=container_dir, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                         capture_output=True, timeout=10))
+        first.wait(10)
+    finally:
+        stop(first)
+        for f in (first.stdout, first.stderr):
+            if f:
+                f.close()
+    assert host.veths() == []
+
+
+@e2e
+def test_e2e_link_gone_when_nsinit_itself_is_killed(host: Host, container_dir: Path) -> None:
+    write_config(container_dir, sample_network())
+    first = nsinit_bg(host, container_dir, "sleep", "30")
+    try:
+        wait_until(lambda: live_pid(container_dir), "the container to be up")
+        links = host.veths()
+        assert len(links) == 1
+        # the state file names the host side, for whoever cleans up after a crash
+        assert json.loads((container_dir / "state.json").read_text())["links"] == links
+        first.kill()  # no teardown code of ours runs: the container must still end and take its link along
+        first.wait(10)
+        wait_until(lambda: live_pid(container_dir) is None, "the container to end with nsinit")
+        wait_until(lambda: host.veths() == [], "the host side to vanish", timeout=5)
+    finally:
+        stop(first)
+        # what a crash leaves (state files, cgroups) is released the way the next start would
+        from nsruntime.container import cleanup_stale
+        from nsruntime.state import StateDir
+
+        released = host.call(lambda: cleanup_stale(StateDir(container_dir)))
+        for f in (first.stdout, first.stderr):
+            if f:
+                f.close()
+    assert released["links"] == []  # already gone, checked again
