@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import init, libc, network, rootfs
+from . import cgroups, init, libc, network, rootfs
+from .cgroups import CgroupSet
 from .config import NAMESPACE_FILES, ContainerConfig, parse
 from .errors import NsRuntimeError, SetupError, StateError, TeardownError
 from .state import StateDir, start_time
@@ -88,14 +89,6 @@ def _keep_only_fds(keep: Sequence[int]) -> None:
     libc.close_range(prev + 1)
 
 
-def _cgroups_module() -> Any:
-    try:
-        from . import cgroups
-    except ImportError:  # TODO(cgroups): remove once nsruntime.cgroups lands
-        return None
-    return cgroups if hasattr(cgroups, "setup") else None
-
-
 @dataclass
 class Container:
     """A created container: PID 1 is up, its root in place, the command waiting for start()."""
@@ -106,7 +99,7 @@ class Container:
     state: StateDir
     pid: int
     pidfd: int
-    cgroups: Any
+    cgroups: CgroupSet | None
     links: list[str]
     console: int | None  # pty master when the command has a terminal
     _sock: socket.socket
@@ -271,9 +264,8 @@ def create(
         pidfd = -1
         links: list[str] = []
         try:
-            cgmod = _cgroups_module()
-            cg = cgmod.setup(cfg.cgroups, cid) if cgmod else None
-            cg_paths = list(cg.paths) if cg else []
+            cg = cgroups.setup(cfg.cgroups, cid)
+            cg_paths = list(cg.paths)
             sdir.write_state({"id": cid, "rootfs": str(root), "config": raw_config, "cgroups": cg_paths,
                               "links": []})
             full_env = cfg.env_dict()
@@ -465,8 +457,8 @@ def cleanup_stale(sdir: StateDir) -> dict[str, list[str]]:
         return released
     st = sdir.read_state()
     if st.get("cgroups"):
-        with contextlib.suppress(NsRuntimeError, OSError, ImportError):
-            cg = _cgroups_module().from_paths(st["cgroups"])
+        with contextlib.suppress(NsRuntimeError, OSError):
+            cg = cgroups.from_paths(st["cgroups"])
             cg.kill()
             released["cgroups"] = list(cg.destroy(timeout=5.0))
     if st.get("links"):
@@ -522,8 +514,7 @@ def open_join(state_dir: str | Path, command: Sequence[str], *, stdio: tuple[int
     full_env = cfg.env_dict()
     if env:
         full_env.update(env)
-    cgmod = _cgroups_module()
-    cg = cgmod.from_paths(st["cgroups"]) if st.get("cgroups") and cgmod else None
+    cg = cgroups.from_paths(st["cgroups"]) if st.get("cgroups") else None
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     helper = os.fork()
     if helper == 0:
