@@ -83,7 +83,7 @@ def host_link_name(prefix: str, container_id: str, index: int) -> str:
     """
     room = IFNAMSIZ - 1 - len(prefix.encode())
     if room < 4:
-        raise SetupError("context.prefix", f'"{prefix}" leaves no room for a unique suffix (15 bytes in all)')
+        raise ValueError(f'"{prefix}" leaves no room for a unique suffix (15 bytes in all)')
     digest = hashlib.sha256(f"{container_id}\0{index}".encode()).hexdigest()
     return prefix + digest[: min(room, 8)]
 
@@ -124,9 +124,11 @@ def setup(cfg: ContainerConfig, container_id: str, pid: int) -> Handle:
             try:
                 for i, net in enumerate(cfg.networks):
                     if net.type == "veth":
-                        _add_veth(s, handle, f"networks[{i}]", net, container_id, i)
+                        with _step(f"networks[{i}]", "netlink request failed"):  # anything not named below
+                            _add_veth(s, handle, f"networks[{i}]", net, container_id, i)
                 for j, route in enumerate(cfg.routes):
-                    _add_route(s, f"routes[{j}]", route)
+                    with _step(f"routes[{j}]", "netlink request failed"):
+                        _add_route(s, f"routes[{j}]", route)
             except BaseException as e:
                 _rollback(s, handle, e)
                 raise
@@ -230,7 +232,10 @@ def _step(path: str, what: str) -> Iterator[None]:
 
 def _add_veth(s: _Session, handle: Handle, path: str, net: Network, container_id: str, index: int) -> None:
     assert net.bridge is not None  # config: a veth network always names its bridge
-    host_name = host_link_name(net.prefix, container_id, index)
+    try:
+        host_name = host_link_name(net.prefix, container_id, index)
+    except ValueError as e:
+        raise SetupError(f"{path}.context.prefix", str(e)) from None
     peer = f"eth{len(handle.interfaces)}"
     bridge = _link(s.host, net.bridge)
     if bridge is None:
@@ -347,8 +352,8 @@ def _rollback(s: _Session, handle: Handle, cause: BaseException) -> None:
         teardown(handle.links, ipr=s.host)
     except TeardownError as e:
         if isinstance(cause, SetupError):
-            cause.args = (f"{cause.args[0]}; and cleaning up: {e}",)
-        raise SetupError("networks", f"cleanup after a failed setup: {e}") from cause
+            raise SetupError(cause.step, f"{str(cause)[len(cause.step) + 2 :]}; and cleaning up: {e}") from e
+        raise SetupError("networks", f"cleaning up after {cause!r}: {e}") from e
     handle.links.clear()
     handle.interfaces.clear()
 
@@ -377,23 +382,26 @@ def teardown(links: Iterable[str], *, ipr: Any = None) -> list[str]:
     removed: list[str] = []
     stuck: list[str] = []
     for name in names:
-        msg = _link(ipr, name)
-        if msg is None or _kind(msg) != "veth":
-            continue
-        cause = ""
         try:
-            ipr.link("del", index=msg["index"])
+            msg = _link(ipr, name)
+            if msg is None or _kind(msg) != "veth":
+                continue
+            cause = ""
+            try:
+                ipr.link("del", index=msg["index"])
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:  # ENODEV: the kernel beat us to it
+                    cause = f": delete failed ({_ename(e.code)})"
+            deadline = time.monotonic() + _TEARDOWN_WAIT
+            while _link(ipr, name) is not None:
+                if time.monotonic() > deadline:
+                    stuck.append(f'host link "{name}" still present{cause}')
+                    break
+                time.sleep(0.02)
+            else:
+                removed.append(name)
         except NetlinkError as e:
-            if e.code != errno.ENODEV:  # ENODEV: the kernel beat us to it
-                cause = f": delete failed ({_ename(e.code)})"
-        deadline = time.monotonic() + _TEARDOWN_WAIT
-        while _link(ipr, name) is not None:
-            if time.monotonic() > deadline:
-                stuck.append(f'host link "{name}" still present{cause}')
-                break
-            time.sleep(0.02)
-        else:
-            removed.append(name)
+            stuck.append(f'host link "{name}": cannot look it up ({_ename(e.code)})')
     if stuck:
         raise TeardownError("; ".join(stuck))
     return removed

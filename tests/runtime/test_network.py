@@ -315,6 +315,15 @@ def test_mtu_the_kernel_refuses_leaves_nothing(host: Host) -> None:
     assert_nothing_left(host, c)
 
 
+def test_prefix_leaving_no_room_for_the_suffix(host: Host) -> None:
+    c = host.standin()
+    good = cfg(veth())
+    bad = dataclasses.replace(good, networks=(dataclasses.replace(good.networks[0], prefix="twelve-chars"),))
+    with pytest.raises(SetupError, match=r"^networks\[0\]\.context\.prefix: .* leaves no room"):
+        setup(host, bad, "ctr-x", c.pid)
+    assert_nothing_left(host, c)
+
+
 def test_unreachable_gateway_the_kernel_refuses_leaves_nothing(host: Host) -> None:
     c = host.standin()
     good = cfg(veth())
