@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import ipaddress
 import os
 import socket
@@ -81,6 +80,8 @@ def host_link_name(prefix: str, container_id: str, index: int) -> str:
     crashed container clashes loudly instead of leaking a second pair, and the names can be found
     again from the container id alone.
     """
+    import hashlib  # here, not at the top: OpenSSL's import is a few ms off every start
+
     room = IFNAMSIZ - 1 - len(prefix.encode())
     if room < 4:
         raise ValueError(f'"{prefix}" leaves no room for a unique suffix (15 bytes in all)')
