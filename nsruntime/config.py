@@ -404,6 +404,10 @@ def _devices(path: str, value: object) -> tuple[DeviceRule, ...]:
         access = _opt(d, "access", p, _str, "rwm")
         if not access or set(access) - set("rwm"):
             raise ConfigError(f"{p}.access", f'"{access}" is not made of r, w, m')
+        if kind == "a":  # "a" means every device: a number would be ignored by the kernel, so refuse it
+            for num in ("major", "minor"):
+                if d.get(num) is not None:
+                    raise ConfigError(f"{p}.{num}", 'not allowed with type "a" (all devices)')
         out.append(DeviceRule(_opt(d, "allow", p, _bool, True), kind,
                               _opt(d, "major", p, lambda q, v: _int(q, v, 0), None),
                               _opt(d, "minor", p, lambda q, v: _int(q, v, 0), None), access))
@@ -432,13 +436,19 @@ def _cgroups(path: str, value: object) -> Cgroups:
             raise ConfigError(q, f'"{s}" is not a cpu list like "0-1,3"')
         return s
 
+    def cpu_quota(q: str, v: object) -> int:
+        n = _int(q, v, -1)
+        if 0 <= n < 1000:  # the kernel's minimum quota is 1 ms
+            raise ConfigError(q, f"{n} out of range (-1 for no quota, or >= 1000 microseconds)")
+        return n
+
     return Cgroups(
         name=_opt(d, "name", path, _cgroup_name, None),
         parent=_opt(d, "parent", path, _cgroup_name, "nsinit"),
         memory=mem,
         memory_swap=swap,
         cpu_shares=_opt(d, "cpu_shares", path, lambda q, v: _int(q, v, 2, 262144), None),
-        cpu_quota=_opt(d, "cpu_quota", path, lambda q, v: _int(q, v, -1), None),
+        cpu_quota=_opt(d, "cpu_quota", path, cpu_quota, None),
         cpu_period=_opt(d, "cpu_period", path, lambda q, v: _int(q, v, 1000, 1000000), None),
         cpuset_cpus=_opt(d, "cpuset_cpus", path, cpuset, None),
         pids_limit=_opt(d, "pids_limit", path, lambda q, v: _int(q, v, -1), None),

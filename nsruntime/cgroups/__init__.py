@@ -11,6 +11,10 @@ runtime process's own cgroup there (/proc/self/cgroup). A runtime started inside
 keeps its containers inside those limits, and one that may only write below its own cgroup
 (delegation) works unchanged. ``name`` defaults to the container id.
 
+The directories of ``parent`` belong to nsinit: made when missing, removed by the teardown that
+leaves one empty. A cgroup managed by hand (with its own limits) is the place to *run* nsinit
+from, not to name as ``parent``.
+
 Which hierarchies: every v1 hierarchy carrying a controller (named ones such as name=systemd
 belong to their manager and are left alone) and the unified one. Each limit goes to the v1
 hierarchy of its controller, or to the unified one when v1 doesn't carry that controller and
@@ -25,14 +29,15 @@ from typing import TYPE_CHECKING
 
 from ..errors import SetupError, StateError
 from .base import STAT_KEYS, CgroupDir, CgroupSet, describe
-from .detect import Hierarchy, Layout, detect, hierarchy_of
+from .detect import Hierarchy, Layout, hierarchy_of
+from .detect import detect as detect_layout
 from .v1 import V1Dir, prepare
 from .v2 import V2Dir, enable
 
 if TYPE_CHECKING:
     from ..config import Cgroups
 
-__all__ = ["STAT_KEYS", "CgroupSet", "Layout", "detect", "from_paths", "setup"]
+__all__ = ["STAT_KEYS", "CgroupSet", "Layout", "detect_layout", "from_paths", "setup"]
 
 # config field -> (v1 controller, v2 controller)
 FIELD_CONTROLLERS: dict[str, tuple[str, str]] = {
@@ -71,26 +76,30 @@ def _plan(cfg: Cgroups, layout: Layout) -> dict[Hierarchy, set[str]]:
     return plan
 
 
-def _mkdir(path: str) -> bool:
-    """mkdir; False when it exists already."""
+def _mkdir(path: str, cpuset: bool) -> None:
     try:
         os.mkdir(path, 0o755)
-        return True
     except FileExistsError:
-        return False
+        return
     except OSError as e:
         raise SetupError("cgroups: mkdir", f"mkdir {path}: {describe(e)}") from None
+    if cpuset:
+        prepare(path)
 
 
-def _make(h: Hierarchy, rel: list[str], made: list[str]) -> str:
+def _make(h: Hierarchy, rel: list[str], parents: list[str]) -> str:
+    """Make ``rel`` below ``h.base``; the directories above the leaf go to ``parents`` whether
+    made now or found: they are nsinit's, removed by whichever container leaves them empty."""
+    chain = []
+    cur = h.base
+    for comp in rel[:-1]:
+        cur = os.path.join(cur, comp)
+        chain.append(cur)
     for _attempt in range(5):
-        cur = h.base
-        for comp in rel[:-1]:
-            cur = os.path.join(cur, comp)
-            if _mkdir(cur):
-                made.append(cur)
-                if "cpuset" in h.controllers:
-                    prepare(cur)
+        for d in chain:
+            _mkdir(d, "cpuset" in h.controllers)
+            if d not in parents:
+                parents.append(d)
         leaf = os.path.join(cur, rel[-1])
         try:
             os.mkdir(leaf, 0o755)
@@ -121,7 +130,7 @@ def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> C
         raise SetupError("cgroups", f"container id {container_id!r} is not a cgroup name of [A-Za-z0-9_.:@-]")
     if layout is None:
         try:
-            layout = detect()
+            layout = detect_layout()
         except OSError as e:
             raise SetupError("cgroups: detect", f"{e.filename}: {describe(e)}") from None
     targets = [h for h in layout.hierarchies if h.version == 2 or h.controllers]
@@ -130,11 +139,11 @@ def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> C
     plan = _plan(cfg, layout)
     devices_h = layout.v1("devices")
     rel = [*cfg.parent.split("/"), *(cfg.name or container_id).split("/")]
-    made: list[str] = []
+    parents: list[str] = []
     leaves: list[CgroupDir] = []
     try:
         for h in targets:
-            leaf = _make(h, rel, made)
+            leaf = _make(h, rel, parents)
             limits = frozenset(plan.get(h, ()))
             if h.version == 1:
                 leaves.append(V1Dir(leaf, limits, devices=h == devices_h))
@@ -145,14 +154,14 @@ def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> C
         for d in leaves:
             d.apply(cfg)
     except BaseException:
-        _undo(leaves, made)
+        _undo(leaves, parents)
         raise
-    return CgroupSet(leaves, made)
+    return CgroupSet(leaves, parents)
 
 
-def _undo(leaves: list[CgroupDir], made: list[str]) -> None:
-    # nothing has joined yet: these directories are empty
-    for path in [*(d.path for d in reversed(leaves)), *reversed(made)]:
+def _undo(leaves: list[CgroupDir], parents: list[str]) -> None:
+    # nothing has joined yet: the leaves are empty; a parent still holding another container stays
+    for path in [*(d.path for d in reversed(leaves)), *sorted(parents, key=len, reverse=True)]:
         try:
             os.rmdir(path)
         except OSError:

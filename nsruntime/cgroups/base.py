@@ -125,7 +125,8 @@ class CgroupDir(ABC):
 
 class CgroupSet:
     """Every cgroup directory of one container: ``leaves`` hold its processes, ``parents`` are
-    the directories setup made above them (removed on teardown when nothing else uses them)."""
+    the directories of the configured parent above them (removed on teardown when nothing else
+    uses them; another container's directory below one keeps it)."""
 
     def __init__(self, leaves: list[CgroupDir], parents: list[str]) -> None:
         self.leaves = leaves
@@ -136,7 +137,7 @@ class CgroupSet:
 
     @property
     def paths(self) -> list[str]:
-        """Every directory made, parents first: what the container's state file records."""
+        """Every directory the container uses, parents first: what its state file records."""
         return [*self.parents, *(d.path for d in self.leaves)]
 
     def join(self, pid: int) -> None:
