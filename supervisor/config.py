@@ -35,9 +35,15 @@ class ConfigError(Exception):
     """A bad config; ``str()`` is one line naming the key: ``programs.web.startsecs: ...``."""
 
     def __init__(self, key: str, message: str) -> None:
+        key, message = _printable(key), _printable(message)
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
+
+
+def _printable(s: str) -> str:
+    """Keys and values come from the file: escape control characters so errors stay one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in s)
 
 
 @dataclass(frozen=True)

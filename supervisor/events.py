@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -264,6 +264,8 @@ class EventBus:
         self.subscribers: list[_Subscriber] = []
         self.closed = False
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)
+        #: synchronous observers, called in order with each event object (must not block)
+        self.taps: list[Callable[[dict[str, Any]], None]] = []
 
     def emit(self, name: str, program: str | None = None, **facts: Any) -> None:
         self.publish(Event.make(name, program, **facts))
@@ -282,6 +284,8 @@ class EventBus:
                 pass
         if self.log is not None:
             self.log.write(line)
+        for tap in self.taps:
+            tap(obj)
         for sub in list(self.subscribers):
             self._deliver(sub, obj)
         if ev.name == "supervisor.stopped":

@@ -207,12 +207,7 @@ async def run_daemon(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]
         stream = io.StringIO()
         daemon = Daemon(config, stream=stream, use_socket=False, runtime=runtime)
         watcher = Watcher()
-        events = daemon.bus.subscribe(100_000)
-
-        async def pump() -> None:
-            async for obj in events:
-                watcher.feed(obj)
-
+        daemon.bus.taps.append(watcher.feed)
         done = trio.Event()
 
         async def main() -> None:
@@ -222,7 +217,6 @@ async def run_daemon(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]
                 done.set()
 
         daemon.done = done  # type: ignore[attr-defined]
-        nursery.start_soon(pump)
         nursery.start_soon(main)
         r = Running(daemon, watcher, stream)
         started.append(r)

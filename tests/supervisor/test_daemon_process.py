@@ -1,0 +1,157 @@
+"""A real ``nsinitd`` process: signals, exit status, systemd notification, the event log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from supervisor.events import validate
+from supervisor.process import cgroup2_mount, own_cgroup2
+
+ConfigWriter = Any
+
+
+class Nsinitd:
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+        self._buf = b""
+
+    async def wait_for(self, event: str, program: str | None = None, timeout: float = 10) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        with trio.fail_after(timeout):
+            for e in self.events:
+                if e["event"] == event and (program is None or e.get("program") == program):
+                    return e
+            while True:
+                while b"\n" not in self._buf:
+                    chunk = await self.proc.stdout.receive_some(65536)
+                    if not chunk:
+                        raise EOFError(f"nsinitd ended before {event}")
+                    self._buf += chunk
+                line, self._buf = self._buf.split(b"\n", 1)
+                obj = json.loads(line)
+                validate(obj)
+                self.events.append(obj)
+                if obj["event"] == event and (program is None or obj.get("program") == program):
+                    return obj
+
+    async def finish(self, timeout: float = 15) -> int:
+        try:
+            await self.wait_for("supervisor.stopped", timeout=timeout)
+        except EOFError:
+            pass
+        with trio.fail_after(timeout):
+            return await self.proc.wait()
+
+
+@pytest.fixture
+async def nsinitd(nursery: trio.Nursery):  # type: ignore[no-untyped-def]
+    procs: list[trio.Process] = []
+
+    async def start(config: Path, env: dict[str, str] | None = None) -> Nsinitd:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "supervisor.daemon", "-c", str(config), "--no-socket"],
+            stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
+        procs.append(proc)
+        return Nsinitd(proc)
+
+    yield start
+    for p in procs:
+        if p.returncode is None:
+            p.kill()
+            with trio.move_on_after(10):
+                await p.wait()
+
+
+PROGRAMS = """
+    [programs.web]
+    command = ["sh", "-c", "sleep 300 & exec sleep 300"]
+    startsecs = 0.2
+    priority = 10
+    [programs.stubborn]
+    command = ["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"]
+    startsecs = 0.2
+    stopwaitsecs = 0.5
+    priority = 5
+    [programs.crash]
+    command = ["false"]
+    startsecs = 1
+    startretries = 100
+    backoff = { initial = 0.1, factor = 1.5, max = 0.5 }
+"""
+
+
+@pytest.mark.slow
+async def test_sigterm_stops_everything_and_exits_0(cfg: ConfigWriter, nsinitd) -> None:  # type: ignore[no-untyped-def]
+    d = await nsinitd(cfg.write(PROGRAMS))
+    started = await d.wait_for("supervisor.started")
+    web = await d.wait_for("program.running", "web")
+    await d.wait_for("program.running", "stubborn")
+    await d.wait_for("program.backoff", "crash")
+    mount = cgroup2_mount()
+    cgroot = own_cgroup2(mount) / f"nsinitd-{started['pid']}" if mount else None
+    grandchildren = [int(p) for p in (cgroot / "web" / "cgroup.procs").read_text().split()] if cgroot else []
+    d.proc.send_signal(signal.SIGTERM)
+    assert await d.finish() == 0
+    names = [e["event"] for e in d.events]
+    assert names[-1] == "supervisor.stopped" and d.events[-1]["exit_code"] == 0
+    assert "supervisor.stopping" in names
+    stopped = [e["program"] for e in d.events if e["event"] == "program.stopped"]
+    assert stopped == ["crash", "web", "stubborn"]  # descending priority (999, 10, 5)
+    assert any(e["event"] == "program.killing" and e["program"] == "stubborn" for e in d.events)
+    for pid in [web["pid"], *grandchildren]:
+        assert not Path(f"/proc/{pid}").exists()
+    if cgroot is not None:
+        assert not cgroot.exists()
+    log = [json.loads(x) for x in (cfg.root / "events.jsonl").read_text().splitlines()]
+    for obj in log:
+        validate(obj)
+    assert log == d.events
+
+
+@pytest.mark.slow
+async def test_sighup_reloads_and_sigint_stops(cfg: ConfigWriter, nsinitd) -> None:  # type: ignore[no-untyped-def]
+    d = await nsinitd(cfg.write('[programs.a]\ncommand = ["sleep", "300"]\nstartsecs = 0.1\n'))
+    await d.wait_for("program.running", "a")
+    cfg.write('[programs.a]\ncommand = ["sleep", "300"]\nstartsecs = 0.1\n'
+              '[programs.b]\ncommand = ["sleep", "300"]\nstartsecs = 0.1\n')
+    d.proc.send_signal(signal.SIGHUP)
+    reloaded = await d.wait_for("config.reloaded")
+    assert reloaded["added"] == ["b"] and reloaded["changed"] == [] and reloaded["removed"] == []
+    await d.wait_for("program.running", "b")
+    cfg.write("[programs.a]\ncommand = 3\n")
+    d.proc.send_signal(signal.SIGHUP)
+    err = await d.wait_for("config.error")
+    assert err["error"].startswith("programs.a.command")
+    d.proc.send_signal(signal.SIGUSR2)
+    d.proc.send_signal(signal.SIGINT)
+    assert await d.finish() == 0
+    assert d.events[-1]["event"] == "supervisor.stopped"
+
+
+@pytest.mark.slow
+async def test_sd_notify_ready_and_stopping(cfg: ConfigWriter, nsinitd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    addr = tmp_path / "notify.sock"
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await sock.bind(str(addr))
+    with sock:
+        d = await nsinitd(cfg.write('[programs.a]\ncommand = ["sleep", "300"]\nstartsecs = 0.3\n'),
+                          env={"NOTIFY_SOCKET": str(addr)})
+        with trio.fail_after(10):
+            msg = await sock.recv(1024)
+        assert msg == b"READY=1"
+        assert any(e["event"] == "program.running" for e in d.events) or await d.wait_for("program.running")
+        d.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await sock.recv(1024) == b"STOPPING=1"
+        assert await d.finish() == 0
