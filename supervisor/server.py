@@ -54,8 +54,10 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _RECEIVE_CHUNK = 64 * 1024
 
 
-class SocketInUseError(RuntimeError):
-    """The control socket path belongs to a live daemon (or isn't a socket): refuse to start."""
+class SocketInUseError(OSError):
+    """The control socket path belongs to a live daemon (or isn't a socket): refuse to start.
+
+    An OSError, so a daemon that reports socket errors and exits reports this one the same way."""
 
 
 @dataclass(frozen=True)
