@@ -88,6 +88,11 @@ class ProgramLogs:
                        else RotatingFile(log_dir / f"{name}.err", maxbytes, backups))
         self.redirect_stderr = redirect_stderr
 
+    def ensure(self) -> None:
+        """Create the files now, so they exist (empty) before the program writes anything."""
+        self.stdout._open()
+        self.stderr._open()
+
     def path(self, stream: str) -> Path:
         return (self.stderr if stream == "stderr" else self.stdout).path
 

@@ -376,6 +376,7 @@ class Program:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            self.logs.ensure()
             env = {**self.ctx.base_env, **self.cfg.env}
             if self.cfg.container is not None:
                 child: Child = self._spawn_container((devnull, out_w, err_w), self.cfg.env)
@@ -403,8 +404,9 @@ class Program:
         assert self.cfg.container is not None
         rt = self.ctx.load_runtime()
         cfg = rt.load_config(self.cfg.container / "container.json")
-        c = rt.create(cfg, rootfs=self.cfg.container, command=list(self.cfg.command),
-                      state_dir=self.state_dir, env=env, stdio=stdio, die_with_parent=False)
+        # rootfs, command and state_dir positionally: the runtime names the first one rootfs_dir
+        c = rt.create(cfg, self.cfg.container, list(self.cfg.command), self.state_dir,
+                      env=env, stdio=stdio, die_with_parent=False)
         self.ctx.reaper.own(c.pid)
         child = ContainerChild(c, self.ctx.reaper)
         try:

@@ -107,7 +107,7 @@ class FakeRuntime:
             raise FakeRuntimeError(f"{path}: broken: true")
         return data
 
-    def create(self, cfg: Any, *, rootfs: Path, command: list[str], state_dir: Path, env: dict[str, str],
+    def create(self, cfg: Any, rootfs_dir: Path, command: list[str], state_dir: Path, *, env: dict[str, str],
                stdio: tuple[int, int, int], die_with_parent: bool) -> FakeContainer:
         if command[0] == "fail-create":
             raise FakeRuntimeError("create: clone(CLONE_NEWPID): EPERM (Operation not permitted)")
