@@ -387,6 +387,7 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
                 libc.setns(fd, libc.CLONE_NEWNET, n.path)
                 os.close(fd)
         if flags & libc.CLONE_NEWUSER:
+            rootfs.make_mount_points(cfg, root)
             libc.unshare(libc.CLONE_NEWUSER)
             init.send(sock, "userns")
             msg = sock.recv(64)
@@ -409,6 +410,8 @@ def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, st
           sock: socket.socket, sigfd: int, die_with_parent: bool) -> None:
     with contextlib.suppress(NsRuntimeError):
         libc.set_process_name("nsinit-init")
+        # processes of the container may not ptrace PID 1 or open its /proc files (its socket to us)
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)
     try:
         # wait for the host side (network) to be done with our namespaces
         line = b""

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections import deque
 
 from . import libc
 from .config import ContainerConfig, Mount
@@ -41,31 +42,50 @@ def resolve_in_root(root: str, dest: str, *, make: str | None) -> int:
         except SyscallError as e:
             if e.errno != errno.ENOENT or make is None:
                 raise
-        parts = [p for p in dest.split("/") if p]
-        cur = "/"
-        for i, part in enumerate(parts):
-            nxt = cur.rstrip("/") + "/" + part
-            try:
-                fd = libc.openat2(rootfd, nxt, _O_PATH | os.O_CLOEXEC, libc.RESOLVE_IN_ROOT)
-                os.close(fd)
-            except SyscallError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-                parent = libc.openat2(rootfd, cur, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, libc.RESOLVE_IN_ROOT)
-                try:
-                    if i < len(parts) - 1 or make == "dir":
-                        with contextlib.suppress(FileExistsError):
-                            os.mkdir(part, 0o755, dir_fd=parent)
-                    else:
-                        fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                     0o644, dir_fd=parent)
-                        os.close(fd)
-                finally:
-                    os.close(parent)
-            cur = nxt
+        _make_in_root(rootfd, dest, make)
         return libc.openat2(rootfd, dest, _O_PATH | os.O_CLOEXEC, libc.RESOLVE_IN_ROOT)
     finally:
         os.close(rootfd)
+
+
+def _make_in_root(rootfd: int, dest: str, make: str) -> None:
+    """Create the missing components of dest, following symlinks the way RESOLVE_IN_ROOT does:
+    an absolute link target restarts at the rootfs, '..' never climbs above it."""
+    parts = deque(dest.split("/"))
+    cur = "/"
+    hops = 0
+    while parts:
+        part = parts.popleft()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            cur = os.path.dirname(cur)
+            continue
+        parent = libc.openat2(rootfd, cur, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, libc.RESOLVE_IN_ROOT)
+        try:
+            try:
+                target = os.readlink(part, dir_fd=parent)
+            except FileNotFoundError:
+                if parts and any(p not in ("", ".") for p in parts) or make == "dir":
+                    os.mkdir(part, 0o755, dir_fd=parent)
+                else:
+                    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                    os.close(os.open(part, flags, 0o644, dir_fd=parent))
+                cur = os.path.join(cur, part)
+                continue
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: it exists and is not a symlink
+                    raise
+                cur = os.path.join(cur, part)
+                continue
+        finally:
+            os.close(parent)
+        hops += 1
+        if hops > 40:
+            raise SyscallError(f"resolve {dest!r} in the rootfs", errno.ELOOP)
+        if target.startswith("/"):
+            cur = "/"
+        parts.extendleft(reversed(target.split("/")))
 
 
 def _mount_at(root: str, dest: str, make: str, source: str | None, fstype: str | None, flags: int,
@@ -117,6 +137,24 @@ def _setup_dev(root: str, tty: bool) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
+
+
+def make_mount_points(cfg: ContainerConfig, rootfs: str) -> None:
+    """Create every mount point while still root of the host's user namespace.
+
+    Root of a new user namespace is an unprivileged id on the host and may not write into a
+    rootfs owned by the host's root: with NEWUSER this runs before the unshare.
+    """
+    try:
+        for m in cfg.mounts:
+            if m.type == "bind" and m.source and not os.path.exists(m.source):
+                continue
+            make = "dir" if m.type == "tmpfs" or (m.source and os.path.isdir(m.source)) else "file"
+            os.close(resolve_in_root(rootfs, m.destination, make=make))
+        for d in ("/proc", "/sys", "/dev"):
+            os.close(resolve_in_root(rootfs, d, make="dir"))
+    except OSError as e:
+        raise _step("mount points", rootfs, e) from None
 
 
 def prepare(cfg: ContainerConfig, rootfs: str) -> None:
