@@ -501,12 +501,13 @@ def parse(data: object) -> ContainerConfig:
     """Validate a decoded container.json; raises ConfigError naming the field path."""
     d = _obj("", data, _FIELDS)
     ctx = _obj("context", d.get("context") or {}, {"apparmor_profile"})
-    namespaces = _opt(d, "namespaces", "", _namespaces, DEFAULT_NAMESPACES)
-    networks = _opt(d, "networks", "", _networks, ())
+    namespaces: tuple[str, ...] = _opt(d, "namespaces", "", _namespaces, DEFAULT_NAMESPACES)
+    networks: tuple[Network, ...] = _opt(d, "networks", "", _networks, ())
     if networks and "NEWNET" not in namespaces and any(n.type == "veth" for n in networks):
         raise ConfigError("networks", "veth networks need the NEWNET namespace")
-    uid_maps = _opt(d, "uid_mappings", "", _idmaps, ())
-    gid_maps = _opt(d, "gid_mappings", "", _idmaps, ())
+    no_maps: tuple[IdMap, ...] = ()
+    uid_maps = _opt(d, "uid_mappings", "", _idmaps, no_maps)
+    gid_maps = _opt(d, "gid_mappings", "", _idmaps, no_maps)
     if "NEWUSER" in namespaces and not uid_maps:
         raise ConfigError("uid_mappings", "required with NEWUSER (who is root inside?)")
     if (uid_maps or gid_maps) and "NEWUSER" not in namespaces:

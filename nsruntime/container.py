@@ -381,11 +381,11 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
         if cg is not None:
             cg.join(os.getpid())
         flags = cfg.clone_flags
-        for n in cfg.networks:
-            if n.type == "netns" and n.path:
-                fd = os.open(n.path, os.O_RDONLY | os.O_CLOEXEC)
-                libc.setns(fd, libc.CLONE_NEWNET, n.path)
-                os.close(fd)
+        for net in cfg.networks:
+            if net.type == "netns" and net.path:
+                nsfd = os.open(net.path, os.O_RDONLY | os.O_CLOEXEC)
+                libc.setns(nsfd, libc.CLONE_NEWNET, net.path)
+                os.close(nsfd)
         if flags & libc.CLONE_NEWUSER:
             rootfs.make_mount_points(cfg, root)
             libc.unshare(libc.CLONE_NEWUSER)

@@ -153,9 +153,10 @@ def capget() -> tuple[int, int, int]:
     data = (_CapData * 2)()
     if _syscall(_SYS["capget"], ctypes.byref(hdr), ctypes.byref(data)) != 0:
         raise _fail("capget()")
-    return tuple(  # type: ignore[return-value]
-        getattr(data[0], f) | (getattr(data[1], f) << 32) for f in ("effective", "permitted", "inheritable")
+    eff, prm, inh = (
+        int(getattr(data[0], f)) | (int(getattr(data[1], f)) << 32) for f in ("effective", "permitted", "inheritable")
     )
+    return eff, prm, inh
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:

@@ -66,7 +66,7 @@ def _make_in_root(rootfd: int, dest: str, make: str) -> None:
             try:
                 target = os.readlink(part, dir_fd=parent)
             except FileNotFoundError:
-                if parts and any(p not in ("", ".") for p in parts) or make == "dir":
+                if any(p not in ("", ".") for p in parts) or make == "dir":
                     os.mkdir(part, 0o755, dir_fd=parent)
                 else:
                     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
