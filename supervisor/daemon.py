@@ -96,6 +96,7 @@ class Daemon:
         self.ctx = Context(self.bus, self.reaper, sup.log_dir, sup.state_dir, runtime=runtime)
         self.programs: dict[str, Program] = {}
         self._programs_nursery: trio.Nursery | None = None
+        self._root: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self._shutdown_reason = ""
         self._startup_scope = trio.CancelScope()
@@ -122,6 +123,7 @@ class Daemon:
         self.reaper.on_reaped = self._stranger_reaped
         try:
             async with trio.open_nursery() as root:
+                self._root = root
                 await root.start(self._signals)
                 root.start_soon(self.reaper.run)
                 root.start_soon(self._tick)
@@ -207,8 +209,9 @@ class Daemon:
             async for signum in receiver:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     self.request_shutdown(signal.Signals(signum).name)
-                elif signum == signal.SIGHUP:
-                    await self._reload_quietly()
+                elif signum == signal.SIGHUP and self._root is not None:
+                    # in its own task: a TERM must not wait behind a reload's stopwaitsecs
+                    self._root.start_soon(self._reload_quietly)
                 elif signum == signal.SIGUSR2:
                     self.reopen_logs()
 

@@ -3,6 +3,7 @@ and a check that every test leaves no child process and no cgroup directory behi
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
@@ -198,9 +199,25 @@ class Running:
         return [json.loads(line) for line in self.stream.getvalue().splitlines()]
 
 
+def _subreaper(value: int | None = None) -> int:
+    """Get (or set) this process's PR_SET_CHILD_SUBREAPER flag."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if value is not None:
+        libc.prctl(36, ctypes.c_ulong(value), 0, 0, 0)
+        return value
+    flag = ctypes.c_int(0)
+    libc.prctl(37, ctypes.byref(flag), 0, 0, 0)
+    return flag.value
+
+
 @pytest.fixture
 async def run_daemon(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]:
-    """``await run_daemon(config, runtime=None)`` -> Running; shut down (and checked) at teardown."""
+    """``await run_daemon(config, runtime=None)`` -> Running; shut down (and checked) at teardown.
+
+    The in-process daemon makes the test process a child subreaper; the flag is restored after,
+    so later tests' orphans still go to init instead of becoming our zombies.
+    """
+    was_subreaper = _subreaper()
     started: list[Running] = []
 
     async def start(config: config_mod.Config, runtime: Any = None, wait_ready: bool = True) -> Running:
@@ -234,6 +251,7 @@ async def run_daemon(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]
         assert lines[-1]["event"] == "supervisor.stopped"
         for obj in lines:
             validate(obj)
+    _subreaper(was_subreaper)
 
 
 # -- nothing left behind --------------------------------------------------------------------------
