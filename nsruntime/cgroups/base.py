@@ -112,6 +112,10 @@ class CgroupDir(ABC):
         """Kill every process at once if the kernel can (cgroup.kill); False when it can't."""
         return False
 
+    def freeze(self, frozen: bool) -> bool:
+        """Freeze (or thaw) every process, if this directory can; False when it can't."""
+        return False
+
     def rmdir(self) -> None:
         """Remove the directory and any cgroups the container made below it, deepest first."""
         for root, dirs, _files in os.walk(self.path, topdown=False):
@@ -157,8 +161,9 @@ class CgroupSet:
         """SIGKILL every process of the container, grandchildren and escapees from PID 1 included.
 
         With cgroup.kill the kernel kills the whole cgroup at once, forks in flight included.
-        Without it, each listed pid gets SIGKILL and the list is read again until it is empty:
-        a process forked between the read and the kill shows up in the next read.
+        Without it, each listed pid gets SIGKILL (under the v1 freezer when there is one, so that
+        nothing forks meanwhile) and the list is read again until it is empty: a process forked
+        between the read and the kill shows up in the next read.
         Raises TeardownError naming the pids still there after ``timeout`` (a process stuck in D state).
         """
         deadline = time.monotonic() + timeout
@@ -169,11 +174,17 @@ class CgroupSet:
             if not left:
                 return
             if not killed:
-                for pid in left:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                # frozen, nothing forks between the read and the kills; a SIGKILL lands at the thaw
+                frozen = [d for d in self.leaves if d.freeze(True)]
+                try:
+                    for pid in self.pids() if frozen else left:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                finally:
+                    for d in frozen:
+                        d.freeze(False)
             if time.monotonic() >= deadline:
                 where = ", ".join(d.path for d in self.leaves)
                 raise TeardownError(f"cgroups: kill: pids {_fmt(left)} still in {where} after {timeout:g} s")

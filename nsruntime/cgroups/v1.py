@@ -8,10 +8,11 @@ parser we need, so pids.max and the device lists are written directly.
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SetupError
-from .base import CgroupDir, describe, read, read_int, read_keyed, write
+from .base import CgroupDir, describe, read, read_int, read_keyed, write, write_raw
 
 if TYPE_CHECKING:
     from ..config import Cgroups, DeviceRule
@@ -127,6 +128,21 @@ class V1Dir(CgroupDir):
                 write(allow, line, "cgroups: devices")
         for rule in cfg.devices:
             write(allow if rule.allow else deny, rule_line(rule), "cgroups: devices")
+
+    def freeze(self, frozen: bool) -> bool:
+        state = self.file("freezer.state")
+        if not os.path.exists(state):
+            return False
+        try:
+            write_raw(state, "FROZEN" if frozen else "THAWED")
+        except OSError:
+            return False
+        if frozen:
+            # FREEZING until every task has stopped: bounded, a task in D state may never stop
+            deadline = time.monotonic() + 0.5
+            while (read(state) or "").strip() != "FROZEN" and time.monotonic() < deadline:
+                time.sleep(0.002)
+        return True
 
     def stats(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -396,6 +396,23 @@ class TestKernel:
         assert p.wait(timeout=5) == -signal.SIGKILL
         for pid in victims - {p.pid}:  # reaped by init; gone from the cgroup at once
             _wait(functools.partial(_dead, pid), what=f"pid {pid} dead")
+        for d in cg.leaves:  # never left frozen
+            state = os.path.join(d.path, "freezer.state")
+            assert not os.path.exists(state) or _read(state) == "THAWED"
+
+    def test_kill_without_cgroup_kill_catches_a_process_forking_all_the_time(
+            self, made: Callable[..., CgroupSet], parent: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+        cg = made(Cgroups(parent=parent, pids_limit=300))
+        spinner = ("import os, time\n"
+                   "while True:\n"
+                   "    try:\n        pid = os.fork()\n    except OSError:\n        time.sleep(0.001); continue\n"
+                   "    if pid == 0:\n        continue\n")  # every process keeps forking
+        p = spawn(cg, [sys.executable, "-c", spinner])
+        _wait(lambda: len(cg.pids()) >= 50, what="the spinner to spread")
+        v1_only = CgroupSet([d for d in cg.leaves if d.version == 1], [])
+        v1_only.kill(timeout=5)
+        assert cg.pids() == set()
+        assert p.wait(timeout=5) == -signal.SIGKILL
 
     def test_pids_limit_caps_a_fork_bomb(self, made: Callable[..., CgroupSet], parent: str,
                                          spawn: Callable[..., subprocess.Popen[str]]) -> None:
