@@ -26,24 +26,28 @@ class Nsinitd:
         self.events: list[dict[str, Any]] = []
         self._buf = b""
 
-    async def wait_for(self, event: str, program: str | None = None, timeout: float = 10) -> dict[str, Any]:
+    async def _next(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
+        while b"\n" not in self._buf:
+            chunk = await self.proc.stdout.receive_some(65536)
+            if not chunk:
+                raise EOFError("nsinitd closed its stdout")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        obj: dict[str, Any] = json.loads(line)
+        validate(obj)
+        self.events.append(obj)
+        return obj
+
+    async def wait_for(self, event: str, program: str | None = None, timeout: float = 10,
+                       count: int = 1) -> dict[str, Any]:
+        def matches() -> list[dict[str, Any]]:
+            return [e for e in self.events if e["event"] == event and (program is None or e.get("program") == program)]
+
         with trio.fail_after(timeout):
-            for e in self.events:
-                if e["event"] == event and (program is None or e.get("program") == program):
-                    return e
-            while True:
-                while b"\n" not in self._buf:
-                    chunk = await self.proc.stdout.receive_some(65536)
-                    if not chunk:
-                        raise EOFError(f"nsinitd ended before {event}")
-                    self._buf += chunk
-                line, self._buf = self._buf.split(b"\n", 1)
-                obj = json.loads(line)
-                validate(obj)
-                self.events.append(obj)
-                if obj["event"] == event and (program is None or obj.get("program") == program):
-                    return obj
+            while len(matches()) < count:
+                await self._next()
+        return matches()[count - 1]
 
     async def finish(self, timeout: float = 15) -> int:
         try:
@@ -155,3 +159,33 @@ async def test_sd_notify_ready_and_stopping(cfg: ConfigWriter, nsinitd, tmp_path
         with trio.fail_after(10):
             assert await sock.recv(1024) == b"STOPPING=1"
         assert await d.finish() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a pid namespace")
+async def test_as_pid1_it_reaps_every_orphan_and_keeps_going(cfg: ConfigWriter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    conf = cfg.write("""
+        [programs.orphaner]
+        command = ["sh", "-c", "for i in 1 2 3; do (sleep 0.1 &); done; exec sleep 300"]
+        startsecs = 0.3
+    """)
+    proc = await trio.lowlevel.open_process(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "supervisor.daemon",
+         "-c", str(conf), "--no-socket"], stdout=subprocess.PIPE, cwd=str(Path(__file__).parents[2]))
+    d = Nsinitd(proc)
+    try:
+        started = await d.wait_for("supervisor.started")
+        assert started["pid"] == 1
+        await d.wait_for("program.running", "orphaner")
+        await d.wait_for("stranger.reaped", count=3)  # the three orphaned sleeps, reparented to PID 1
+        nsinitd_host_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(nsinitd_host_pid, signal.SIGTERM)
+        assert await d.finish() == 0
+        assert d.events[-1]["event"] == "supervisor.stopped"
+        assert [e for e in d.events if e["event"] == "program.stopped"]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.move_on_after(5):
+                await proc.wait()
