@@ -145,18 +145,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(describe(root), indent=1))
             return 0 if StateDir(root).live_pid() else 1
         if verb == "kill":
+            sig = rest[0] if rest else "TERM"
+            try:
+                signum = int(sig) if sig.isdigit() else signal.Signals["SIG" + sig.upper().removeprefix("SIG")]
+            except KeyError:
+                return _err(f'kill: unknown signal "{sig}"')
             pid = StateDir(root).live_pid()
             if pid is None:
                 return _err(f"{root}: no live container", 1)
-            sig = rest[0] if rest else "TERM"
-            signum = int(sig) if sig.isdigit() else signal.Signals["SIG" + sig.upper().removeprefix("SIG")]
             os.kill(pid, signum)
             return 0
         return _err(f'unknown verb "{verb}"\n{USAGE}')
     except NsRuntimeError as e:
         return _err(str(e))
-    except KeyError as e:
-        return _err(f"unknown signal {e}")
     except OSError as e:
         return _err(f"{e.filename or ''}: {e.strerror}" if e.filename else str(e))
 

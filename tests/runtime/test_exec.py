@@ -346,3 +346,25 @@ def test_terminal_restored_after_exit(busybox_rootfs: Path) -> None:
     c.close()
     out = c.before.decode()
     assert "rc=5" in out and "same" in out, out
+
+
+def test_state_and_kill_verbs(busybox_rootfs: Path) -> None:
+    import json
+
+    r = nsinit(busybox_rootfs, "state")
+    assert r.returncode == 1 and json.loads(r.stdout)["status"] == "absent"
+    assert nsinit(busybox_rootfs, "kill").returncode == 1
+    p = _start_long(busybox_rootfs, 'trap "exit 11" USR1; while :; do sleep 0.05; done')
+    try:
+        r = nsinit(busybox_rootfs, "state")
+        st = json.loads(r.stdout)
+        assert r.returncode == 0 and st["status"] == "running" and st["pid"] == live_pid(busybox_rootfs)
+        assert st["bundle"] == str(busybox_rootfs.resolve())
+        assert nsinit(busybox_rootfs, "kill", "USR1").returncode == 0
+        p.communicate(timeout=10)
+        assert p.returncode == 11
+        assert nsinit(busybox_rootfs, "kill", "NOPE").returncode == 125
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=10)
