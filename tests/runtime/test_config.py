@@ -52,7 +52,8 @@ def test_map_form_of_namespaces_and_environment() -> None:
         ({"mounts": [{"destination": "/x"}]}, "mounts[0].source: missing"),
         ({"mounts": [{"source": "/a", "destination": "/"}]}, "mounts[0].destination: cannot mount over"),
         ({"mounts": [{"type": "nfs", "destination": "/x"}]}, 'mounts[0].type: unsupported mount type "nfs"'),
-        ({"networks": [{"type": "veth", "context": {"bridge": "b"}, "mtu": 70000}]}, "networks[0].mtu: 70000 out of range"),
+        ({"networks": [{"type": "veth", "context": {"bridge": "b"}, "mtu": 70000}]},
+         "networks[0].mtu: 70000 out of range"),
         ({"networks": [{"type": "veth"}]}, "networks[0].context.bridge: missing"),
         ({"networks": [{"type": "bogus"}]}, 'networks[0].type: unknown network type "bogus"'),
         ({"networks": [{"type": "veth", "context": {"bridge": "b"}, "address": "198.18.0.2/24",
@@ -83,7 +84,7 @@ def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(p)
     p.write_text("[" * 100000)
-    with pytest.raises(ConfigError, match="malformed JSON|nested too deeply"):
+    with pytest.raises(ConfigError, match=r"malformed JSON|nested too deeply"):
         load_config(p)
     p.write_text(" " * (1 << 20) + "{}")
     with pytest.raises(ConfigError, match="larger than"):
