@@ -341,8 +341,8 @@ def cmd_action(args: argparse.Namespace, o: Output) -> int:
     status = OK
     with Client(socket_path(args), args.timeout) as client:
         names = _expand_all(client, args.names, lambda p: p["state"] in picked)
-        if args.command == "stop":
-            names.reverse()
+        if args.command == "stop" and "all" in args.names:
+            names.reverse()  # the daemon lists by name; stop in the opposite order of start
         for name in names:
             try:
                 result = client.call(args.command, name=name)
