@@ -41,7 +41,7 @@ from .process import (
     wait_exit,
     write_pid_files,
 )
-from .states import RUNNING_STATES, STOPPED_STATES, ProcessState, Wanted
+from .states import STOPPED_STATES, ProcessState, Wanted
 
 #: Bound on the teardown of one incarnation (cgroup emptying, container destroy).
 TEARDOWN_TIMEOUT = 10.0
@@ -199,9 +199,10 @@ class Program:
 
     async def start(self) -> None:
         """Start and wait until it leaves STARTING (RUNNING, BACKOFF, FATAL, EXITED, ...)."""
-        if self.state in RUNNING_STATES - {ProcessState.BACKOFF}:
-            return
-        await self.command(machine.Start())
+        if self.state is ProcessState.STOPPING:
+            await self.wait_until(lambda s: s in STOPPED_STATES)
+        if self.state not in (ProcessState.STARTING, ProcessState.RUNNING):
+            await self.command(machine.Start())  # from BACKOFF too: an explicit start skips the wait
         await self.wait_until(lambda s: s is not ProcessState.STARTING)
 
     async def stop(self) -> None:

@@ -141,3 +141,51 @@ async def test_container_output_and_environment(cfg: ConfigWriter, run_daemon, f
         await r.daemon.done.wait()
     last = json.loads(r.stream.getvalue().splitlines()[-1])
     assert last["event"] == "supervisor.stopped" and last["exit_code"] == 0
+
+
+async def test_shutdown_during_startup(cfg: ConfigWriter, run_daemon, fake_runtime,  # type: ignore[no-untyped-def]
+                                       autojump_clock: trio.testing.MockClock) -> None:
+    r = await run_daemon(cfg.load("""
+        [programs.slow]
+        container = "box"
+        command = ["run"]
+        startsecs = 30
+        priority = 1
+        [programs.later]
+        container = "box"
+        command = ["run"]
+        priority = 2
+    """), runtime=fake_runtime, wait_ready=False)
+    await r.watcher.wait("container.created", "slow")
+    r.daemon.request_shutdown("SIGTERM")
+    with trio.fail_after(60):
+        await r.daemon.done.wait()
+    assert not r.daemon.ready.is_set()
+    assert r.watcher.find("program.starting", "later") == []  # the next priority level never started
+    assert r.watcher.names("slow")[-3:] == ["program.exited", "container.destroyed", "program.stopped"]
+    assert r.watcher.events[-2]["event"] == "program.stopped"
+    assert r.watcher.find("supervisor.stopping")[0]["reason"] == "SIGTERM"
+
+
+async def test_usr2_reopens_capture_files(cfg: ConfigWriter, run_daemon, fake_runtime) -> None:  # type: ignore[no-untyped-def]
+    r = await run_daemon(cfg.load("""
+        [programs.a]
+        container = "box"
+        command = ["run", "one"]
+        startsecs = 0
+        autorestart = "always"
+    """), runtime=fake_runtime)
+    logs = cfg.root / "logs"
+    with trio.fail_after(5):
+        while (logs / "a.out").read_text() != "started run one\n":
+            await trio.sleep(0.01)
+    (logs / "a.out").rename(logs / "a.out.rotated")
+    (cfg.root / "events.jsonl").rename(cfg.root / "events.jsonl.rotated")
+    r.daemon.reopen_logs()
+    fake_runtime.created[0].kill()  # restart: the new incarnation writes to the reopened file
+    await r.watcher.wait("program.running", "a", count=2)
+    with trio.fail_after(5):
+        while not (logs / "a.out").exists() or (logs / "a.out").read_text() != "started run one\n":
+            await trio.sleep(0.01)
+    assert (logs / "a.out.rotated").read_text() == "started run one\n"
+    assert "program.running" in (cfg.root / "events.jsonl").read_text()
