@@ -673,3 +673,67 @@ async def test_end_to_end_with_a_real_nsinitd(tmp_path: Path, background: Any) -
             daemon.stderr.close()
     # give the follower's end a moment, then it is killed by its fixture
     time.sleep(0.05)
+
+
+def _start_daemon(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "from supervisor.daemon import main; main()", "-c", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=REPO)
+
+
+async def _wait_answering(config: Path, daemon: subprocess.Popen[bytes]) -> None:
+    with trio.fail_after(15):
+        while (await run_real("-c", str(config), "version")).returncode != 0:
+            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+            await trio.sleep(0.1)
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(15)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    if daemon.stderr is not None:
+        daemon.stderr.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _daemon_available(), reason="supervisor.daemon isn't there yet")
+async def test_a_live_socket_is_never_taken_over_and_a_stale_one_is(tmp_path: Path) -> None:
+    """A second nsinitd on the same socket refuses to start; after a SIGKILLed nsinitd the socket
+    file it left is replaced by the next one."""
+    config = tmp_path / "nsinitd.toml"
+    config.write_text(
+        '[supervisor]\nsocket = "run/nsinitd.sock"\nlog_dir = "logs"\nstate_dir = "state"\n\n'
+        '[programs.manual]\ncommand = ["sleep", "1000"]\nautostart = false\n'
+    )
+    first = _start_daemon(config)
+    try:
+        await _wait_answering(config, first)
+        second = _start_daemon(config)
+        try:
+            with trio.fail_after(15):
+                while second.poll() is None:
+                    await trio.sleep(0.05)
+            assert second.returncode != 0
+            assert second.stderr is not None
+            assert b"in use by a live nsinitd" in second.stderr.read()
+        finally:
+            _stop_daemon(second)
+        result = await run_real("-c", str(config), "pid")
+        assert int(result.stdout) == first.pid  # still the first one answering
+
+        first.kill()
+        first.wait()
+        assert (tmp_path / "run" / "nsinitd.sock").exists()  # left behind
+        assert (await run_real("-c", str(config), "status")).returncode == 4
+        third = _start_daemon(config)
+        try:
+            await _wait_answering(config, third)
+            assert int((await run_real("-c", str(config), "pid")).stdout) == third.pid
+        finally:
+            _stop_daemon(third)
+    finally:
+        _stop_daemon(first)
