@@ -102,8 +102,15 @@ class CgroupDir(ABC):
         """Whatever of STAT_KEYS this directory's files hold."""
 
     def procs(self) -> list[int]:
-        text = read(self.file("cgroup.procs"))
-        return [int(p) for p in text.split()] if text else []
+        """Processes in this directory and in any cgroup the container made below it."""
+        out: list[int] = []
+        for root, _dirs, files in os.walk(self.path):
+            if "cgroup.procs" in files:
+                try:
+                    out.extend(int(p) for p in (read(os.path.join(root, "cgroup.procs")) or "").split())
+                except OSError:
+                    pass  # removed while we walk
+        return out
 
     def join(self, pid: int) -> None:
         write(self.file("cgroup.procs"), pid, "cgroups: join")

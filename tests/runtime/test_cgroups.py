@@ -24,7 +24,7 @@ import pytest
 from nsruntime import cgroups
 from nsruntime.cgroups import detect as det
 from nsruntime.cgroups.base import CgroupSet
-from nsruntime.cgroups.v1 import DEFAULT_DEVICE_RULES
+from nsruntime.cgroups.v1 import DEFAULT_DEVICE_RULES, prepare
 from nsruntime.cgroups.v2 import V2Dir, blkio_to_io_weight, enable, shares_to_weight
 from nsruntime.config import Cgroups, DeviceRule, parse
 from nsruntime.errors import ConfigError, SetupError, StateError, TeardownError
@@ -463,11 +463,20 @@ class TestKernel:
         _gone(cg.paths)
         assert cg.destroy() == []  # idempotent
 
-    def test_destroy_removes_cgroups_the_container_made_inside(self, made: Callable[..., CgroupSet],
-                                                               parent: str) -> None:
+    def test_cgroups_the_container_made_inside_are_killed_and_removed(
+            self, made: Callable[..., CgroupSet], parent: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
         cg = made(Cgroups(parent=parent))
         for d in cg.leaves:
             os.makedirs(os.path.join(d.path, "inner", "deeper"))
+            prepare(os.path.join(d.path, "inner"))  # a new v1 cpuset has no cpus until given some
+            prepare(os.path.join(d.path, "inner", "deeper"))
+        p = spawn(cg, ["sleep", "30"])
+        for d in cg.leaves:  # as a container managing its own sub-cgroups would
+            with open(os.path.join(d.path, "inner", "deeper", "cgroup.procs"), "w") as f:
+                f.write(str(p.pid))
+        assert cg.pids() == {p.pid}
+        CgroupSet([d for d in cg.leaves if d.version == 1], []).kill()
+        assert p.wait(timeout=5) == -signal.SIGKILL
         cg.destroy()
         _gone(cg.paths)
 
