@@ -10,15 +10,24 @@ Public API (everything else is private):
 
 from .config import ContainerConfig
 from .config import load as load_config
+from .container import Container, ExitStatus, Joined, cleanup_stale, create, describe, join, open_join
 from .errors import ConfigError, NsRuntimeError, SetupError, StateError, SyscallError, TeardownError
 
 __all__ = [
     "ConfigError",
+    "Container",
     "ContainerConfig",
+    "ExitStatus",
+    "Joined",
     "NsRuntimeError",
     "SetupError",
     "StateError",
     "SyscallError",
     "TeardownError",
+    "cleanup_stale",
+    "create",
+    "describe",
+    "join",
     "load_config",
+    "open_join",
 ]

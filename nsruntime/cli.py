@@ -14,12 +14,11 @@ the command is not executable; 127 when it is not found; 1 for state/kill with n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import select
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from . import console, init, libc
@@ -58,75 +57,36 @@ def _parse(argv: list[str]) -> tuple[Path | None, str, list[str]]:
     return root, verb, rest
 
 
-def _loop(sigfd: int, waitfd: int, forward: Callable[[int], None], master: int | None) -> None:
-    """Forward signals and relay the terminal until waitfd (a pidfd) says the process is gone."""
-    relay = console.Relay(master) if master is not None else None
-    while True:
-        rfds = [sigfd, waitfd] + (relay.read_fds() if relay else [])
-        wfds = relay.write_fds() if relay else []
-        r, w, _ = select.select(rfds, wfds, [])
-        if sigfd in r:
-            while (info := libc.read_signalfd(sigfd)) is not None:
-                signo = info[0]
-                if signo == signal.SIGCHLD:
-                    continue
-                if signo == signal.SIGWINCH and master is not None:
-                    console.copy_winsize(0, master)
-                    continue
-                forward(signo)
-        if relay:
-            relay.pump(r, w)
-        if waitfd in r:
-            break
-    if relay:
-        relay.drain()
-
-
 def _exec(root: Path, command: list[str]) -> int:
     from . import container
     from .config import load
 
     if not command:
         return _err("exec: no command given")
-    cfg_path = root / "container.json"
-    cfg = load(cfg_path)
-    raw = container.dump_config(cfg_path)
+    cfg = load(root / "container.json")
     # blocked from here on and read from a signalfd: nothing sent to us is lost or kills us halfway
     init.block_signals()
     sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
     sdir = StateDir(root)
     if sdir.live_pid() is None:
         try:
-            c = container.create(cfg, Path.cwd(), command, root, raw_config=raw, die_with_parent=True)
+            c = container.create(cfg, Path.cwd(), command, root, die_with_parent=True)
         except StateError:
             c = None  # somebody made it meanwhile: join theirs
         if c is not None:
             try:
-                with console.raw_mode(0) if c.console is not None else _nothing():
+                with console.raw_mode(0) if c.console is not None else contextlib.nullcontext():
                     if c.console is not None:
                         console.copy_winsize(0, c.console)
                     c.start()
-                    _loop(sigfd, c.pidfd, c.signal, c.console)
+                    container.forward_until_exit(sigfd, c.pidfd, c.signal, c.console)
                 status = c.poll()
             finally:
                 c.destroy()
             assert status is not None
             return status.exit_code
-    j = container.open_join(root, command)
-    waitfd = os.pidfd_open(j.pid)
-    with console.raw_mode(0) if j.console is not None else _nothing():
-        if j.console is not None:
-            console.copy_winsize(0, j.console)
-        _loop(sigfd, waitfd, j.signal, j.console)
-    return j.wait().exit_code
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
+    os.close(sigfd)
+    return container.join(root, command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,6 +141,8 @@ class ContainerConfig:
     gid_mappings: tuple[IdMap, ...] = ()
     masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
+    # the decoded container.json this was parsed from: recorded in state.json for joins and cleanup
+    source: Any = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def clone_flags(self) -> int:
@@ -533,6 +535,7 @@ def parse(data: object) -> ContainerConfig:
         gid_mappings=gid_maps,
         masked_paths=_opt(d, "masked_paths", "", _path_list, DEFAULT_MASKED_PATHS),
         readonly_paths=_opt(d, "readonly_paths", "", _path_list, DEFAULT_READONLY_PATHS),
+        source=data,
     )
 
 

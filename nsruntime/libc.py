@@ -8,13 +8,17 @@ Nothing here returns -1 upward.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 
 from .errors import SyscallError
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+try:
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # not glibc: ask the linker (ctypes.util runs subprocesses, so only here)
+    import ctypes.util
+
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 # clone(2) / unshare(2) flags
 CLONE_NEWNS = 0x00020000
