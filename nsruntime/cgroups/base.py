@@ -180,7 +180,11 @@ class CgroupSet:
             left = self.pids()
             if not left:
                 return
-            if not killed:
+            if killed:
+                # a task frozen by the v1 freezer (a paused container) takes its SIGKILL only once thawed
+                for d in self.leaves:
+                    d.freeze(False)
+            else:
                 # frozen, nothing forks between the read and the kills; a SIGKILL lands at the thaw
                 frozen = [d for d in self.leaves if d.freeze(True)]
                 try:

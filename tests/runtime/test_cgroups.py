@@ -463,6 +463,25 @@ class TestKernel:
         _gone(cg.paths)
         assert cg.destroy() == []  # idempotent
 
+    def test_a_frozen_container_blocks_destroy_and_is_still_killed(
+            self, made: Callable[..., CgroupSet], parent: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+        cg = made(Cgroups(parent=parent))
+        frz = [d for d in cg.leaves if os.path.exists(os.path.join(d.path, "freezer.state"))]
+        if not frz:
+            pytest.skip("no v1 freezer")
+        p = spawn(cg, ["sleep", "30"])
+        _wait(lambda: cg.pids() == {p.pid}, what="the child inside")
+        with open(os.path.join(frz[0].path, "freezer.state"), "w") as f:
+            f.write("FROZEN")
+        _wait(lambda: _read(os.path.join(frz[0].path, "freezer.state")) == "FROZEN", what="frozen")
+        with pytest.raises(TeardownError, match=rf"{frz[0].path} \(EBUSY .*pids: {p.pid}\)"):
+            cg.destroy(timeout=0.2)
+        cg.kill(timeout=5)
+        assert p.wait(timeout=5) == -signal.SIGKILL
+        assert _read(os.path.join(frz[0].path, "freezer.state")) == "THAWED"
+        cg.destroy()
+        _gone(cg.paths)
+
     def test_cgroups_the_container_made_inside_are_killed_and_removed(
             self, made: Callable[..., CgroupSet], parent: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
         cg = made(Cgroups(parent=parent))
