@@ -80,10 +80,11 @@ def _mkdir(path: str, cpuset: bool) -> None:
     try:
         os.mkdir(path, 0o755)
     except FileExistsError:
-        return
+        pass
     except OSError as e:
         raise SetupError("cgroups: mkdir", f"mkdir {path}: {describe(e)}") from None
     if cpuset:
+        # found or made: a concurrent setup may have made it and not yet given it cpus
         prepare(path)
 
 
