@@ -737,3 +737,58 @@ async def test_a_live_socket_is_never_taken_over_and_a_stale_one_is(tmp_path: Pa
             _stop_daemon(third)
     finally:
         _stop_daemon(first)
+
+
+def _join_available() -> bool:
+    try:
+        import nsruntime
+    except ImportError:
+        return False
+    return callable(getattr(nsruntime, "join", None))
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+@pytest.mark.skipif(not (_daemon_available() and _join_available()), reason="needs nsinitd and nsruntime.join")
+async def test_exec_in_a_real_container(tmp_path: Path) -> None:
+    """exec joins the program's container: its hostname, stdin relayed, the exit status passed
+    through, and with -t a terminal."""
+    import pexpect
+
+    config = tmp_path / "nsinitd.toml"
+    config.write_text(
+        '[supervisor]\nsocket = "run/nsinitd.sock"\nlog_dir = "logs"\nstate_dir = "state"\n\n'
+        f'[programs.box]\ncontainer = "{REPO / "configs" / "host"}"\ncommand = ["sleep", "1000"]\n'
+        "startsecs = 0.5\n\n"
+        '[programs.plain]\ncommand = ["sleep", "1000"]\nstartsecs = 0.5\n'
+    )
+    c = str(config)
+    daemon = _start_daemon(config)
+    try:
+        with trio.fail_after(20):
+            while (await run_real("-c", c, "status", "box")).returncode != 0:
+                assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+                await trio.sleep(0.2)
+        result = await run_real("-c", c, "exec", "box", "--", "sh", "-c", "hostname; exit 7")
+        assert (result.returncode, result.stdout) == (7, b"nsinit-host\n")
+        with trio.fail_after(20):
+            piped = await trio.run_process(command("-c", c, "exec", "box", "--", "cat"), stdin=b"relayed\n",
+                                           capture_stdout=True, env=ENV, cwd=REPO, check=False)
+        assert (piped.returncode, piped.stdout) == (0, b"relayed\n")
+        result = await run_real("-c", c, "exec", "plain", "--", "true")
+        assert result.returncode == 1 and b"not a container" in result.stderr
+
+        def with_tty() -> tuple[int | None, bytes]:
+            child = pexpect.spawn(sys.executable, ["-m", "supervisor.ctl", "-c", c, "exec", "-t", "box", "--",
+                                                   "sh", "-c", "tty; exit 3"], timeout=15, env=ENV, cwd=str(REPO))
+            child.expect(pexpect.EOF)
+            child.close()
+            return child.exitstatus, child.before
+
+        status, output = await trio.to_thread.run_sync(with_tty)
+        assert status == 3
+        assert output.startswith(b"/dev/pts/")
+        result = await run_real("-c", c, "shutdown", "--wait", "--timeout", "20", timeout=30)
+        assert result.returncode == 0
+    finally:
+        _stop_daemon(daemon)
