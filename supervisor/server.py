@@ -33,6 +33,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import signal
 import socket
 import stat
@@ -239,6 +240,15 @@ def peer_allowed(peer: Peer, groups: set[int], socket_group: int | None) -> bool
     return socket_group is not None and (peer.gid == socket_group or socket_group in groups)
 
 
+def _connection_cap(configured: int) -> int:
+    """At most a quarter of the descriptors the process may open: clients must never use up the
+    ones nsinitd needs to spawn and watch its programs (pidfds, log pipes)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(8, min(configured, soft // 4))
+
+
 # -- connections -----------------------------------------------------------------------------------
 
 
@@ -247,6 +257,7 @@ class _Server:
         self.api = api
         self.limits = limits
         self.active = 0
+        self.max_connections = _connection_cap(limits.max_connections)
         self._refusal_tokens = limits.refusal_events_per_second
         self._refusal_stamp = time.monotonic()
         self._refusals_suppressed = 0
@@ -263,7 +274,7 @@ class _Server:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
                 raise
-            if self.active >= self.limits.max_connections:
+            if self.active >= self.max_connections:
                 _reply_and_close(sock, proto.Error(None, proto.BUSY, "too many connections; try again"))
                 continue
             self.active += 1
