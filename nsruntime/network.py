@@ -250,14 +250,21 @@ def _add_veth(s: _Session, handle: Handle, path: str, net: Network, container_id
     if _link(s.inside, peer) is not None:
         raise SetupError(path, f'the container already has a link "{peer}" (EEXIST)')
 
-    # Recorded before the add, so a failure between the kernel's reply and the next line can't
-    # leak it; the pre-check above makes sure the name isn't someone else's.
+    # Recorded before the add, so an interruption between the kernel's reply and the next line
+    # can't leak it; the pre-check above makes sure the name isn't someone else's.
     handle.links.append(host_name)
-    with _step(f"{path}.context.prefix", f'veth "{host_name}" <-> container "{peer}"'):
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
         s.host.link("add", ifname=host_name, kind="veth", peer={"ifname": peer, "net_ns_fd": s.nsfd})
+    except NetlinkError as e:
+        if e.code == errno.EEXIST:
+            handle.links.pop()  # made by someone else since the check: not ours to delete
+        raise SetupError(f"{path}.context.prefix", f'veth "{host_name}" <-> container "{peer}" '
+                                                   f"({_ename(e.code)})") from None
     handle.interfaces.append(peer)
 
-    h_index = s.host.link_lookup(ifname=host_name)[0]
+    h_index = s.host.link("get", ifname=host_name)[0]["index"]
     if net.mtu is not None:
         with _step(f"{path}.mtu", f'{net.mtu} rejected by host link "{host_name}"'):
             s.host.link("set", index=h_index, mtu=net.mtu)
@@ -266,7 +273,7 @@ def _add_veth(s: _Session, handle: Handle, path: str, net: Network, container_id
     with _step(path, f'cannot bring host link "{host_name}" up'):
         s.host.link("set", index=h_index, state="up")
 
-    c_index = s.inside.link_lookup(ifname=peer)[0]
+    c_index = s.inside.link("get", ifname=peer)[0]["index"]
     if net.mtu is not None:
         with _step(f"{path}.mtu", f'{net.mtu} rejected by container link "{peer}"'):
             s.inside.link("set", index=c_index, mtu=net.mtu)
