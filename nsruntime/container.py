@@ -115,13 +115,16 @@ class Container:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signum)
 
-    def kill(self) -> None:
-        """SIGKILL every process of the container (the cgroup), PID 1 included."""
+    def kill(self, timeout: float = 1.0) -> None:
+        """SIGKILL every process of the container (the cgroup), PID 1 included.
+
+        Waits at most timeout for the cgroup to empty; destroy() reports what would not die.
+        """
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         if self.cgroups is not None:
             with contextlib.suppress(NsRuntimeError, OSError):
-                self.cgroups.kill()
+                self.cgroups.kill(timeout=timeout)
 
     def _read_exit_msg(self) -> None:
         with contextlib.suppress(OSError):
@@ -182,29 +185,40 @@ class Container:
         return int(self.stats().get("oom_kills", 0) or 0)
 
     def destroy(self, timeout: float = 10.0) -> dict[str, list[str]]:
-        """Kill what is left, reap PID 1, release cgroups, links and files. Idempotent, bounded.
+        """Kill what is left, reap PID 1, release cgroups, links and files. Bounded by timeout.
 
-        Raises TeardownError naming what would not go; everything else is still released.
+        Raises TeardownError naming the process and the resource that would not go (a frozen
+        cgroup, a process in D state); what could be released is released, what couldn't stays
+        recorded in the state dir, and destroy() may be called again later to finish.
         """
         released: dict[str, list[str]] = {"cgroups": [], "links": [], "files": []}
         if self._destroyed:
             return released
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
         errors: list[str] = []
         if self.poll() is None:
-            self.kill()
-            if self.wait(timeout) is None:
-                errors.append(f"pid {self.pid}: PID 1 did not exit within {timeout:.0f} s of SIGKILL")
+            self.kill(timeout=left() / 2)
+            if self.wait(left()) is None:
+                errors.append(f"pid {self.pid} (PID 1 of {self.id}) is {proc_state(self.pid)} "
+                              f"{timeout:g} s after SIGKILL")
         if self.cgroups is not None:
             try:
-                self.cgroups.kill()
-                released["cgroups"] = list(self.cgroups.destroy(timeout=timeout))
+                self.cgroups.kill(timeout=left())
+                released["cgroups"] = list(self.cgroups.destroy(timeout=left()))
             except (NsRuntimeError, OSError) as e:
                 errors.append(str(e))
         if self.links:
             try:
                 released["links"] = network.teardown(self.links)
+                self.links = []
             except (NsRuntimeError, OSError) as e:
                 errors.append(str(e))
+        if errors:
+            raise TeardownError("; ".join(errors))
         released["files"] = self.state.remove()
         if self.console is not None:
             with contextlib.suppress(OSError):
@@ -214,9 +228,21 @@ class Container:
             os.close(self.pidfd)
         self._sock.close()
         self._destroyed = True
-        if errors:
-            raise TeardownError("; ".join(errors))
         return released
+
+
+def proc_state(pid: int) -> str:
+    """'in state D (wchan: ...)' for a process that won't die, as far as /proc tells."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        letter = data[data.rindex(b")") + 2 :].split()[0].decode()
+    except OSError:
+        return "gone"
+    wchan = ""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/wchan") as f:
+        wchan = f.read().strip()
+    return f"in state {letter}" + (f" (waiting in {wchan})" if wchan and wchan != "0" else "")
 
 
 def _pidfd_readable(pidfd: int) -> bool:
@@ -273,13 +299,10 @@ def create(
             full_env = cfg.env_dict()
             if env:
                 full_env.update(env)
-            gc.collect()
-            gc.freeze()  # keep the forked PID 1 from dirtying the caller's pages on its first gc
             child = os.fork()
             if child == 0:
                 _setup_child(cfg, str(root), list(command), full_env, stdio, use_tty, cg, child_sock,
                              parent_sock, die_with_parent)
-            gc.unfreeze()
             child_sock.close()
             deadline = time.monotonic() + SETUP_TIMEOUT
             msg, _ = _handshake(parent_sock, deadline, "create", cfg, child)
@@ -369,7 +392,7 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
     """In the forked setup child: namespaces, then fork PID 1. Never returns."""
     try:
         init.block_signals()  # before PID 1 exists: it inherits the mask, nothing sent to it is lost
-        gc.disable()
+        gc.disable()  # PID 1 makes no cycles; a collection would only dirty pages shared with the caller
         parent_end.close()
         if stdio is not None:
             tmp = [os.dup(fd) for fd in stdio]

@@ -1,0 +1,119 @@
+"""The Python API the supervisor uses: create/start apart, many containers from one process,
+signals, exit statuses, bounded teardown of a container that can't be killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import nsruntime
+from nsruntime import TeardownError
+from tests.conftest import make_busybox_rootfs
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    return make_busybox_rootfs(tmp_path / "bb")
+
+
+def _create(rootfs: Path, state: Path, *cmd: str, stdio: tuple[int, int, int] | None = None) -> nsruntime.Container:
+    cfg = nsruntime.load_config(rootfs / "container.json")
+    state.mkdir(parents=True, exist_ok=True)
+    return nsruntime.create(cfg, rootfs, list(cmd), state, die_with_parent=False,
+                            stdio=stdio or (0, 1, 2))
+
+
+def test_create_then_start_are_two_steps(rootfs: Path, tmp_path: Path) -> None:
+    r, w = os.pipe()
+    c = _create(rootfs, tmp_path / "s", "sh", "-c", "echo started", stdio=(0, w, 2))
+    os.close(w)
+    try:
+        assert (tmp_path / "s" / "pid").read_text().strip() == str(c.pid)
+        time.sleep(0.3)
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 100)  # created, not started: the command hasn't run
+        assert c.poll() is None
+        c.start()
+        st = c.wait(10)
+        assert st == nsruntime.ExitStatus(0, None, False)
+        os.set_blocking(r, True)
+        assert os.read(r, 100) == b"started\n"
+    finally:
+        os.close(r)
+        released = c.destroy()
+    assert released["files"] and all(not Path(f).exists() for f in released["files"])
+    assert released["cgroups"] and all(not Path(d).exists() for d in released["cgroups"])
+
+
+def test_many_containers_from_one_process(rootfs: Path, tmp_path: Path) -> None:
+    cs = [_create(rootfs, tmp_path / f"s{i}", "sleep", "60") for i in range(10)]
+    try:
+        for c in cs:
+            c.start()
+        assert len({os.readlink(f"/proc/{c.pid}/ns/pid") for c in cs}) == 10
+        for c in cs:
+            c.signal(signal.SIGTERM)
+        for c in cs:
+            st = c.wait(10)
+            assert st is not None and st.exit_code == 143 and st.signal == signal.SIGTERM
+            assert st.signal_name == "SIGTERM"
+    finally:
+        for c in cs:
+            c.destroy()
+
+
+def test_killed_pid1_is_reported_with_its_signal(rootfs: Path, tmp_path: Path) -> None:
+    c = _create(rootfs, tmp_path / "s", "sleep", "60")
+    try:
+        c.start()
+        os.kill(c.pid, signal.SIGKILL)
+        st = c.wait(10)
+        assert st == nsruntime.ExitStatus(137, signal.SIGKILL, False)
+    finally:
+        c.destroy()
+
+
+def test_abandoned_before_start(rootfs: Path, tmp_path: Path) -> None:
+    c = _create(rootfs, tmp_path / "s", "sleep", "60")
+    c.destroy()
+    assert not (tmp_path / "s" / "pid").exists()
+    assert not os.path.exists(f"/proc/{c.pid}")
+
+
+def test_teardown_of_a_frozen_container_is_bounded_and_named(rootfs: Path, tmp_path: Path) -> None:
+    c = _create(rootfs, tmp_path / "s", "sleep", "60")
+    freezer = next((p for p in c.cgroups.paths if "/freezer/" in p), None) if c.cgroups else None
+    if freezer is None:
+        c.destroy()
+        pytest.skip("no v1 freezer hierarchy here")
+    c.start()
+    Path(freezer, "freezer.state").write_text("FROZEN")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TeardownError) as e:
+            c.destroy(timeout=1.0)
+        assert time.monotonic() - t0 < 3.5
+        msg = str(e.value)
+        assert f"pid {c.pid}" in msg and "after SIGKILL" in msg
+        assert (tmp_path / "s" / "pid").exists()  # still recorded: somebody must finish this
+    finally:
+        Path(freezer, "freezer.state").write_text("THAWED")
+    released = c.destroy(timeout=5.0)
+    assert released["cgroups"]
+    assert not (tmp_path / "s" / "pid").exists()
+
+
+def test_a_second_create_in_a_live_state_dir_is_refused(rootfs: Path, tmp_path: Path) -> None:
+    c = _create(rootfs, tmp_path / "s", "sleep", "60")
+    try:
+        with pytest.raises(nsruntime.StateError, match="already running"):
+            _create(rootfs, tmp_path / "s", "true")
+    finally:
+        c.destroy()
