@@ -255,6 +255,24 @@ def test_teardown_names_a_link_that_stays(monkeypatch: pytest.MonkeyPatch) -> No
         network.teardown(["vethstuck"], ipr=Stubborn())
 
 
+def test_a_rollback_that_cannot_remove_a_link_says_so(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = host.standin()
+    real_teardown = network.teardown
+
+    def stuck(links: list[str], **kw: Any) -> list[str]:
+        raise TeardownError(f'host link "{links[0]}" still present')
+
+    monkeypatch.setattr(network, "teardown", stuck)
+    with pytest.raises(SetupError) as e:
+        setup(host, cfg(veth(), veth(f"{NET4}.3/24", bridge="br9")), "ctr-x", c.pid)
+    name = network.host_link_name("veth", "ctr-x", 0)
+    assert str(e.value) == (f'networks[1].context.bridge: no bridge "br9" (ENODEV); and cleaning up: '
+                            f'host link "{name}" still present')
+    assert host.veths() == [name]
+    monkeypatch.setattr(network, "teardown", real_teardown)
+    assert teardown(host, [name]) == [name]
+
+
 # ------------------------------------------------------------------------------- bad input, nothing left
 
 
