@@ -10,8 +10,11 @@ from typing import Any as ConfigWriter
 import pytest
 import trio
 
+from supervisor import machine
 from supervisor.api import ControlError
-from supervisor.process import cgroup2_mount
+from supervisor.events import EventBus
+from supervisor.process import Reaper, cgroup2_mount
+from supervisor.program import Context, Program
 from supervisor.states import ProcessState
 
 HAS_CGROUP2 = cgroup2_mount() is not None
@@ -279,3 +282,46 @@ async def test_priorities_order_start_and_stop(cfg: ConfigWriter, run_daemon) ->
     assert seq == [("program.running", "db"), ("program.running", "web"),
                    ("program.stopped", "web"), ("program.stopped", "db")]
     assert r.watcher.events[-1]["event"] == "supervisor.stopped"
+
+
+async def test_plain_child_starts_clean(cfg: ConfigWriter, run_daemon) -> None:  # type: ignore[no-untyped-def]
+    # CPython ignores SIGPIPE/SIGXFSZ and trio may block signals: none of it may reach the program,
+    # and no descriptor of nsinitd's may leak into it.
+    r = await run_daemon(cfg.load("""
+        [programs.probe]
+        command = ["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; ls /proc/self/fd | tr '\\\\n' ' '; exec sleep 60"]
+        startsecs = 0.1
+    """))
+    await r.watcher.wait("program.running", "probe")
+    out = cfg.root / "logs" / "probe.out"
+    with trio.fail_after(5):
+        while out.read_text().count("\n") < 2 or not out.read_text().rstrip().endswith("3"):
+            await trio.sleep(0.02)
+    lines = out.read_text().splitlines()
+    assert lines[0].split() == ["SigBlk:", "0000000000000000"]
+    assert lines[1].split() == ["SigIgn:", "0000000000000000"]
+    assert lines[2].split() == ["0", "1", "2", "3"]  # 3: ls's own directory
+
+
+async def test_cancellation_reaps(cfg: ConfigWriter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = cfg.load("""
+        [programs.p]
+        command = ["sh", "-c", "trap '' TERM; exec sleep 60"]
+        startsecs = 0
+        stopwaitsecs = 0.3
+    """)
+    bus = EventBus(None)
+    seen: list[dict[str, object]] = []
+    bus.taps.append(seen.append)
+    prog = Program(config.programs["p"], Context(bus, Reaper(), tmp_path / "logs", tmp_path / "state"))
+    with trio.move_on_after(5) as scope:
+        async with trio.open_nursery() as n:
+            await n.start(prog.run)
+            await prog.command(machine.Start())
+            pid = prog.pid
+            assert pid is not None and _alive(pid)
+            scope.cancel()  # e.g. the daemon's nursery dies: the program must still be reaped
+    assert prog.done.is_set()
+    assert not _alive(pid) and not Path(f"/proc/{pid}").exists()
+    names = [e["event"] for e in seen]
+    assert names[-4:] == ["program.stopping", "program.killing", "program.exited", "program.stopped"]
