@@ -287,9 +287,10 @@ async def test_priorities_order_start_and_stop(cfg: ConfigWriter, run_daemon) ->
 async def test_plain_child_starts_clean(cfg: ConfigWriter, run_daemon) -> None:  # type: ignore[no-untyped-def]
     # CPython ignores SIGPIPE/SIGXFSZ and trio may block signals: none of it may reach the program,
     # and no descriptor of nsinitd's may leak into it.
-    r = await run_daemon(cfg.load("""
+    script = "grep -E '^Sig(Blk|Ign)' /proc/self/status; ls /proc/self/fd | tr '\\\\n' ' '; exec sleep 60"
+    r = await run_daemon(cfg.load(f"""
         [programs.probe]
-        command = ["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; ls /proc/self/fd | tr '\\\\n' ' '; exec sleep 60"]
+        command = ["sh", "-c", "{script}"]
         startsecs = 0.1
     """))
     await r.watcher.wait("program.running", "probe")
