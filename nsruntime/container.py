@@ -393,6 +393,8 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
     try:
         init.block_signals()  # before PID 1 exists: it inherits the mask, nothing sent to it is lost
         gc.disable()  # PID 1 makes no cycles; a collection would only dirty pages shared with the caller
+        # out of the caller's session: a terminal's ^C reaches the caller, which forwards it once
+        os.setsid()
         parent_end.close()
         if stdio is not None:
             tmp = [os.dup(fd) for fd in stdio]
@@ -567,6 +569,7 @@ def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[st
     try:
         init.block_signals()
         gc.disable()
+        os.setsid()
         parent_end.close()
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if stdio is not None:

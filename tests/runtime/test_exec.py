@@ -368,3 +368,15 @@ def test_state_and_kill_verbs(busybox_rootfs: Path) -> None:
         if p.poll() is None:
             p.kill()
             p.communicate(timeout=10)
+
+
+def test_ctrl_c_reaches_the_command_once(busybox_rootfs: Path) -> None:
+    # ^C goes to the terminal's whole foreground process group: nsinit gets it and forwards it once;
+    # the container, in a session of its own, must not receive a second copy directly
+    p = subprocess.Popen([*NSINIT, "exec", "sh", "-c", 'n=0; trap "n=\\$((n+1))" INT; echo ready; '
+                          'sleep 1; echo n=$n'], cwd=busybox_rootfs, text=True, stdout=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    os.killpg(p.pid, signal.SIGINT)
+    out, _ = p.communicate(timeout=10)
+    assert out.strip() == "n=1"
