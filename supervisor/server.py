@@ -246,7 +246,7 @@ def _connection_cap(configured: int) -> int:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return configured
-    return max(8, min(configured, soft // 4))
+    return min(configured, max(8, soft // 4))
 
 
 # -- connections -----------------------------------------------------------------------------------
