@@ -306,6 +306,8 @@ def loads(text: str, path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), f"invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(str(path), "invalid TOML: nested too deeply") from None
     return parse(data, path)
 
 

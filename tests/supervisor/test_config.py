@@ -136,6 +136,11 @@ def test_table_level_errors(base: Path, text: str, message: str) -> None:
     assert message in str(e.value)
 
 
+def test_absurd_nesting_is_a_config_error(base: Path) -> None:
+    with pytest.raises(c.ConfigError, match=r"nested too deeply|invalid TOML"):
+        c.loads("a = " + "[" * 100_000 + "]" * 100_000, base)
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(c.ConfigError, match="cannot read"):
         c.load(tmp_path / "missing.toml")
