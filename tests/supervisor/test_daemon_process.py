@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -62,9 +63,9 @@ class Nsinitd:
 async def nsinitd(nursery: trio.Nursery):  # type: ignore[no-untyped-def]
     procs: list[trio.Process] = []
 
-    async def start(config: Path, env: dict[str, str] | None = None) -> Nsinitd:
+    async def start(config: Path, env: dict[str, str] | None = None, socket: bool = False) -> Nsinitd:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "supervisor.daemon", "-c", str(config), "--no-socket"],
+            [sys.executable, "-m", "supervisor.daemon", "-c", str(config), *([] if socket else ["--no-socket"])],
             stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
         procs.append(proc)
         return Nsinitd(proc)
@@ -189,3 +190,20 @@ async def test_as_pid1_it_reaps_every_orphan_and_keeps_going(cfg: ConfigWriter, 
             proc.kill()
             with trio.move_on_after(5):
                 await proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("supervisor.server") is None, reason="no control server")
+async def test_a_second_nsinitd_on_a_live_socket_exits_1(cfg: ConfigWriter, nsinitd) -> None:  # type: ignore[no-untyped-def]
+    conf = cfg.write('[programs.a]\ncommand = ["sleep", "300"]\nstartsecs = 0.1\n')
+    first = await nsinitd(conf, socket=True)
+    await first.wait_for("program.running", "a")
+    with trio.fail_after(20):
+        second = await trio.run_process([sys.executable, "-m", "supervisor.daemon", "-c", str(conf)],
+                                        capture_stdout=True, capture_stderr=True, check=False)
+    assert second.returncode == 1
+    assert b"in use" in second.stderr
+    assert b"program.starting" not in second.stdout  # nothing was started
+    first.proc.send_signal(signal.SIGTERM)
+    assert await first.finish() == 0
+    assert not (cfg.root / "nsinitd.sock").exists()
