@@ -62,38 +62,53 @@ class Ctl:
         self.sock.close()
 
 
-def concurrently(path: str, cmd: str, names: Iterable[str], timeout: float = 300.0) -> dict[str, Any]:
-    """`cmd` for every name at once, each on a connection of its own (the server runs each
-    connection as its own task; on one connection requests would be answered in turn)."""
+def concurrently(path: str, cmd: str, names: Iterable[str], timeout: float = 300.0,
+                 connections: int = 64) -> dict[str, Any]:
+    """`cmd` for every name, up to `connections` at once, each connection carrying one request at a
+    time (the server runs each connection as its own task and answers a connection's requests in
+    order; it also caps connections, at a quarter of its RLIMIT_NOFILE)."""
+    todo = list(names)
     sel = selectors.DefaultSelector()
-    conns = {}
+    conns: list[Ctl] = []
+    replies: dict[str, Any] = {}
+
+    def feed(c: Ctl) -> None:
+        name = todo.pop()
+        c.sock.send(json.dumps({"id": 1, "cmd": cmd, "args": {"name": name}}).encode() + b"\n")
+        if c.sock in sel.get_map():
+            sel.modify(c.sock, selectors.EVENT_READ, (c, name))
+        else:
+            sel.register(c.sock, selectors.EVENT_READ, (c, name))
+
     try:
-        for name in names:
+        for _ in range(min(connections, len(todo))):
             c = Ctl(path, timeout)
             c.sock.setblocking(False)
-            c.sock.send(json.dumps({"id": 1, "cmd": cmd, "args": {"name": name}}).encode() + b"\n")
-            conns[name] = c
-            sel.register(c.sock, selectors.EVENT_READ, name)
-        replies: dict[str, Any] = {}
+            conns.append(c)
+            feed(c)
         deadline = time.monotonic() + timeout
-        while len(replies) < len(conns):
+        while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise CtlError(f"{cmd}: {len(conns) - len(replies)} replies missing after {timeout:.0f}s")
+                raise CtlError(f"{cmd}: replies missing after {timeout:.0f}s")
             for key, _ in sel.select(left):
-                c = conns[key.data]
+                c, name = key.data
                 chunk = c.sock.recv(1 << 16)
                 if not chunk:
-                    replies[key.data] = {"ok": False, "error": "closed"}
+                    replies[name] = {"ok": False, "error": "closed"}
                     sel.unregister(c.sock)
                     continue
                 c.buf += chunk
                 if b"\n" in c.buf:
-                    replies[key.data] = json.loads(c.buf.split(b"\n", 1)[0])
-                    sel.unregister(c.sock)
+                    line, c.buf = c.buf.split(b"\n", 1)
+                    replies[name] = json.loads(line)
+                    if todo:
+                        feed(c)
+                    else:
+                        sel.unregister(c.sock)
         return replies
     finally:
-        for c in conns.values():
+        for c in conns:
             c.close()
         sel.close()
 

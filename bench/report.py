@@ -72,7 +72,9 @@ def supervisors(r: dict[str, Any], out: list[str]) -> None:
         ctl = m(lambda x: (x.get("status_nsinitctl") or x.get("status_supervisorctl") or {}).get("median"))
         n = int(key.split("N=")[1])
         pss = m(lambda x, n=n: x["memory"]["pss_kib"] / n if "memory" in x else None)
-        procs = rs[0].get("memory", {}).get("processes", {})
+        mem = rs[0].get("memory", {})
+        procs = {c: f"x{k} ({mem.get('pss_kib_by_comm', {}).get(c, 0) / k / 1024:.1f} MiB each)"
+                 for c, k in mem.get("processes", {}).items()}
         agg[key] = {"start": start or 0, "restart": restart or 0, "shutdown": shutdown or 0, "pss": pss or 0,
                     "status": status or 0}
 
@@ -81,7 +83,7 @@ def supervisors(r: dict[str, Any], out: list[str]) -> None:
 
         out.append(f"   {key:26} {s(start):>9} {s(restart):>9} {s(shutdown):>9} {_ms(status):>9} {_ms(ctl):>9} "
                    f"{'-' if pss is None else f'{pss:.0f} KiB':>10}  "
-                   + ", ".join(f"{c} x{k}" for c, k in sorted(procs.items())))
+                   + ", ".join(f"{c} {k}" for c, k in sorted(procs.items())))
         errs = {x.get("restart_error") for x in rs if x.get("restart_error")}
         if errs:
             out.append(f"     restart: {errs.pop()}")

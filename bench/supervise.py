@@ -56,6 +56,7 @@ def _overhead(root: int) -> dict[str, Any]:
     procs = descendants(root)
     kib = 0
     by_comm: dict[str, int] = {}
+    pss_by_comm: dict[str, int] = {}
     workloads = 0
     for pid in procs:
         c = comm(pid)
@@ -67,7 +68,8 @@ def _overhead(root: int) -> dict[str, Any]:
             continue
         kib += p
         by_comm[c] = by_comm.get(c, 0) + 1
-    return {"pss_kib": kib, "processes": by_comm, "workloads": workloads}
+        pss_by_comm[c] = pss_by_comm.get(c, 0) + p
+    return {"pss_kib": kib, "processes": by_comm, "pss_kib_by_comm": pss_by_comm, "workloads": workloads}
 
 
 def _gone(pids: list[int]) -> bool:
@@ -179,10 +181,16 @@ class Nsinitd:
             except Skip as e:
                 r["status_nsinitctl"] = {"error": str(e)}
             t = time.perf_counter()
-            replies = concurrently(self.sock, "restart", self.names)
-            bad = [n for n, rep in replies.items() if not rep.get("ok")]
-            if bad:
-                r["restart_error"] = f"{len(bad)} restarts refused, e.g. {replies[bad[0]]}"
+            p = subprocess.run([resolve("nsinitctl"), "-s", self.sock, "--timeout", "600", "restart", "all"],
+                               capture_output=True, timeout=600)
+            if p.returncode != 0:
+                # the documented CLI failed: say so, and restart through the socket so the rest still runs
+                r["restart_error"] = f"nsinitctl restart all exited {p.returncode}: " + \
+                    p.stderr.decode(errors="replace").strip()[-200:]
+                replies = concurrently(self.sock, "restart", self.names)
+                bad = [n for n, rep in replies.items() if not rep.get("ok")]
+                if bad:
+                    r["restart_error"] += f"; {len(bad)} socket restarts refused, e.g. {replies[bad[0]]}"
             self.wait_running(ctl, 30 + 0.2 * self.n)
             r["restart_s"] = time.perf_counter() - t
             pids = descendants(self.proc.pid)
@@ -245,9 +253,10 @@ class Supervisord:
         r["status_raw"] = summary(lat)
         r["status_supervisorctl"] = _time_cmd([resolve("supervisorctl"), "-c", str(self.conf), "status"], 3)
         t = time.perf_counter()
-        # what `supervisorctl restart all` does
-        rpc.supervisor.stopAllProcesses(True)
-        rpc.supervisor.startAllProcesses(True)
+        p = subprocess.run([resolve("supervisorctl"), "-c", str(self.conf), "restart", "all"], capture_output=True,
+                           timeout=600)
+        if p.returncode != 0:
+            r["restart_error"] = f"supervisorctl restart all exited {p.returncode}"
         wait_for(lambda: self.running(rpc), 30 + 0.2 * self.n, POLL, "supervisord's programs")
         r["restart_s"] = time.perf_counter() - t
         pids = descendants(proc.pid)
