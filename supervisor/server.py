@@ -122,24 +122,27 @@ async def _bind(path: Path, group: int | None, backlog: int) -> tuple[trio.socke
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     with _lock(path):
         await _remove_if_stale(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # umask rather than a chmod after bind: the file must never exist with looser bits.
+            # The umask is process-wide, so the bind is a plain synchronous call: no other trio
+            # task may run (and create files) while it is set.
             old_umask = os.umask(0o177)
             try:
-                await sock.bind(os.fspath(path))
+                raw.bind(os.fspath(path))
             finally:
                 os.umask(old_umask)
             if group is not None:
                 os.chown(path, -1, group)
                 os.chmod(path, 0o660)
-            sock.listen(backlog)
+            raw.listen(backlog)
             st = os.stat(path)
         except OSError as e:
-            sock.close()
+            raw.close()
             if e.errno == errno.EADDRINUSE:
                 raise SocketInUseError(f"control socket {path} appeared while starting; not taking it over") from e
             raise
+        sock = trio.socket.from_stdlib_socket(raw)
         return sock, (st.st_dev, st.st_ino)
 
 
