@@ -650,7 +650,8 @@ class EventPrinter:
         if not self.keep(event):
             return
         if not self.as_table:
-            self.o.line(raw if raw is not None else json.dumps(event, separators=(",", ":")))
+            # Live events are printed the way nsinitd writes its event log, so both read alike.
+            self.o.line(raw if raw is not None else json.dumps(event))
             return
         if not self._header:
             self.o.line(f"{'TIME':<23}  {'EVENT':<22} {'PROGRAM':<16} DETAILS")

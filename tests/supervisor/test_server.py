@@ -313,6 +313,18 @@ async def test_socket_is_0600_root(sock: Path) -> None:
     assert not stat.S_IMODE(os.stat(sock.parent).st_mode) & 0o002
 
 
+async def test_umask_is_left_as_it_was(api: FakeAPI, tmp_path: Path, nursery: trio.Nursery) -> None:
+    before = os.umask(0o022)
+    try:
+        await nursery.start(server.serve, api, tmp_path / "u.sock")
+        assert os.umask(0o022) == 0o022
+        (tmp_path / "after").touch()
+        assert stat.S_IMODE(os.stat(tmp_path / "after").st_mode) == 0o644
+    finally:
+        os.umask(before)
+    nursery.cancel_scope.cancel()
+
+
 async def test_socket_group_makes_it_0660(api: FakeAPI, tmp_path: Path, nursery: trio.Nursery) -> None:
     api.socket_group = 4242
     path = tmp_path / "g.sock"
