@@ -276,7 +276,11 @@ class _Server:
                     continue
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
-                raise
+                # Anything else is unexpected; raising would take the whole daemon (and every
+                # program it supervises) down for the sake of its control socket. Report, retry.
+                self._emit("control.error", error=f"accept: {e}")
+                await trio.sleep(1)
+                continue
             if self.active >= self.max_connections:
                 _reply_and_close(sock, proto.Error(None, proto.BUSY, "too many connections; try again"))
                 continue
