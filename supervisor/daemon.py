@@ -62,8 +62,9 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
-    """Kill and remove what a crashed nsinitd left under ``parent/nsinitd-<pid>``."""
+async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
+    """Kill and remove what a crashed nsinitd left under ``parent/nsinitd-<pid>`` (its plain
+    programs and their children), so a restarted nsinitd runs exactly one instance of each."""
     try:
         dirs = list(parent.glob("nsinitd-*"))
     except OSError:
@@ -72,13 +73,15 @@ def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
         suffix = d.name.removeprefix("nsinitd-")
         if not suffix.isdigit() or int(suffix) == os.getpid() or _alive(int(suffix)):
             continue
-        for sub in [p for p in d.iterdir() if p.is_dir()] + [d]:
-            cg = Cgroup(sub)
-            cg.kill()
+        try:
+            subs = [p for p in d.iterdir() if p.is_dir()]
+        except OSError:
+            continue
+        for sub in [*subs, d]:
             try:
-                sub.rmdir()
-            except OSError:
-                pass
+                await Cgroup(sub).remove(reaper, timeout=5.0)
+            except OSError as e:
+                print(f"nsinitd: warning: stale cgroup: {e}", file=sys.stderr)
 
 
 class Daemon:
@@ -119,7 +122,7 @@ class Daemon:
                 set_child_subreaper()
             except OSError as e:
                 print(f"nsinitd: warning: {e}", file=sys.stderr)
-        self.ctx.cgroup_root = self._make_cgroup_root()
+        self.ctx.cgroup_root = await self._make_cgroup_root()
         self.reaper.on_reaped = self._stranger_reaped
         try:
             async with trio.open_nursery() as root:
@@ -169,13 +172,13 @@ class Daemon:
             return False
         return True
 
-    def _make_cgroup_root(self) -> Path | None:
+    async def _make_cgroup_root(self) -> Path | None:
         mount = cgroup2_mount()
         if mount is None:
             return None
         try:
             parent = own_cgroup2(mount)
-            _clean_stale_cgroups(parent, self.reaper)
+            await _clean_stale_cgroups(parent, self.reaper)
             root = parent / f"nsinitd-{os.getpid()}"
             root.mkdir(exist_ok=True)
             return root

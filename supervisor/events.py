@@ -66,6 +66,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "program.killing": {"pid": _INT + _NONE},
     "container.created": {"host_pid": _INT, "namespaces": _LIST, "container": _STR},
     "container.destroyed": {"released": _DICT},
+    "container.reclaimed": {"host_pid": _INT, "action": _STR, "reason": _STR},
     "config.reloaded": {"added": _LIST, "removed": _LIST, "changed": _LIST},
     "config.error": {"error": _STR},
     "subscriber.dropped": {"reason": _STR},

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal as _signal
 import time
 from collections.abc import Callable
@@ -405,6 +406,7 @@ class Program:
         assert self.cfg.container is not None
         rt = self.ctx.load_runtime()
         cfg = rt.load_config(self.cfg.container / "container.json")
+        self._reclaim_stale(rt)
         # rootfs, command and state_dir positionally: the runtime names the first one rootfs_dir
         c = rt.create(cfg, self.cfg.container, list(self.cfg.command), self.state_dir,
                       env=env, stdio=stdio, die_with_parent=False)
@@ -420,6 +422,34 @@ class Program:
         self._emit("container.created", host_pid=c.pid, container=str(self.cfg.container),
                    namespaces=_namespaces(cfg))
         return child
+
+    def _reclaim_stale(self, rt: Any) -> None:
+        """Kill a live container a previous nsinitd (killed with SIGKILL) left in our state dir.
+
+        ``describe`` reports a pid only if the pid file's start time still matches, so a reused
+        pid is never killed; the pidfd is opened and the start time checked again before the
+        signal, which closes the window in between. create() then releases what it recorded.
+        """
+        describe = getattr(rt, "describe", None)
+        if describe is None or not (self.state_dir / "pid").exists():
+            return
+        desc = describe(self.state_dir)
+        pid = desc.get("pid") if desc.get("status") == "running" else None
+        if not pid:
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            if describe(self.state_dir).get("pid") != pid:
+                return
+            _signal.pidfd_send_signal(pidfd, _signal.SIGKILL)  # PID 1: the whole pid namespace goes
+            select.select([pidfd], [], [], KILL_WAIT)  # rare and bounded: block the loop briefly
+        finally:
+            os.close(pidfd)
+        self._emit("container.reclaimed", host_pid=pid, action="killed",
+                   reason="left running by a previous nsinitd")
 
     def _watch(self, child: Child) -> None:
         assert self._nursery is not None

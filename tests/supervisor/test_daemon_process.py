@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -71,10 +72,14 @@ async def nsinitd(nursery: trio.Nursery):  # type: ignore[no-untyped-def]
         return Nsinitd(proc)
 
     yield start
-    for p in procs:
+    for p in procs:  # a failed test still stops its nsinitd in order (containers outlive SIGKILL)
+        if p.returncode is None:
+            p.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                await p.wait()
         if p.returncode is None:
             p.kill()
-            with trio.move_on_after(10):
+            with trio.move_on_after(5):
                 await p.wait()
 
 
@@ -207,3 +212,68 @@ async def test_a_second_nsinitd_on_a_live_socket_exits_1(cfg: ConfigWriter, nsin
     first.proc.send_signal(signal.SIGTERM)
     assert await first.finish() == 0
     assert not (cfg.root / "nsinitd.sock").exists()
+
+
+def _set_subreaper(value: int) -> int:
+    """Set PR_SET_CHILD_SUBREAPER on this process; return the previous value."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = ctypes.c_int(0)
+    libc.prctl(37, ctypes.byref(old), 0, 0, 0)
+    libc.prctl(36, ctypes.c_ulong(value), 0, 0, 0)
+    return old.value
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0 or not hasattr(__import__("nsruntime"), "create"),
+                    reason="needs root and nsruntime.create")
+async def test_restart_after_sigkill_leaves_one_instance_of_each(cfg: ConfigWriter, nsinitd,  # type: ignore[no-untyped-def]
+                                                                 host_rootfs: Path) -> None:
+    # what nsinitd's death orphans must go to init (which reaps), not become this test's zombies
+    was = _set_subreaper(0)
+    try:
+        conf = cfg.write(f"""
+            [programs.box]
+            container = "{host_rootfs}"
+            command = ["sleep", "300"]
+            startsecs = 0.2
+            [programs.plain]
+            command = ["sh", "-c", "sleep 300 & exec sleep 300"]
+            startsecs = 0.2
+        """)
+        first = await nsinitd(conf)
+        started = await first.wait_for("supervisor.started")
+        box1 = await first.wait_for("program.running", "box")
+        await first.wait_for("program.running", "plain")
+        mount = cgroup2_mount()
+        old_cg = own_cgroup2(mount) / f"nsinitd-{started['pid']}" if mount else None
+        old_plain = [int(p) for p in (old_cg / "plain" / "cgroup.procs").read_text().split()] if old_cg else []
+        first.proc.kill()
+        with trio.fail_after(5):
+            await first.proc.wait()
+        assert not _gone(box1["pid"])  # the container outlived its supervisor (die_with_parent=False)
+
+        second = await nsinitd(conf)
+        reclaimed = await second.wait_for("container.reclaimed", "box")
+        assert reclaimed["host_pid"] == box1["pid"] and reclaimed["action"] == "killed"
+        box2 = await second.wait_for("program.running", "box")
+        await second.wait_for("program.running", "plain")
+        assert box2["pid"] != box1["pid"]
+        with trio.fail_after(5):
+            while not all(_gone(p) for p in [box1["pid"], *old_plain]):
+                await trio.sleep(0.05)
+        if old_cg is not None:
+            assert not old_cg.exists()
+        second.proc.send_signal(signal.SIGTERM)
+        assert await second.finish() == 0
+        assert _gone(box2["pid"])
+    finally:
+        _set_subreaper(was)
