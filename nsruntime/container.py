@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, init, libc, network, rootfs
+from . import apparmor, cgroups, init, libc, network, rootfs
 from .cgroups import CgroupSet
 from .config import NAMESPACE_FILES, ContainerConfig, parse
 from .errors import NsRuntimeError, SetupError, StateError, TeardownError
@@ -278,6 +278,8 @@ def create(
     sdir.path.mkdir(parents=True, exist_ok=True)
     use_tty = cfg.tty if tty is None else tty
     cid = container_id(root, sdir.path)
+    if cfg.apparmor_profile:
+        apparmor.check(cfg.apparmor_profile)  # refuse here, before anything exists: never run unconfined
     if raw_config is None:
         raw_config = cfg.source
     libc.set_subreaper()

@@ -19,7 +19,7 @@ import socket
 import sys
 import termios
 
-from . import capabilities, libc
+from . import apparmor, capabilities, libc
 from .config import ContainerConfig
 from .errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_RUNTIME_FAILED, NsRuntimeError
 
@@ -110,8 +110,6 @@ def exec_command(cfg: ContainerConfig, argv: list[str], env: dict[str, str], tty
         if ids and ids[3] and "HOME" not in env:
             env = {**env, "HOME": ids[3]}
         if cfg.apparmor_profile:
-            from . import apparmor
-
             apparmor.apply(cfg.apparmor_profile)
         if cfg.no_new_privileges:
             libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
