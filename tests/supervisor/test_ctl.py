@@ -792,3 +792,55 @@ async def test_exec_in_a_real_container(tmp_path: Path) -> None:
         assert result.returncode == 0
     finally:
         _stop_daemon(daemon)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _daemon_available(), reason="supervisor.daemon isn't there yet")
+async def test_a_real_nsinitd_shrugs_off_bad_clients(tmp_path: Path) -> None:
+    """Against the real daemon: an event reader that never reads, 300 connections of valid,
+    malformed, oversized and half-written requests, while a program crash-loops (events flowing).
+    Status keeps answering within 100 ms and the daemon shuts down cleanly afterwards."""
+    config = tmp_path / "nsinitd.toml"
+    config.write_text(
+        '[supervisor]\nsocket = "run/nsinitd.sock"\nlog_dir = "logs"\nstate_dir = "state"\n\n'
+        '[programs.web]\ncommand = ["sleep", "1000"]\nstartsecs = 0.2\n\n'
+        '[programs.crashy]\ncommand = ["false"]\nstartsecs = 1\nstartretries = 1000\n'
+        "backoff = { initial = 0.01, factor = 1.0, max = 0.01 }\n"
+    )
+    c = str(config)
+    sock = tmp_path / "run" / "nsinitd.sock"
+    daemon = _start_daemon(config)
+    stuck = None
+    try:
+        await _wait_answering(config, daemon)
+        stuck = await trio.open_unix_socket(str(sock))
+        await stuck.send_all(b'{"id":1,"cmd":"events"}\n')  # and never read again
+        latencies: list[float] = []
+        flood: dict[str, Any] = {}
+
+        async def run_flood() -> None:
+            await trio.sleep(0.2)
+            proc = await trio.run_process([sys.executable, "-c", _fake._FLOOD, str(sock)], capture_stdout=True)
+            flood.update(json.loads(proc.stdout.splitlines()[-1]))
+
+        async def probe() -> None:
+            latencies.extend(await _fake.probe_status(sock, 4.0))
+
+        with trio.fail_after(40):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_flood)
+                nursery.start_soon(probe)
+        assert flood == {"answered": 100, "errors": 200}
+        _fake.assert_fast(latencies, blocked=1.0)
+        result = await run_real("-c", c, "status", "web")
+        assert result.returncode == 0
+        result = await run_real("-c", c, "shutdown", "--wait", "--timeout", "20", timeout=30)
+        assert result.returncode == 0
+        with trio.fail_after(20):
+            while daemon.poll() is None:
+                await trio.sleep(0.05)
+        assert daemon.returncode == 0
+    finally:
+        if stuck is not None:
+            await stuck.aclose()
+        _stop_daemon(daemon)
