@@ -223,3 +223,40 @@ def test_every_command_has_a_spec() -> None:
             if required
         }
         c.request(command, **args)
+
+
+@given(st.binary(max_size=2000), st.sampled_from([proto.Role.SERVER, proto.Role.CLIENT]))
+def test_arbitrary_bytes_only_ever_raise_protocol_errors(data: bytes, role: proto.Role) -> None:
+    conn = proto.Connection(role, max_line=512)
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    for _ in range(len(data) + 2):
+        try:
+            event = conn.next_event()
+        except proto.ProtocolError as e:
+            if e.fatal:
+                return
+            continue
+        if event is proto.CLOSED:
+            return
+        assert event is not proto.NEED_DATA  # after EOF there is nothing more to wait for
+        assert isinstance(event, proto.Request | proto.Reply | proto.Error | proto.StreamItem | proto.StreamEnd)
+    raise AssertionError("next_event never reached the end")
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+        max_leaves=20,
+    )
+)
+def test_any_json_line_is_parsed_or_refused(value: object) -> None:
+    s = server()
+    s.receive_data(json.dumps({"id": 1, "cmd": "status", "args": value}).encode() + b"\n")
+    try:
+        event = s.next_event()
+    except proto.ProtocolError as e:
+        assert not e.fatal
+    else:
+        assert isinstance(event, proto.Request) and set(event.args) <= {"names"}
