@@ -555,6 +555,7 @@ def open_dir() -> Iterator[Path]:
 
 
 @pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv to another user)")
 async def test_non_root_user_is_refused_with_5(api: Any, open_dir: Path, nursery: trio.Nursery) -> None:
     path = open_dir / "nsinitd.sock"
     await nursery.start(server.serve, api, path)
@@ -748,6 +749,7 @@ def _join_available() -> bool:
 
 
 @pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv to another user)")
 @pytest.mark.slow
 @pytest.mark.skipif(not (_daemon_available() and _join_available()), reason="needs nsinitd and nsruntime.join")
 async def test_exec_in_a_real_container(tmp_path: Path) -> None:

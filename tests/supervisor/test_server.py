@@ -414,6 +414,7 @@ print(buf.decode().strip())
 
 
 @pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv to another user)")
 async def test_non_root_user_is_refused_by_peer_credentials(
     api: FakeAPI, open_dir: Path, nursery: trio.Nursery
 ) -> None:
@@ -436,6 +437,7 @@ async def test_non_root_user_is_refused_by_peer_credentials(
 
 
 @pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv to another user)")
 async def test_the_configured_group_is_let_in(api: FakeAPI, open_dir: Path, nursery: trio.Nursery) -> None:
     api.socket_group = 4242
     path = open_dir / "s.sock"
