@@ -91,6 +91,7 @@ class Client:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._conn = proto.Connection(proto.Role.CLIENT)
+        self.ended = ""
 
     def __enter__(self) -> Client:
         return self
@@ -168,9 +169,11 @@ class Client:
         raise CtlError(FAILED, f"bad reply from nsinitd: unexpected {type(reply).__name__}")
 
     def stream(self, command: str, **args: Any) -> Iterator[dict[str, Any]]:
-        """Items of a streaming request; returns at the end of the stream, or raises CtlError
-        (FAILED) if the daemon dropped us."""
+        """Items of a streaming request. Returns at the end of the stream (``self.ended`` says
+        why), raises CtlError (FAILED) if the daemon dropped us."""
         self.call(command, **args)
+        if self._sock is not None:
+            self._sock.settimeout(None)  # --timeout bounds the reply; a stream may be quiet for long
         while True:
             message = self._receive()
             if isinstance(message, proto.StreamItem):
@@ -178,6 +181,7 @@ class Client:
             elif isinstance(message, proto.StreamEnd):
                 if message.reason == "dropped":
                     raise CtlError(FAILED, f"event stream dropped by nsinitd: {message.message}")
+                self.ended = message.message
                 return
             elif isinstance(message, proto.Error):
                 raise _remote(message)
@@ -679,7 +683,7 @@ def cmd_events(args: argparse.Namespace, o: Output) -> int:
         with Client(socket_path(args), args.timeout) as client:
             for event in client.stream("events"):
                 printer.event(event)
-        o.error("the event stream ended (nsinitd is shutting down)")
+        o.error(f"the event stream ended: {client.ended or 'nsinitd closed it'}")
         return OK
     try:
         f = open(path, "rb")  # noqa: SIM115 - handed to the Follower

@@ -468,6 +468,7 @@ class _Server:
         peer: Peer,
     ) -> None:
         channel = self.api.subscribe(self.limits.event_buffer)
+        finished = False
         try:
             await self._send(stream, conn, proto.Reply(request.id, {"stream": True}))
             async with trio.open_nursery() as nursery:
@@ -493,7 +494,11 @@ class _Server:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
                 nursery.cancel_scope.cancel()
+            finished = True
         finally:
+            if not finished:
+                # Cancelled from outside: nsinitd is going away. Say so, without waiting.
+                _send_nowait(sock, conn.send(proto.StreamEnd(request.id, "closed", "nsinitd is stopping")))
             _close_channel(channel)
 
     async def _forward(

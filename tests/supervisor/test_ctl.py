@@ -662,6 +662,12 @@ async def test_end_to_end_with_a_real_nsinitd(tmp_path: Path, background: Any) -
         assert daemon.returncode == 0
         assert not sock.exists()
         assert (await run_real("-c", c, "status")).returncode == 4
+        with trio.fail_after(5):  # the live follower was told the stream ended, and exits 0
+            while follower.proc.poll() is None:
+                await trio.sleep(0.05)
+        assert follower.proc.returncode == 0
+        assert follower.proc.stderr is not None
+        assert b"the event stream ended: nsinitd is stopping" in follower.proc.stderr.read()
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)

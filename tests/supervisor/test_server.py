@@ -669,6 +669,21 @@ async def test_event_stream_ends_when_the_daemon_closes_it(sock: Path, api: Fake
         assert isinstance(end, proto.StreamEnd) and end.reason == "closed"
 
 
+async def test_event_stream_ends_cleanly_when_the_server_stops(api: FakeAPI, tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, api, path)
+        stream = await connect(path)
+        conn = proto.Connection(proto.Role.CLIENT)
+        await stream.send_all(conn.request("events")[1])
+        await read_message(stream, conn)
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    end = await read_message(stream, conn)
+    assert end == proto.StreamEnd(1, "closed", "nsinitd is stopping")
+    await stream.aclose()
+
+
 async def test_a_reader_that_falls_behind_gets_a_final_notice(sock: Path, api: FakeAPI) -> None:
     stream = await connect(sock)
     async with stream:
