@@ -152,10 +152,12 @@ class Client:
             sock.sendall(data)
         except OSError as e:
             # The server may already have refused us and closed: its reason is waiting to be read.
-            with contextlib.suppress(CtlError):
-                reply = self._receive()
-                if isinstance(reply, proto.Error):
-                    raise _remote(reply) from None
+            try:
+                reply: proto.Message | None = self._receive()
+            except CtlError:
+                reply = None
+            if isinstance(reply, proto.Error):
+                raise _remote(reply) from None
             raise CtlError(UNREACHABLE, f"connection to nsinitd lost: {e.strerror or e}") from None
         return request_id
 
@@ -188,6 +190,7 @@ class Client:
 
 
 def _remote(error: proto.Error) -> RemoteError:
+    """The exception for a daemon's error reply; a refusal ends the command at once (exit 5)."""
     if error.code == proto.REFUSED:
         raise CtlError(REFUSED, error.message)
     return RemoteError(error.code, error.message)
