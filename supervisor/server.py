@@ -152,7 +152,7 @@ def _lock(path: Path) -> Iterator[None]:
     binding: a lock held for the daemon's life would be inherited by every child it forks and
     outlive a SIGKILLed daemon."""
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
