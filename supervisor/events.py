@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import io
 import json
 import os
+import queue
+import stat
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
@@ -247,6 +251,71 @@ class _EventLog:
             self.fd = None
 
 
+class _StreamSink:
+    """Writes lines to a text stream (nsinitd's stdout).
+
+    A pipe or socket may stop being read (``nsinitd | less``, paused): then the lines go through
+    a bounded queue to a writer thread, so a stuck reader never blocks supervision; lines that
+    don't fit are counted and reported on stderr. Other streams (files, terminals, StringIO in
+    tests) are written directly.
+    """
+
+    MAX_QUEUED = 10_000
+
+    def __init__(self, stream: TextIO, stderr: TextIO) -> None:
+        self.stream = stream
+        self.stderr = stderr
+        self.queue: queue.Queue[str | None] | None = None
+        self.thread: threading.Thread | None = None
+        self.dropped = 0
+        try:
+            mode = os.fstat(stream.fileno()).st_mode
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            self.queue = queue.Queue(self.MAX_QUEUED)
+            self.thread = threading.Thread(target=self._run, name="nsinitd-stdout", daemon=True)
+            self.thread.start()
+
+    def write(self, line: str) -> None:
+        if self.queue is None:
+            self._write(line)
+            return
+        try:
+            self.queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self, line: str) -> None:
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _run(self) -> None:
+        assert self.queue is not None
+        while (line := self.queue.get()) is not None:
+            self._write(line)
+            if self.dropped and self.queue.empty():
+                n, self.dropped = self.dropped, 0
+                try:
+                    print(f"nsinitd: stdout was not read: {n} events not written there "
+                          f"(the event log and live subscribers have them)", file=self.stderr, flush=True)
+                except (OSError, ValueError):
+                    pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (bounded by timeout: a reader that never comes back is let go)."""
+        if self.queue is not None and self.thread is not None:
+            try:
+                self.queue.put(None, timeout=timeout)
+            except queue.Full:
+                return
+            self.thread.join(timeout)
+            self.queue = None
+
+
 class _Subscriber:
     def __init__(self, max_buffer: int) -> None:
         self.max_buffer = max(1, max_buffer)
@@ -259,8 +328,8 @@ class EventBus:
 
     def __init__(self, stream: TextIO | None = None, event_log: Path | None = None,
                  stderr: TextIO | None = None) -> None:
-        self.stream = stream
         self.stderr = stderr or sys.stderr
+        self.stream = _StreamSink(stream, self.stderr) if stream is not None else None
         self.log = _EventLog(event_log, self.stderr) if event_log else None
         self.subscribers: list[_Subscriber] = []
         self.closed = False
@@ -278,11 +347,7 @@ class EventBus:
         obj = json.loads(line)
         self.history.append(obj)
         if self.stream is not None:
-            try:
-                self.stream.write(line + "\n")
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
+            self.stream.write(line)
         if self.log is not None:
             self.log.write(line)
         for tap in self.taps:
@@ -332,3 +397,5 @@ class EventBus:
             self._drop(sub)
         if self.log is not None:
             self.log.close()
+        if self.stream is not None:
+            self.stream.close()

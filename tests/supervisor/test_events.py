@@ -129,3 +129,31 @@ async def test_reopen_follows_an_external_rotation(tmp_path: Path) -> None:
     bus.emit("supervisor.stopped", exit_code=0)
     assert json.loads(log.read_text())["event"] == "supervisor.stopped"
     assert json.loads((tmp_path / "events.jsonl.1").read_text())["event"] == "supervisor.stopping"
+
+
+async def test_a_stdout_pipe_nobody_reads_never_blocks() -> None:
+    r, w = os.pipe()
+    out = os.fdopen(w, "w")
+    err = io.StringIO()
+    bus = EventBus(out, stderr=err)
+    with trio.fail_after(5):
+        for i in range(30_000):  # far more than a pipe buffer and the queue hold
+            bus.emit("stranger.reaped", pid=i, exit_code=0)
+    reader = os.fdopen(r, "rb")
+    got: list[bytes] = []
+
+    async def read_all() -> None:
+        got.append(await trio.to_thread.run_sync(reader.read))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(read_all)  # the reader comes back: the queue drains, the drops are reported
+            await trio.sleep(0.1)
+            bus.emit("supervisor.stopped", exit_code=0)  # closes the bus: waits for the queue
+            out.close()
+    lines = got[0].decode().splitlines()
+    assert 1000 < len(lines) < 30_001
+    assert json.loads(lines[-1])["event"] == "supervisor.stopped"
+    assert [json.loads(x)["pid"] for x in lines[:100]] == list(range(100))  # in order, from the start
+    assert "events not written there" in err.getvalue()
+    reader.close()
