@@ -23,13 +23,12 @@ from . import apparmor, capabilities, libc
 from .config import ContainerConfig
 from .errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_RUNTIME_FAILED, NsRuntimeError
 
-ALL_SIGNALS = [s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP)]
-# glibc reserves 32 and 33 for its threads; they can't be blocked or handled from Python
-_UNTOUCHABLE = {32, 33}
+# every signal a process can catch; glibc reserves 32 and 33 for its threads (Python refuses them)
+ALL_SIGNALS = [s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)]
 
 
 def block_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(ALL_SIGNALS) - _UNTOUCHABLE)
+    signal.pthread_sigmask(signal.SIG_BLOCK, ALL_SIGNALS)
 
 
 def reset_signals() -> None:
@@ -37,8 +36,6 @@ def reset_signals() -> None:
     with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)
     for s in ALL_SIGNALS:
-        if s in _UNTOUCHABLE:
-            continue
         with contextlib.suppress(OSError, ValueError):
             signal.signal(s, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
