@@ -168,6 +168,11 @@ def machine() -> dict[str, str]:
             return "missing"
 
     commit = version(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if dirty:
+            commit += f" (+ uncommitted changes in {len(dirty.splitlines())} files)"
     return {
         "nproc": str(os.cpu_count()), "kernel": platform.release(), "cpu": cpu, "memory": mem,
         "python": platform.python_version(), "os": version(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"]),

@@ -33,7 +33,8 @@ def cold(r: dict[str, Any], out: list[str]) -> None:
     out.append("   busybox rootfs, /bin/true (nsinit: `nsinit exec`; runc/crun: `run` of a `runc spec` bundle)")
     out.append(f"   {'contender':28} {'median':>10} {'p90':>10} {'min':>10}  vs floor")
     floor = _med(st, "floor")
-    for name in ("nsinit", "runc", "crun", "floor", "python -S -c pass", "python -c pass", "python + nsinit imports"):
+    for name in ("nsinit", "runc", "crun", "floor", "python -S -c pass", "python -c pass", "python + nsinit imports",
+                 "python + imports, os._exit"):
         if name in st:
             s = st[name]
             out.append(f"   {name:28} {_ms(s['median']):>10} {_ms(s['p90']):>10} {_ms(s['min']):>10}  "
@@ -44,11 +45,13 @@ def cold(r: dict[str, Any], out: list[str]) -> None:
     out.append(f"   nsinit / crun  = {_x(rc)} (target <= 2.5){_verdict(None if rc is None else rc <= 2.5)}")
     out.append(f"   runc / crun    = {_x(_div(runc, crun))}; crun / floor = {_x(_div(crun, floor))}")
     py_s, py, imp = _med(st, "python -S -c pass"), _med(st, "python -c pass"), _med(st, "python + nsinit imports")
-    if n and py_s and py and imp:
+    imp_x = _med(st, "python + imports, os._exit")
+    if n and py_s and py and imp and imp_x:
         out.append("   where nsinit's median goes (differences of medians from the same rounds):")
         for label, v in (("interpreter core (python -S)", py_s), ("site: sys.path, .pth files", py - py_s),
-                         ("imports of the exec path", imp - py), ("nsinit's own work (config, fork, ns, mounts, "
-                                                                   "wait, teardown)", n - imp)):
+                         ("imports of the exec path", imp_x - py),
+                         ("finalizing those modules at exit (vs os._exit)", imp - imp_x),
+                         ("nsinit's own work (config, forks, ns, mounts, wait, teardown)", n - imp)):
             out.append(f"     {label:58} {_ms(v):>10}  {v / n * 100:4.0f}%")
 
 
