@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any as ConfigWriter
 
@@ -326,3 +327,44 @@ async def test_cancellation_reaps(cfg: ConfigWriter, tmp_path: Path) -> None:  #
     assert not _alive(pid) and not Path(f"/proc/{pid}").exists()
     names = [e["event"] for e in seen]
     assert names[-4:] == ["program.stopping", "program.killing", "program.exited", "program.stopped"]
+
+
+def test_the_reaper_never_steals_an_owned_status(tmp_path: Path) -> None:
+    from supervisor.process import decode_wait_status, spawn_plain
+
+    reaper = Reaper()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        owned = spawn_plain(["sh", "-c", "exit 7"], {"PATH": os.environ["PATH"]}, (devnull,) * 3, reaper)
+        stranger = os.fork()
+        if stranger == 0:
+            os._exit(3)
+        deadline = time.monotonic() + 5
+        while _alive(owned.pid) or _alive(stranger):  # both zombies now, neither reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        reaped = reaper.reap_strangers()
+        assert [(pid, info.exit_code) for pid, info in reaped] == [(stranger, 3)]
+        info = owned.reap()  # still there for its owner
+        assert info is not None and info.exit_code == 7 and info.signal is None
+        assert owned.pid not in reaper.owned
+    finally:
+        os.close(devnull)
+    assert decode_wait_status(9) == decode_wait_status(9) and decode_wait_status(9).exit_code == 137
+    assert decode_wait_status(9).signal_name == "SIGKILL"
+
+
+def test_spawn_error_names_the_step(tmp_path: Path) -> None:
+    from supervisor.process import SpawnError, spawn_plain
+
+    reaper = Reaper()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        with pytest.raises(SpawnError, match=r"exec /nonexistent/x: No such file or directory"):
+            spawn_plain(["/nonexistent/x"], {}, (devnull,) * 3, reaper)
+        (tmp_path / "noexec").write_text("#!/bin/sh\n")
+        with pytest.raises(SpawnError, match="Permission denied"):
+            spawn_plain([str(tmp_path / "noexec")], {}, (devnull,) * 3, reaper)
+    finally:
+        os.close(devnull)
+    assert reaper.owned == set()
