@@ -50,6 +50,15 @@ TEARDOWN_TIMEOUT = 10.0
 KILL_WAIT = 5.0
 
 
+#: systemd's messages to nsinitd alone: a program must not be able to say READY=1 for it
+_PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"})
+
+
+def inherited_env() -> dict[str, str]:
+    """The environment plain programs start from: nsinitd's, minus what is nsinitd's alone."""
+    return {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+
+
 @dataclass
 class Context:
     """What every program shares with the daemon."""
@@ -60,7 +69,7 @@ class Context:
     state_dir: Path
     cgroup_root: Path | None = None  # nsinitd-<pid>/ in the cgroup2 tree, or None
     runtime: Any = None  # the nsruntime module (or a fake in tests); loaded on first use
-    base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    base_env: dict[str, str] = field(default_factory=lambda: inherited_env())
 
     def load_runtime(self) -> Any:
         if self.runtime is None:
