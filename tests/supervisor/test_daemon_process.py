@@ -155,12 +155,14 @@ async def test_sd_notify_ready_and_stopping(cfg: ConfigWriter, nsinitd, tmp_path
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await sock.bind(str(addr))
     with sock:
-        d = await nsinitd(cfg.write('[programs.a]\ncommand = ["sleep", "300"]\nstartsecs = 0.3\n'),
+        d = await nsinitd(cfg.write('[programs.a]\ncommand = ["sh", "-c", "echo ${NOTIFY_SOCKET:-unset}; '
+                                    'exec sleep 300"]\nstartsecs = 0.3\n'),
                           env={"NOTIFY_SOCKET": str(addr)})
         with trio.fail_after(10):
             msg = await sock.recv(1024)
         assert msg == b"READY=1"
         assert any(e["event"] == "program.running" for e in d.events) or await d.wait_for("program.running")
+        assert (cfg.root / "logs" / "a.out").read_text() == "unset\n"  # only nsinitd may notify
         d.proc.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             assert await sock.recv(1024) == b"STOPPING=1"
