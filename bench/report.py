@@ -132,8 +132,8 @@ def reap(r: dict[str, Any], out: list[str]) -> None:
 
 def events(r: dict[str, Any], out: list[str]) -> None:
     out.append(f"5. Events from nsinitd, read by {r.get('reader', '?')}")
-    b = r.get("burst")
-    if b:
+    for key in sorted((k for k in r if k.startswith("burst ")), key=lambda k: int(k.split()[1])):
+        b = r[key]
         rate = b["reader_events_per_s"]
         kept_up = b["events"] >= b["expected"]
         out.append(f"   burst of {b['expected']} stranger.reaped events, {b['events']} reached the reader: {rate:.0f} "
