@@ -70,6 +70,9 @@ class Context:
     cgroup_root: Path | None = None  # nsinitd-<pid>/ in the cgroup2 tree, or None
     runtime: Any = None  # the nsruntime module (or a fake in tests); loaded on first use
     base_env: dict[str, str] = field(default_factory=lambda: inherited_env())
+    #: Held around every transition (which may fork or create a container synchronously): one
+    #: spawn per scheduler batch, so a restart storm can't starve the control socket.
+    spawn_lock: trio.Lock = field(default_factory=trio.Lock)
 
     def load_runtime(self) -> Any:
         if self.runtime is None:
@@ -255,15 +258,17 @@ class Program:
         if isinstance(item, _Command):
             try:
                 if machine.allowed(self.state, type(item.event)):
-                    self._by_operator = isinstance(item.event, machine.Start)
-                    self._apply(item.event)
+                    async with self.ctx.spawn_lock:
+                        self._by_operator = isinstance(item.event, machine.Start)
+                        self._apply(item.event)
             finally:
                 item.done.set()
         elif isinstance(item, _Timer):
             if item.token == self._timer_token:
-                self._timer_scope = None
-                self._by_operator = False
-                self._apply(item.event)
+                async with self.ctx.spawn_lock:
+                    self._timer_scope = None
+                    self._by_operator = False
+                    self._apply(item.event)
         elif item.child is self.child:
             info = item.child.reap()
             if info is None:  # not reapable yet (should not happen): watch again
@@ -274,8 +279,9 @@ class Program:
             self._emit("program.exited", pid=item.child.pid, exit_code=info.exit_code,
                        signal=info.signal_name, expected=expected, oom_killed=info.oom_killed)
             await self._release(item.child, info)
-            self._by_operator = False
-            self._apply(machine.Exited(expected=expected))
+            async with self.ctx.spawn_lock:
+                self._by_operator = False
+                self._apply(machine.Exited(expected=expected))
 
     async def _release(self, child: Child, info: ExitInfo) -> None:
         """The incarnation is over: kill its leftovers, release its container/cgroup."""
