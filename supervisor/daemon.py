@@ -389,7 +389,10 @@ class Daemon:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="nsinitd", description="nsinit process and container supervisor")
+    parser = argparse.ArgumentParser(
+        prog="nsinitd", description="nsinit process and container supervisor (foreground; events on stdout)",
+        epilog="signals: TERM/INT stop every program and exit, HUP reload the config, USR2 reopen logs. "
+               "exit status: 0 ordered shutdown, 1 could not run, 2 bad config or usage.")
     parser.add_argument("-c", "--config", required=True, help="supervisor config file (TOML)")
     parser.add_argument("--no-socket", action="store_true", help="do not open the control socket")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
