@@ -20,7 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .lib import QUICK, Skip, interleave, log, make_rootfs, resolve, run_timed, summary, write_json, write_nsinit_config
+from .lib import (
+    PREFIX,
+    QUICK,
+    Skip,
+    interleave,
+    log,
+    make_rootfs,
+    resolve,
+    run_timed,
+    summary,
+    write_json,
+    write_nsinit_config,
+)
 
 CONTROLLERS = "/sys/fs/cgroup/unified/cgroup.controllers"
 ROUNDS = 15 if QUICK else 60
@@ -67,7 +79,7 @@ def checked(name: str, argv: list[str], cwd: str | None = None) -> Any:
 
 def main(work: Path, out: Path, floor: str) -> None:
     mask_controllers()
-    rootfs = make_rootfs(work / "rootfs", resolve("busybox"))
+    rootfs = make_rootfs(work / f"{PREFIX}rootfs", resolve("busybox"))
     write_nsinit_config(rootfs)
     python = sys.executable
     nsinit = resolve("nsinit")

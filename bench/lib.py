@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+# every rootfs directory we make starts with this, and nsinit names a container's cgroups after its
+# rootfs directory: what the cleanup may remove is recognisable by name (runc/crun ids: nsinit-bench-)
+PREFIX = "nsb-"
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
@@ -247,6 +250,32 @@ def host_diff(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict
         if extra:
             out[k] = extra
     return out
+
+
+def remove_our_cgroups(before: list[str]) -> list[str]:
+    """Kill what is left in, and remove, the cgroup directories that appeared during the run and
+    are ours by name (a runtime that failed halfway may leave some); deepest first, bounded."""
+    import re
+
+    ours = re.compile(rf"/({re.escape(PREFIX)}|nsinit-bench-)[^/]*(/|$)")
+    old = set(before)
+    dirs = [d for d in host_state()["cgroups"] if d not in old and ours.search(d)]
+    removed = []
+    for d in sorted(dirs, key=lambda x: -x.count("/")):
+        for _ in range(40):
+            with contextlib.suppress(OSError, ValueError), open(f"{d}/cgroup.procs") as f:
+                for pid in f.read().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            try:
+                os.rmdir(d)
+                removed.append(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+    return removed
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from .lib import (
     BENCH_DIR,
+    PREFIX,
     QUICK,
     REPO,
     Skip,
@@ -34,6 +35,7 @@ from .lib import (
     host_state,
     log,
     make_rootfs,
+    remove_our_cgroups,
     resolve,
     set_subreaper,
     write_json,
@@ -107,7 +109,7 @@ def run_part(name: str, argv: list[str], out: Path) -> tuple[dict[str, Any] | No
 
 def imports_breakdown(work: Path) -> dict[str, Any]:
     """`python -X importtime` of what `nsinit exec` imports, grouped: ours, third-party, stdlib, site."""
-    root = make_rootfs(work / "rootfs-imports", resolve("busybox"))
+    root = make_rootfs(work / f"{PREFIX}imports", resolve("busybox"))
     write_nsinit_config(root)
     from .coldstart import IMPORTS
 
@@ -229,6 +231,9 @@ def main() -> int:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    cleaned = remove_our_cgroups(before["cgroups"])
+    if cleaned:
+        results["cleaned_cgroups"] = cleaned
     results["host_diff"] = host_diff(before, host_state())
     from .report import render
 

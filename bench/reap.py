@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .lib import QUICK, Skip, interleave, log, make_rootfs, resolve, summary, write_json, write_nsinit_config
+from .lib import PREFIX, QUICK, Skip, interleave, log, make_rootfs, resolve, summary, write_json, write_nsinit_config
 
 ZOMBIES = 2000
 ROUNDS = 5 if QUICK else 15
@@ -30,7 +30,7 @@ def main(work: Path, out: Path, zombies: str) -> None:
     result: dict[str, Any] = {"skipped": {}, "rounds": ROUNDS, "zombies": ZOMBIES}
     tini = "/usr/bin/tini-static"
     extra = [zombies] + ([tini] if Path(tini).exists() else [])
-    rootfs = make_rootfs(work / "rootfs-reap", resolve("busybox"), extra)
+    rootfs = make_rootfs(work / f"{PREFIX}reap", resolve("busybox"), extra)
     write_nsinit_config(rootfs)
     nsinit = resolve("nsinit")
     todo: dict[str, tuple[list[str], str | None]] = {

@@ -177,6 +177,9 @@ def render(res: dict[str, Any]) -> str:
             out.append("")
     for k, why in res.get("skipped", {}).items():
         out.append(f"skipped: {k}: {why}")
+    if res.get("cleaned_cgroups"):
+        left = sorted({c.rsplit("/", 1)[1] for c in res["cleaned_cgroups"]})
+        out.append(f"cleanup: removed cgroups a runtime left behind: {', '.join(left)}")
     diff = res.get("host_diff")
     if not diff:
         out.append("host after the run: unchanged (links, mounts, cgroups, runc/crun state, temp dirs)")

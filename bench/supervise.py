@@ -29,6 +29,7 @@ from typing import Any
 
 from .clients import Ctl, CtlError, EventReader, concurrently, raw_event_stream, supervisord_rpc
 from .lib import (
+    PREFIX,
     QUICK,
     Children,
     Skip,
@@ -271,7 +272,7 @@ class Supervisord:
 def containers_for(work: Path, n: int, busybox: str) -> list[Path]:
     out = []
     for i in range(n):
-        root = make_rootfs(work / f"c{i:03d}", busybox, link=True)
+        root = make_rootfs(work / f"{PREFIX}c{i:03d}", busybox, link=True)
         write_nsinit_config(root, hostname=f"c{i:03d}")
         out.append(root)
     return out
