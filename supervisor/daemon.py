@@ -258,9 +258,13 @@ class Daemon:
             for prog in self.programs.values():
                 levels.setdefault(prog.cfg.priority, []).append(prog)
             for prio in sorted(levels, reverse=True):
-                async with trio.open_nursery() as n:
-                    for prog in levels[prio]:
-                        n.start_soon(prog.finish)
+                # bounded: a program that won't die (D state) is left to the cancellation below,
+                # which reports it stuck; the shutdown never hangs on it
+                bound = max(p.cfg.stopwaitsecs for p in levels[prio]) + 2 * self.ctx.kill_wait + 1
+                with trio.move_on_after(bound):
+                    async with trio.open_nursery() as n:
+                        for prog in levels[prio]:
+                            n.start_soon(prog.finish)
 
     def reopen_logs(self) -> None:
         self.bus.reopen()

@@ -68,6 +68,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "program.stopping": {"pid": _INT + _NONE, "signal": _STR},
     "program.stopped": {},
     "program.killing": {"pid": _INT + _NONE},
+    "program.stuck": {"pid": _INT, "state": _STR, "reason": _STR},
+    "program.teardown_failed": {"pid": _INT, "error": _STR},
     "container.created": {"host_pid": _INT, "namespaces": _LIST, "container": _STR},
     "container.destroyed": {"released": _DICT},
     "container.reclaimed": {"host_pid": _INT, "action": _STR, "reason": _STR},

@@ -241,6 +241,7 @@ class Child(Protocol):
 
 class PlainChild:
     def __init__(self, pid: int, pidfd: int, cgroup: Cgroup | None, reaper: Reaper) -> None:
+        self.teardown_timeout = 5.0  # for the cgroup to empty after cgroup.kill
         self.pid = pid
         self.pidfd = pidfd
         self.cgroup = cgroup
@@ -284,7 +285,7 @@ class PlainChild:
         """Kill whatever the program left running (grandchildren) and release its cgroup."""
         released: dict[str, Any] = {"cgroups": []}
         if self.cgroup is not None:
-            released["cgroups"] = await self.cgroup.remove(self.reaper)
+            released["cgroups"] = await self.cgroup.remove(self.reaper, timeout=self.teardown_timeout)
         else:
             try:
                 os.killpg(self.pid, signal.SIGKILL)  # its session's process group, if any is left
@@ -371,6 +372,18 @@ def spawn_plain(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, i
 async def wait_exit(child: Child) -> None:
     """Return once the child has exited (its pidfd is readable); does not reap."""
     await trio.lowlevel.wait_readable(child.pidfd)
+
+
+def proc_state(pid: int) -> str:
+    """The State line of /proc/PID/status, e.g. ``D (disk sleep)``, or ``gone``."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "gone"
 
 
 def proc_start_time(pid: int) -> int | None:

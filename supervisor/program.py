@@ -34,8 +34,10 @@ from .process import (
     Cgroup,
     Child,
     ExitInfo,
+    PlainChild,
     Reaper,
     SpawnError,
+    proc_state,
     remove_pid_files,
     signal_name,
     spawn_plain,
@@ -46,7 +48,7 @@ from .states import STOPPED_STATES, ProcessState, Wanted
 
 #: Bound on the teardown of one incarnation (cgroup emptying, container destroy).
 TEARDOWN_TIMEOUT = 10.0
-#: Bound on waiting for a SIGKILLed process to disappear.
+#: Bound on waiting for a previous run's container to die (blocking, at spawn).
 KILL_WAIT = 5.0
 
 
@@ -73,6 +75,8 @@ class Context:
     #: Held around every transition (which may fork or create a container synchronously): one
     #: spawn per scheduler batch, so a restart storm can't starve the control socket.
     spawn_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: how long a SIGKILLed program may take to disappear before it is reported stuck
+    kill_wait: float = 5.0
 
     def load_runtime(self) -> Any:
         if self.runtime is None:
@@ -163,6 +167,7 @@ class Program:
         self._timer_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._by_operator = False
+        self._killed: Child | None = None
         self.done = trio.Event()
 
     # -- facts -----------------------------------------------------------------------------------
@@ -288,15 +293,21 @@ class Program:
         self.last_exit = info
         self.child = None
         released: dict[str, Any] = {}
+        if isinstance(child, PlainChild):
+            child.teardown_timeout = self.ctx.kill_wait
         try:
-            with trio.fail_after(TEARDOWN_TIMEOUT):
+            with trio.fail_after(max(TEARDOWN_TIMEOUT, self.ctx.kill_wait * 2)):
                 released = await child.teardown()
-        except (OSError, trio.TooSlowError) as e:
-            released = {"error": str(e) or "teardown timed out"}
+        except OSError as e:
+            released = {"error": e.strerror or str(e)}
+        except trio.TooSlowError:
+            released = {"error": "teardown timed out"}
         except Exception as e:  # the runtime's own errors
             released = {"error": f"{type(e).__name__}: {e}"}
         if isinstance(child, ContainerChild):
             self._emit("container.destroyed", released=released)
+        elif "error" in released:
+            self._emit("program.teardown_failed", pid=child.pid, error=str(released["error"]))
         remove_pid_files(self.state_dir)
 
     def _apply(self, event: machine.Event) -> None:
@@ -330,7 +341,9 @@ class Program:
             self._arm(self.cfg.stopwaitsecs, machine.StopTimeout())
         elif isinstance(action, machine.Kill):
             if self.child is not None:
-                self._emit("program.killing", pid=self.child.pid)
+                if self._killed is not self.child:  # reported once; repeated quietly
+                    self._killed = self.child
+                    self._emit("program.killing", pid=self.child.pid)
                 self.child.kill()
             self._arm(1.0, machine.StopTimeout())  # again, if it is still there in a second
         elif isinstance(action, machine.ScheduleRetry):
@@ -493,16 +506,22 @@ class Program:
                 await wait_exit(child)
             info = child.reap()
             if info is None:
-                self._emit("program.killing", pid=child.pid)
+                if self._killed is not child:
+                    self._emit("program.killing", pid=child.pid)
                 child.kill()
-                with trio.move_on_after(KILL_WAIT):
+                with trio.move_on_after(self.ctx.kill_wait):
                     await wait_exit(child)
                 info = child.reap()
-        if info is None:  # unkillable (D state): report it and let the stranger reaper have it
+        if info is None:
+            # Unkillable (D state, a frozen v1 cgroup): say which process and in what state, and
+            # let go. The stranger reaper collects it if it ever dies.
             self.ctx.reaper.disown(child.pid)
+            self._emit("program.stuck", pid=child.pid, state=proc_state(child.pid),
+                       reason=f"still there {self.ctx.kill_wait:g}s after SIGKILL")
             info = ExitInfo(128 + int(_signal.SIGKILL), int(_signal.SIGKILL))
-        self._emit("program.exited", pid=child.pid, exit_code=info.exit_code, signal=info.signal_name,
-                   expected=True, oom_killed=info.oom_killed)
+        else:
+            self._emit("program.exited", pid=child.pid, exit_code=info.exit_code, signal=info.signal_name,
+                       expected=True, oom_killed=info.oom_killed)
         await self._release(child, info)
         self.status = machine.Status(ProcessState.STOPPED, Wanted.DOWN, 0)
         self.since = time.time()

@@ -368,3 +368,57 @@ def test_spawn_error_names_the_step(tmp_path: Path) -> None:
     finally:
         os.close(devnull)
     assert reaper.owned == set()
+
+
+FREEZER_V1 = Path("/sys/fs/cgroup/freezer")
+
+
+@pytest.mark.skipif(not (FREEZER_V1 / "cgroup.procs").exists() or not HAS_CGROUP2,
+                    reason="needs the v1 freezer (SIGKILL waits for a thaw there) and cgroup2")
+async def test_an_unkillable_program_does_not_hang_the_shutdown(cfg: ConfigWriter, run_daemon,  # type: ignore[no-untyped-def]
+                                                                 tmp_path: Path) -> None:
+    r = await run_daemon(cfg.load("""
+        [programs.frozen]
+        command = ["sleep", "300"]
+        startsecs = 0.1
+        stopwaitsecs = 0.2
+        [programs.fine]
+        command = ["sleep", "300"]
+        startsecs = 0.1
+        stopwaitsecs = 0.2
+    """))
+    r.daemon.ctx.kill_wait = 0.5
+    pid = r.daemon.status(["frozen"])[0].pid
+    freezer = FREEZER_V1 / f"nsinitd-test-{os.getpid()}"
+    freezer.mkdir()
+    cg2 = r.daemon.ctx.cgroup_root / "frozen"
+    try:
+        (freezer / "cgroup.procs").write_text(str(pid))
+        (freezer / "freezer.state").write_text("FROZEN")
+        r.daemon.request_shutdown()
+        with trio.fail_after(6):  # bounded, however stuck the program is
+            await r.daemon.done.wait()
+        stuck = r.watcher.find("program.stuck", "frozen")[0]
+        assert stuck["pid"] == pid and stuck["state"].startswith("D")
+        assert r.watcher.find("program.teardown_failed", "frozen")[0]["error"].startswith(f"rmdir({cg2})")
+        assert len(r.watcher.find("program.killing", "frozen")) == 1
+        assert r.watcher.find("program.stopped", "fine")
+        assert r.watcher.events[-1]["event"] == "supervisor.stopped"
+    finally:
+        (freezer / "freezer.state").write_text("THAWED")  # the pending SIGKILL lands now
+        with trio.fail_after(5):
+            while True:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        break
+                except ChildProcessError:
+                    break
+                await trio.sleep(0.02)
+        freezer.rmdir()
+        for d in (cg2, cg2.parent):
+            with trio.fail_after(5):
+                while d.exists():
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        await trio.sleep(0.02)
