@@ -260,7 +260,7 @@ class Daemon:
             for prio in sorted(levels, reverse=True):
                 # bounded: a program that won't die (D state) is left to the cancellation below,
                 # which reports it stuck; the shutdown never hangs on it
-                bound = max(p.cfg.stopwaitsecs for p in levels[prio]) + 2 * self.ctx.kill_wait + 1
+                bound = max(self._stop_bound(p) for p in levels[prio])
                 with trio.move_on_after(bound):
                     async with trio.open_nursery() as n:
                         for prog in levels[prio]:
@@ -315,15 +315,23 @@ class Daemon:
         await prog.start()
         return self._status(prog)
 
+    def _stop_bound(self, prog: Program) -> float:
+        """How long a stop may take before the caller gets the (still STOPPING) status back."""
+        return prog.cfg.stopwaitsecs + 2 * self.ctx.kill_wait + 1
+
     async def stop(self, name: str) -> ProgramStatus:
         prog = self._get(name)
-        await prog.stop()
+        with trio.move_on_after(self._stop_bound(prog)):  # a process in D state can't hold us
+            await prog.stop()
         return self._status(prog)
 
     async def restart(self, name: str) -> ProgramStatus:
         prog = self._get(name)
         self._check_open()
-        await prog.stop()
+        with trio.move_on_after(self._stop_bound(prog)):
+            await prog.stop()
+        if prog.state is ProcessState.STOPPING:
+            raise ControlError("failed", f"{name} did not stop ({prog.describe()})")
         await prog.start()
         return self._status(prog)
 
