@@ -68,8 +68,7 @@ def _recv_line(sock: socket.socket, deadline: float, what: str) -> tuple[str, li
         left = deadline - time.monotonic()
         if left <= 0:
             raise SetupError(what, f"container init did not answer within {SETUP_TIMEOUT:.0f} s")
-        r, _, _ = select.select([sock], [], [], left)
-        if not r:
+        if not wait_readable(sock.fileno(), left):
             continue
         data, got, _flags, _addr = socket.recv_fds(sock, 4096, 4)
         fds += got
@@ -170,7 +169,7 @@ class Container:
 
     def wait(self, timeout: float | None = None) -> ExitStatus | None:
         """Block until PID 1 exits (or timeout); returns its status."""
-        select.select([self.pidfd], [], [], timeout)
+        wait_readable(self.pidfd, timeout)
         return self.poll()
 
     def stats(self) -> dict[str, Any]:
@@ -246,8 +245,14 @@ def proc_state(pid: int) -> str:
 
 
 def _pidfd_readable(pidfd: int) -> bool:
-    r, _, _ = select.select([pidfd], [], [], 0)
-    return bool(r)
+    return wait_readable(pidfd, 0)
+
+
+def wait_readable(fd: int, timeout: float | None) -> bool:
+    """poll(2), not select(2): a daemon holding hundreds of containers has fds above 1023."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def create(
@@ -625,7 +630,7 @@ def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[st
     # forward what reaches this helper to the command; leave with its status
     status = None
     while status is None:
-        select.select([sigfd], [], [])
+        wait_readable(sigfd, None)
         while (info := libc.read_signalfd(sigfd)) is not None:
             if info[0] == signal.SIGCHLD:
                 with contextlib.suppress(ChildProcessError):
@@ -688,9 +693,18 @@ def forward_until_exit(sigfd: int, waitfd: int, forward: Callable[[int], None], 
 
     relay = console.Relay(master) if master is not None else None
     while True:
-        rfds = [sigfd, waitfd] + (relay.read_fds() if relay else [])
-        wfds = relay.write_fds() if relay else []
-        r, w, _ = select.select(rfds, wfds, [])
+        p = select.poll()
+        events: dict[int, int] = {sigfd: select.POLLIN, waitfd: select.POLLIN}
+        for fd in relay.read_fds() if relay else []:
+            events[fd] = events.get(fd, 0) | select.POLLIN
+        for fd in relay.write_fds() if relay else []:
+            events[fd] = events.get(fd, 0) | select.POLLOUT
+        for fd, ev in events.items():
+            p.register(fd, ev)
+        ready = p.poll()
+        # hang-ups and errors count as readable: the read that follows sees EOF or EIO
+        r = [fd for fd, ev in ready if ev & (select.POLLIN | select.POLLHUP | select.POLLERR)]
+        w = [fd for fd, ev in ready if ev & select.POLLOUT]
         if sigfd in r:
             while (info := libc.read_signalfd(sigfd)) is not None:
                 signo = info[0]
