@@ -83,13 +83,17 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
                  verdict(None if r is None else r >= 0.5)))
     ev = res["parts"].get("events", {})
     bursts = sorted((k for k in ev if k.startswith("burst ")), key=lambda k: int(k.split()[1]))
-    parts, ok = [], True
+    parts, fast, kept = [], True, True
     for k in bursts:
         b = ev[k]
         parts.append(f"{b['reader_events_per_s']:.0f}/s over a burst of {b['expected']}"
                      + ("" if b["events"] >= b["expected"] else f" (reader dropped after {b['events']})"))
-        ok = ok and b["reader_events_per_s"] >= 10000 and b["events"] >= b["expected"]
-    rows.append((">= 10,000 events/s to a reader", "; ".join(parts) or "-", verdict(ok if parts else None)))
+        fast = fast and b["reader_events_per_s"] >= 10000
+        kept = kept and b["events"] >= b["expected"]
+    v = verdict(fast if parts else None)
+    if parts and fast and not kept:
+        v = "rate met; a large burst drops the reader"
+    rows.append((">= 10,000 events/s to a reader", "; ".join(parts) or "-", v))
     d = [ev.get(f"exit_to_event {p}") for p in ("stamp", "stampc")]
     labelled = zip(("plain process", "container"), d, strict=True)
     txt = ", ".join(f"{lab} {x['reader']['median'] * 1000:.1f} ms" for lab, x in labelled if x)

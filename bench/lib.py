@@ -252,12 +252,21 @@ def host_diff(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict
     return out
 
 
-def remove_our_cgroups(before: list[str]) -> list[str]:
+def note_daemon(pid: int) -> None:
+    """Record an nsinitd we started: killed at a time bound, it would leave its nsinitd-PID cgroup."""
+    work = os.environ.get("BENCH_WORK")
+    if work:
+        with open(Path(work) / "daemons", "a") as f:
+            f.write(f"{pid}\n")
+
+
+def remove_our_cgroups(before: list[str], daemons: Iterable[int] = ()) -> list[str]:
     """Kill what is left in, and remove, the cgroup directories that appeared during the run and
     are ours by name (a runtime that failed halfway may leave some); deepest first, bounded."""
     import re
 
-    ours = re.compile(rf"/({re.escape(PREFIX)}|nsinit-bench-)[^/]*(/|$)")
+    names = [re.escape(PREFIX) + "[^/]*", "nsinit-bench-[^/]*", *(f"nsinitd-{int(p)}" for p in daemons)]
+    ours = re.compile(rf"/({'|'.join(names)})(/|$)")
     old = set(before)
     dirs = [d for d in host_state()["cgroups"] if d not in old and ours.search(d)]
     removed = []

@@ -86,9 +86,12 @@ def run_part(name: str, argv: list[str], out: Path) -> tuple[dict[str, Any] | No
     bound = (QUICK_BOUND if QUICK else BOUND)[name]
     t = time.monotonic()
     p = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=None, start_new_session=True)
+    late = False
     try:
         p.wait(bound)
     except subprocess.TimeoutExpired:
+        late = True
+        log(f"{name}: still running after its bound of {bound}s: stopping it")
         os.killpg(p.pid, signal.SIGTERM)
         time.sleep(2)
         with contextlib.suppress(ProcessLookupError):
@@ -100,10 +103,14 @@ def run_part(name: str, argv: list[str], out: Path) -> tuple[dict[str, Any] | No
         leaked = kill_leftovers()
     log(f"{name}: {time.monotonic() - t:.1f}s" + (f", killed leftovers {leaked}" if leaked else ""))
     if out.exists():
-        return json.loads(out.read_text()), None
+        res = json.loads(out.read_text())
+        if late:
+            res.setdefault("skipped", {})["the rest"] = f"the part was stopped at its time bound of {bound}s"
+        return res, None
+    if late:
+        return None, f"stopped at its time bound of {bound}s before any result"
     if p.returncode and p.returncode < 0:
-        late = time.monotonic() - t >= bound
-        return None, f"killed after its bound of {bound}s" if late else f"signal {-p.returncode}"
+        return None, f"signal {-p.returncode}"
     return None, f"exited {p.returncode} without a result (see the log above)"
 
 
@@ -192,6 +199,7 @@ def main() -> int:
     set_subreaper()
     before = host_state()
     work = Path(tempfile.mkdtemp(prefix="nsinit-bench.", dir="/tmp"))
+    os.environ["BENCH_WORK"] = str(work)
     results: dict[str, Any] = {"machine": machine(), "parts": {}, "skipped": {}}
     py = sys.executable
     try:
@@ -227,13 +235,16 @@ def main() -> int:
                 results["skipped"]["imports"] = str(e)
     finally:
         kill_leftovers()
+        daemons: list[int] = []
+        with contextlib.suppress(OSError, ValueError):
+            daemons = [int(x) for x in (work / "daemons").read_text().split()]
+        cleaned = remove_our_cgroups(before["cgroups"], daemons)
+        if cleaned:
+            results["cleaned_cgroups"] = cleaned
         if os.environ.get("BENCH_KEEP"):
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    cleaned = remove_our_cgroups(before["cgroups"])
-    if cleaned:
-        results["cleaned_cgroups"] = cleaned
     results["host_diff"] = host_diff(before, host_state())
     from .report import render
 

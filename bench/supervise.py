@@ -37,6 +37,7 @@ from .lib import (
     descendants,
     log,
     make_rootfs,
+    note_daemon,
     pss_kib,
     resolve,
     set_subreaper,
@@ -118,6 +119,7 @@ class Nsinitd:
     def launch(self, kids: Children) -> None:
         self.out = open(self.work / "nsinitd.out", "wb")  # noqa: SIM115
         self.proc = kids.popen([resolve("nsinitd"), "-c", str(self.conf)], stdout=self.out, stderr=subprocess.STDOUT)
+        note_daemon(self.proc.pid)
 
     def _tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -315,7 +317,8 @@ def supervisors(work: Path, out: Path) -> None:
                 finally:
                     kids.close()
                     _kill_descendants()
-    write_json(out, result)
+                # after every run: a part stopped at its time bound still reports what it measured
+                write_json(out, result)
 
 
 def _kill_descendants() -> None:
@@ -380,6 +383,7 @@ def events(work: Path, out: Path, zombies: str, stamp: str) -> None:
     try:
         outf = open(work / "nsinitd.out", "wb")  # noqa: SIM115
         proc = kids.popen([resolve("nsinitd"), "-c", str(conf)], stdout=outf, stderr=subprocess.STDOUT)
+        note_daemon(proc.pid)
 
         def attempt() -> Ctl | None:
             if proc.poll() is not None:
