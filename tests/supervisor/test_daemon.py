@@ -21,6 +21,13 @@ from supervisor.states import ProcessState
 HAS_CGROUP2 = cgroup2_mount() is not None
 
 
+async def wait_for_output(path: Path, text: str, timeout: float = 10) -> None:
+    """Until a program's captured output holds text (e.g. its TERM trap is in place)."""
+    with trio.fail_after(timeout):
+        while not path.exists() or text not in path.read_text():
+            await trio.sleep(0.01)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -120,6 +127,7 @@ async def test_stop_kills_a_program_that_ignores_term(cfg: ConfigWriter, run_dae
         stopwaitsecs = 0.5
     """))
     await r.watcher.wait("program.running", "stubborn")
+    await wait_for_output(cfg.root / "logs" / "stubborn.out", "ready")
     with trio.fail_after(5):
         t0 = trio.current_time()
         st = await r.daemon.stop("stubborn")
@@ -308,7 +316,7 @@ async def test_plain_child_starts_clean(cfg: ConfigWriter, run_daemon) -> None: 
 async def test_cancellation_reaps(cfg: ConfigWriter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     config = cfg.load("""
         [programs.p]
-        command = ["sh", "-c", "trap '' TERM; exec sleep 60"]
+        command = ["sh", "-c", "trap '' TERM; echo ready; exec sleep 60"]
         startsecs = 0
         stopwaitsecs = 0.3
     """)
@@ -322,6 +330,8 @@ async def test_cancellation_reaps(cfg: ConfigWriter, tmp_path: Path) -> None:  #
             await prog.command(machine.Start())
             pid = prog.pid
             assert pid is not None and _alive(pid)
+            while not (tmp_path / "logs" / "p.out").read_text():  # TERM is ignored from here on
+                await trio.sleep(0.01)
             scope.cancel()  # e.g. the daemon's nursery dies: the program must still be reaped
     assert prog.done.is_set()
     assert not _alive(pid) and not Path(f"/proc/{pid}").exists()

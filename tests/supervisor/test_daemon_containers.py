@@ -22,6 +22,13 @@ pytestmark = [
 ConfigWriter = Any
 
 
+async def wait_for_output(path: Path, text: str, timeout: float = 10) -> None:
+    """Until a program's captured output holds text (e.g. its TERM trap is in place)."""
+    with trio.fail_after(timeout):
+        while not path.exists() or text not in path.read_text():
+            await trio.sleep(0.01)
+
+
 def _unified_cgroup(state_dir: Path) -> Path:
     state = json.loads((state_dir / "state.json").read_text())
     return max((Path(p) for p in state["cgroups"] if "/unified/" in p), key=lambda p: len(p.parts))
@@ -96,7 +103,7 @@ async def test_stop_and_shutdown_tear_containers_down(cfg: ConfigWriter, run_dae
     r = await run_daemon(cfg.load(f"""
         [programs.stubborn]
         container = "{host_rootfs}"
-        command = ["sh", "-c", "trap '' TERM; sleep 300 & while :; do sleep 0.05; done"]
+        command = ["sh", "-c", "trap '' TERM; echo ready; sleep 300 & while :; do sleep 0.05; done"]
         startsecs = 0.2
         stopwaitsecs = 0.5
         [programs.crash]
@@ -111,6 +118,7 @@ async def test_stop_and_shutdown_tear_containers_down(cfg: ConfigWriter, run_dae
     assert [e["exit_code"] for e in r.watcher.find("program.exited", "crash")] == [4, 4]
     assert len(r.watcher.find("container.destroyed", "crash")) == 2
     await r.watcher.wait("program.running", "stubborn")
+    await wait_for_output(cfg.root / "logs" / "stubborn.out", "ready")
     cgroup = _unified_cgroup(cfg.root / "state" / "stubborn")
     r.daemon.request_shutdown()
     with trio.fail_after(15):

@@ -22,6 +22,13 @@ from supervisor.process import cgroup2_mount, own_cgroup2
 ConfigWriter = Any
 
 
+async def wait_for_output(path: Path, text: str, timeout: float = 10) -> None:
+    """Until a program's captured output holds text (e.g. its TERM trap is in place)."""
+    with trio.fail_after(timeout):
+        while not path.exists() or text not in path.read_text():
+            await trio.sleep(0.01)
+
+
 class Nsinitd:
     def __init__(self, proc: trio.Process) -> None:
         self.proc = proc
@@ -89,7 +96,7 @@ PROGRAMS = """
     startsecs = 0.2
     priority = 10
     [programs.stubborn]
-    command = ["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"]
+    command = ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"]
     startsecs = 0.2
     stopwaitsecs = 0.5
     priority = 5
@@ -108,6 +115,7 @@ async def test_sigterm_stops_everything_and_exits_0(cfg: ConfigWriter, nsinitd) 
     web = await d.wait_for("program.running", "web")
     await d.wait_for("program.running", "stubborn")
     await d.wait_for("program.backoff", "crash")
+    await wait_for_output(cfg.root / "logs" / "stubborn.out", "ready")
     mount = cgroup2_mount()
     cgroot = own_cgroup2(mount) / f"nsinitd-{started['pid']}" if mount else None
     grandchildren = [int(p) for p in (cgroot / "web" / "cgroup.procs").read_text().split()] if cgroot else []
