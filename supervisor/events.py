@@ -335,7 +335,6 @@ class EventBus:
         self.log = _EventLog(event_log, self.stderr) if event_log else None
         self.subscribers: list[_Subscriber] = []
         self.closed = False
-        self.history: deque[dict[str, Any]] = deque(maxlen=1000)
         #: synchronous observers, called in order with each event object (must not block)
         self.taps: list[Callable[[dict[str, Any]], None]] = []
 
@@ -347,7 +346,6 @@ class EventBus:
             return
         line = render(ev)
         obj = json.loads(line)
-        self.history.append(obj)
         if self.stream is not None:
             self.stream.write(line)
         if self.log is not None:
