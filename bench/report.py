@@ -56,7 +56,8 @@ def cold(r: dict[str, Any], out: list[str]) -> None:
 
 
 def supervisors(r: dict[str, Any], out: list[str]) -> None:
-    out.append(f"2./3. Supervisors: N `sleep` programs, startsecs 0; medians of {r['reps']} interleaved run(s) each")
+    reps = ", ".join(f"{k} at N={n}" for n, k in r.get("reps_at", {}).items()) or str(r["reps"])
+    out.append(f"2./3. Supervisors: N `sleep` programs, startsecs 0; medians of interleaved runs ({reps})")
     out.append(f"   {'contender':26} {'start':>9} {'restart':>9} {'shutdown':>9} {'status':>9} {'ctl cmd':>9}"
                f" {'PSS/prog':>10}  processes added")
     runs = r.get("runs", {})
