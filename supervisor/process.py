@@ -343,18 +343,31 @@ def spawn_plain(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, i
     if cgroup is not None:
         cgroup.create()
         cgroup_fd = os.open(cgroup.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-    errr, errw = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = os.fork()
-        if pid == 0:
-            _exec_child(argv, env, stdio, cgroup_fd, errw, cwd)
-        reaper.own(pid)
-        pidfd = os.pidfd_open(pid)
-    finally:
-        os.close(errw)
+        errr, errw = os.pipe2(os.O_CLOEXEC)
+    except OSError:
         if cgroup_fd >= 0:
             os.close(cgroup_fd)
+        raise
     try:
+        try:
+            pid = os.fork()  # EAGAIN here is a SpawnError-like OSError for the caller
+            if pid == 0:
+                _exec_child(argv, env, stdio, cgroup_fd, errw, cwd)
+            reaper.own(pid)
+        finally:
+            os.close(errw)
+            if cgroup_fd >= 0:
+                os.close(cgroup_fd)
+        # A pidfd before anything can reap it; it can't fail for our own unreaped child short
+        # of running out of descriptors, and then the child is killed and reaped right here.
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            reaper.disown(pid)
+            raise
         report = b""
         while chunk := os.read(errr, 4096):
             report += chunk
