@@ -8,10 +8,25 @@ Public API (everything else is private):
     join(state_dir, command)                     # run a command inside a live container
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .config import ContainerConfig
 from .config import load as load_config
-from .container import Container, ExitStatus, Joined, cleanup_stale, create, describe, join, open_join
 from .errors import ConfigError, NsRuntimeError, SetupError, StateError, SyscallError, TeardownError
+
+if TYPE_CHECKING:
+    from .container import Container, ExitStatus, Joined, cleanup_stale, create, describe, join, open_join
+
+_LAZY = {"Container", "ExitStatus", "Joined", "cleanup_stale", "create", "describe", "join", "open_join"}
+
+
+def __getattr__(name: str) -> Any:
+    # the container module is loaded on first use: `nsinit state` and config checks don't pay for it
+    if name in _LAZY:
+        from . import container
+
+        return getattr(container, name)
+    raise AttributeError(f"module 'nsruntime' has no attribute {name!r}")
 
 __all__ = [
     "ConfigError",

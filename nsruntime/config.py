@@ -7,13 +7,12 @@ the fields later libcontainer added (user, working_dir, readonly_fs, no_pivot_ro
 
 from __future__ import annotations
 
-import ipaddress
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import capabilities
 from .errors import ConfigError
@@ -163,6 +162,9 @@ class ContainerConfig:
         return any(n.type != "loopback" for n in self.networks) or bool(self.routes)
 
 
+if TYPE_CHECKING:
+    from os import PathLike
+
 T = TypeVar("T")
 
 
@@ -300,6 +302,7 @@ def _mounts(path: str, value: object) -> tuple[Mount, ...]:
 
 
 def _cidr(path: str, value: object) -> str:
+    import ipaddress  # only configs with networks pay for it
     s = _str(path, value)
     try:
         ipaddress.ip_interface(s)
@@ -311,6 +314,7 @@ def _cidr(path: str, value: object) -> str:
 
 
 def _ip(path: str, value: object) -> str:
+    import ipaddress  # only configs with networks pay for it
     s = _str(path, value)
     try:
         ipaddress.ip_address(s)
@@ -327,6 +331,7 @@ def _ifname_prefix(path: str, value: object) -> str:
 
 
 def _networks(path: str, value: object) -> tuple[Network, ...]:
+    import ipaddress  # only configs with networks pay for it
     out = []
     for i, item in enumerate(_list(path, value)):
         p = f"{path}[{i}]"
@@ -371,6 +376,7 @@ def _networks(path: str, value: object) -> tuple[Network, ...]:
 
 
 def _routes(path: str, value: object) -> tuple[Route, ...]:
+    import ipaddress  # only configs with networks pay for it
     out = []
     for i, item in enumerate(_list(path, value)):
         p = f"{path}[{i}]"
@@ -542,24 +548,24 @@ def parse(data: object) -> ContainerConfig:
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def load(path: str | Path) -> ContainerConfig:
+def load(path: str | PathLike[str]) -> ContainerConfig:
     """Read and validate a container.json file."""
-    p = Path(path)
+    p = os.fspath(path)
     try:
         with open(p, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(str(p), "no such file (a container directory holds a container.json)") from None
+        raise ConfigError(p, "no such file (a container directory holds a container.json)") from None
     except OSError as e:
-        raise ConfigError(str(p), f"cannot read: {e.strerror}") from None
+        raise ConfigError(p, f"cannot read: {e.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(str(p), f"larger than {MAX_CONFIG_BYTES} bytes")
+        raise ConfigError(p, f"larger than {MAX_CONFIG_BYTES} bytes")
     try:
         data = json.loads(raw)
     except UnicodeDecodeError:
-        raise ConfigError(str(p), "not UTF-8") from None
+        raise ConfigError(p, "not UTF-8") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(str(p), f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise ConfigError(p, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
-        raise ConfigError(str(p), "malformed JSON: nested too deeply") from None
+        raise ConfigError(p, "malformed JSON: nested too deeply") from None
     return parse(data)

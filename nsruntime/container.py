@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import apparmor, cgroups, init, libc, network, rootfs
+from . import apparmor, cgroups, init, libc, rootfs
 from .cgroups import CgroupSet
 from .config import NAMESPACE_FILES, ContainerConfig, parse
 from .errors import NsRuntimeError, SetupError, StateError, TeardownError
@@ -211,6 +211,8 @@ class Container:
             except (NsRuntimeError, OSError) as e:
                 errors.append(str(e))
         if self.links:
+            from . import network
+
             try:
                 released["links"] = network.teardown(self.links)
                 self.links = []
@@ -317,6 +319,8 @@ def create(
             pid = int(msg.split()[1])
             pidfd = os.pidfd_open(pid)
             if cfg.needs_pyroute2:
+                from . import network  # pyroute2 only for configs that need more than lo
+
                 handle = network.setup(cfg, cid, pid)
                 links = list(handle.links)
                 sdir.write_state({"id": cid, "rootfs": str(root), "config": raw_config,
@@ -387,6 +391,8 @@ def _abort(pid: int, pidfd: int, cg: Any, links: list[str], sdir: StateDir, sock
             cg.kill()
             cg.destroy(timeout=5.0)
     if links:
+        from . import network
+
         with contextlib.suppress(NsRuntimeError, OSError):
             network.teardown(links)
     sdir.remove()
@@ -459,7 +465,7 @@ def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, st
         if cfg.hostname and "NEWUTS" in cfg.namespaces:
             socket.sethostname(cfg.hostname)
         if "NEWNET" in cfg.namespaces and not any(n.type == "netns" for n in cfg.networks):
-            network.loopback_up()
+            init.loopback_up()
         rootfs.finish(cfg)
         tty_path = None
         slave = -1
@@ -499,6 +505,8 @@ def cleanup_stale(sdir: StateDir) -> dict[str, list[str]]:
             cg.kill()
             released["cgroups"] = list(cg.destroy(timeout=5.0))
     if st.get("links"):
+        from . import network
+
         with contextlib.suppress(NsRuntimeError, OSError):
             released["links"] = network.teardown(list(st["links"]))
     released["files"] = sdir.remove()

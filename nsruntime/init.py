@@ -16,12 +16,13 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import termios
 
 from . import apparmor, capabilities, libc
 from .config import ContainerConfig
-from .errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_RUNTIME_FAILED, NsRuntimeError
+from .errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_RUNTIME_FAILED, NsRuntimeError, SetupError
 
 # every signal a process can catch; glibc reserves 32 and 33 for its threads (Python refuses them)
 ALL_SIGNALS = [s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)]
@@ -39,6 +40,27 @@ def reset_signals() -> None:
         with contextlib.suppress(OSError, ValueError):
             signal.signal(s, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = struct.Struct("16sH22x")  # struct ifreq on 64-bit: name + ifr_flags in a 24-byte union
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in the calling process's network namespace (two ioctls, stdlib only).
+
+    A fresh network namespace has ``lo`` down: without this even 127.0.0.1 is unreachable.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            got = fcntl.ioctl(s, _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
+            flags = _IFREQ.unpack(got)[1]
+            if not flags & _IFF_UP:
+                fcntl.ioctl(s, _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+    except OSError as e:
+        raise SetupError("loopback", f"lo up: {errno.errorcode.get(e.errno or 0, e.errno)} ({e.strerror})") from None
 
 
 def status_to_code(status: int) -> tuple[int, int | None]:

@@ -20,11 +20,9 @@ attributes), so it never exists, even briefly, under a temporary name in the hos
 from __future__ import annotations
 
 import errno
-import fcntl
 import ipaddress
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -34,15 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from . import libc
 from .errors import SetupError, TeardownError
+from .init import loopback_up as _init_loopback_up
 
 if TYPE_CHECKING:
     from .config import ContainerConfig, Network, Route
 
 IFNAMSIZ = 16  # including the NUL: names are at most 15 bytes
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
-_IFF_UP = 0x1
-_IFREQ = struct.Struct("16sH22x")  # struct ifreq on 64-bit: name + ifr_flags in a 24-byte union
 _IFA_F_NODAD = 0x02
 _RTM_GROUPS_NONE = 0  # our sockets only ask and answer; no multicast events to queue up
 _TEARDOWN_WAIT = 2.0  # seconds a deleted link may take to vanish before teardown gives up
@@ -55,19 +50,8 @@ def _ename(err: int | None) -> str:
 # ---------------------------------------------------------------------------------------------- loopback
 
 
-def loopback_up() -> None:
-    """Bring ``lo`` up in the calling process's network namespace (stdlib only).
-
-    A fresh network namespace has ``lo`` down: without this even 127.0.0.1 is unreachable.
-    """
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            got = fcntl.ioctl(s, _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
-            flags = _IFREQ.unpack(got)[1]
-            if not flags & _IFF_UP:
-                fcntl.ioctl(s, _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
-    except OSError as e:
-        raise SetupError("loopback", f"lo up: {_ename(e.errno)} ({e.strerror})") from None
+# lo comes up inside PID 1 on every start path, so it lives with init (stdlib only); re-exported here
+loopback_up = _init_loopback_up
 
 
 # ------------------------------------------------------------------------------------------------ naming
