@@ -26,13 +26,16 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import apparmor, cgroups, init, libc, rootfs
 from .cgroups import CgroupSet
 from .config import NAMESPACE_FILES, ContainerConfig, parse
 from .errors import NsRuntimeError, SetupError, StateError, TeardownError
 from .state import StateDir, start_time
+
+if TYPE_CHECKING:
+    from .zygote import Zygote
 
 SETUP_TIMEOUT = 30.0
 
@@ -268,13 +271,15 @@ def create(
     tty: bool | None = None,
     die_with_parent: bool = True,
     raw_config: Any = None,
+    zygote: Zygote | None = None,
 ) -> Container:
     """Make the container and its PID 1, waiting to start ``command``.
 
     Quick and synchronous (a few forks and a handshake, bounded by SETUP_TIMEOUT); on failure
     raises NsRuntimeError and leaves nothing behind. The caller becomes a child subreaper: PID 1 is
     reparented to it when the setup child exits. With die_with_parent, the container is killed
-    when the caller dies.
+    when the caller dies. With a zygote (nsruntime.zygote), PID 1 is forked from that small
+    process instead of the caller, so that it keeps sharing its pages.
     """
     if not command:
         raise NsRuntimeError("command: empty")
@@ -308,14 +313,21 @@ def create(
             full_env = cfg.env_dict()
             if env:
                 full_env.update(env)
-            child = os.fork()
-            if child == 0:
-                _setup_child(cfg, str(root), list(command), full_env, stdio, use_tty, cg, child_sock,
-                             parent_sock, die_with_parent)
+            child = 0
+            if zygote is None:
+                child = os.fork()
+                if child == 0:
+                    _setup_child(cfg, str(root), list(command), full_env, stdio, use_tty, cg, child_sock,
+                                 parent_sock, die_with_parent)
+            else:
+                zygote.spawn({"source": cfg.source, "root": str(root), "command": list(command), "env": full_env,
+                              "tty": use_tty, "cgroups": cg_paths, "die_with_parent": die_with_parent},
+                             [child_sock.fileno(), *(stdio or (0, 1, 2))])
             child_sock.close()
             deadline = time.monotonic() + SETUP_TIMEOUT
             msg, _ = _handshake(parent_sock, deadline, "create", cfg, child)
-            os.waitpid(child, 0)
+            if child:
+                os.waitpid(child, 0)
             pid = int(msg.split()[1])
             pidfd = os.pidfd_open(pid)
             if cfg.needs_pyroute2:
@@ -344,21 +356,26 @@ def create(
 
 def _handshake(sock: socket.socket, deadline: float, what: str, cfg: ContainerConfig,
                child: int) -> tuple[str, list[int]]:
-    """Answer the setup child until it reports PID 1's pid (user namespace maps are written here)."""
+    """Answer the setup child until it reports PID 1's pid (user namespace maps are written here).
+
+    child is the setup child's pid when we forked it ourselves (0 when a zygote did, and reaps it).
+    """
     while True:
         try:
             msg, fds = _recv_line(sock, deadline, what)
         except SetupError:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child, 0)
+            if child:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child, 0)
             raise
-        if msg == "userns":
-            _write_id_maps(cfg, child)
+        if msg.startswith("userns "):
+            _write_id_maps(cfg, int(msg.split()[1]))
             init.send(sock, "mapped")
             continue
         if msg.startswith("error "):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child, 0)
+            if child:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child, 0)
             raise SetupError("container setup", msg[6:])
         return msg, fds
 
@@ -401,14 +418,15 @@ def _abort(pid: int, pidfd: int, cg: Any, links: list[str], sdir: StateDir, sock
 
 def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
                  stdio: tuple[int, int, int] | None, use_tty: bool, cg: Any, sock: socket.socket,
-                 parent_end: socket.socket, die_with_parent: bool) -> None:
+                 parent_end: socket.socket | None, die_with_parent: bool) -> None:
     """In the forked setup child: namespaces, then fork PID 1. Never returns."""
     try:
         init.block_signals()  # before PID 1 exists: it inherits the mask, nothing sent to it is lost
         gc.disable()  # PID 1 makes no cycles; a collection would only dirty pages shared with the caller
         # out of the caller's session: a terminal's ^C reaches the caller, which forwards it once
         os.setsid()
-        parent_end.close()
+        if parent_end is not None:
+            parent_end.close()
         if stdio is not None:
             tmp = [os.dup(fd) for fd in stdio]
             for n, fd in enumerate(tmp):
@@ -429,7 +447,7 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
         if flags & libc.CLONE_NEWUSER:
             rootfs.make_mount_points(cfg, root)
             libc.unshare(libc.CLONE_NEWUSER)
-            init.send(sock, "userns")
+            init.send(sock, f"userns {os.getpid()}")
             msg = sock.recv(64)
             if msg != b"mapped\n":
                 os._exit(125)

@@ -152,6 +152,7 @@ class Daemon:
             self.exit_code = EXIT_FAILED
             raise
         finally:
+            self.ctx.close_zygote()
             self._remove_cgroup_root()
             self.bus.emit("supervisor.stopped", exit_code=self.exit_code)
             self.bus.close()

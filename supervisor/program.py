@@ -18,6 +18,7 @@ import math
 import os
 import select
 import signal as _signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,12 +79,42 @@ class Context:
     #: how long a SIGKILLed program may take to disappear before it is reported stuck
     kill_wait: float = 5.0
 
+    #: the process container PID 1s are forked from (nsruntime.zygote), started on first use
+    zygote: Any = None
+
     def load_runtime(self) -> Any:
         if self.runtime is None:
             import nsruntime  # lazily: plain-process setups never pay for it
 
             self.runtime = nsruntime
         return self.runtime
+
+    def zygote_for(self, rt: Any) -> Any:
+        """A live zygote for the real runtime (None for a fake one, or if it can't start).
+
+        Forked from the zygote, a container's PID 1 keeps sharing that small, idle process's
+        pages instead of owning a copy of the daemon's: about 3 MiB of PSS per container, not 7.
+        """
+        if getattr(rt, "__name__", "") != "nsruntime":
+            return None
+        if self.zygote is not None and self.zygote.alive():
+            return self.zygote
+        self.close_zygote()
+        from nsruntime.zygote import Zygote
+
+        try:
+            self.zygote = Zygote.start()
+        except (OSError, rt.NsRuntimeError) as e:
+            print(f"nsinitd: warning: no zygote, containers fork from nsinitd itself: {e}", file=sys.stderr)
+            return None
+        self.reaper.own(self.zygote.pid)
+        return self.zygote
+
+    def close_zygote(self) -> None:
+        if self.zygote is not None:
+            self.zygote.close()
+            self.reaper.disown(self.zygote.pid)
+            self.zygote = None
 
 
 class ContainerChild:
@@ -436,8 +467,9 @@ class Program:
         cfg = rt.load_config(self.cfg.container / "container.json")
         self._reclaim_stale(rt)
         # rootfs, command and state_dir positionally: the runtime names the first one rootfs_dir
+        zygote = self.ctx.zygote_for(rt)
         c = rt.create(cfg, self.cfg.container, list(self.cfg.command), self.state_dir,
-                      env=env, stdio=stdio, die_with_parent=False)
+                      env=env, stdio=stdio, die_with_parent=False, **({"zygote": zygote} if zygote else {}))
         self.ctx.reaper.own(c.pid)
         child = ContainerChild(c, self.ctx.reaper)
         try:

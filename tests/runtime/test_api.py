@@ -117,3 +117,60 @@ def test_a_second_create_in_a_live_state_dir_is_refused(rootfs: Path, tmp_path: 
             _create(rootfs, tmp_path / "s", "true")
     finally:
         c.destroy()
+
+
+def _pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise AssertionError("no Pss line")
+
+
+def test_zygote_forks_containers_that_share_its_pages(rootfs: Path, tmp_path: Path) -> None:
+    from nsruntime.zygote import Zygote
+
+    ballast = [{"i": i, "s": str(i)} for i in range(300_000)]  # make this caller big, like a daemon
+    z = Zygote.start()
+    cfg = nsruntime.load_config(rootfs / "container.json")
+    cs: list[nsruntime.Container] = []
+    try:
+        for i in range(6):
+            (tmp_path / f"s{i}").mkdir()
+            c = nsruntime.create(cfg, rootfs, ["sleep", "60"], tmp_path / f"s{i}", die_with_parent=False,
+                                 stdio=(0, 1, 2), zygote=z)
+            cs.append(c)
+            c.start()
+        # PID 1 is the caller's child (reparented to this subreaper), not the zygote's
+        for c in cs:
+            ppid = int(Path(f"/proc/{c.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert ppid == os.getpid()
+        ballast = [{"i": i, "s": str(i)} for i in range(300_000)]  # the caller keeps writing its pages
+        median = sorted(_pss_kib(c.pid) for c in cs)[len(cs) // 2]
+        assert median < 4096, f"PID 1 PSS {median} KiB"
+        assert len(ballast) == 300_000
+        cs[0].signal(signal.SIGTERM)
+        st = cs[0].wait(10)
+        assert st is not None and st.exit_code == 143
+    finally:
+        for c in cs:
+            c.destroy()
+        z.close()
+    assert not os.path.exists(f"/proc/{z.pid}")
+
+
+def test_zygote_reports_a_bad_request_and_keeps_serving(rootfs: Path, tmp_path: Path) -> None:
+    from nsruntime.zygote import Zygote
+
+    z = Zygote.start()
+    try:
+        with pytest.raises(nsruntime.SetupError, match="zygote"):
+            z.spawn({"source": {}}, [0, 1, 2])  # three descriptors where four are due
+        cfg = nsruntime.load_config(rootfs / "container.json")
+        (tmp_path / "s").mkdir()
+        c = nsruntime.create(cfg, rootfs, ["true"], tmp_path / "s", die_with_parent=False, stdio=(0, 1, 2),
+                             zygote=z)
+        c.start()
+        assert c.wait(10) == nsruntime.ExitStatus(0, None, False)
+        c.destroy()
+    finally:
+        z.close()
