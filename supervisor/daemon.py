@@ -20,6 +20,7 @@ Exit status:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -352,6 +353,29 @@ class Daemon:
         if prog.child is None or prog.state not in (ProcessState.STARTING, ProcessState.RUNNING):
             raise ControlError("bad_state", f"{name} is not running ({prog.state.value})")
         return prog.state_dir
+
+    def stats(self, name: str) -> dict[str, Any]:
+        """cpu_usage_ns, memory_bytes, pids (and the container's other counters), where readable."""
+        prog = self._get(name)
+        child = prog.child
+        if child is None:
+            return {}
+        container = getattr(child, "c", None)
+        if container is not None and hasattr(container, "stats"):
+            return dict(container.stats())
+        out: dict[str, Any] = {}
+        if self.ctx.cgroup_root is not None:  # a plain program's own cgroup2 directory
+            d = self.ctx.cgroup_root / name
+            with contextlib.suppress(OSError, ValueError):
+                out["pids"] = len((d / "cgroup.procs").read_text().split())
+            with contextlib.suppress(OSError, ValueError):
+                for line in (d / "cpu.stat").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "usage_usec":
+                        out["cpu_usage_ns"] = int(value) * 1000
+            with contextlib.suppress(OSError, ValueError):
+                out["memory_bytes"] = int((d / "memory.current").read_text())
+        return out
 
     def log_path(self, name: str, stream: str) -> Path:
         prog = self._get(name)

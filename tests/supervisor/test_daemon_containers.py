@@ -75,6 +75,9 @@ async def test_container_lifecycle_and_sigkilled_pid1(cfg: ConfigWriter, run_dae
     i = names.index("program.exited")
     assert names[i:i + 3] == ["program.exited", "container.destroyed", "program.starting"]
 
+    stats = r.daemon.stats("web")  # what `nsinitctl top` shows, from the container's cgroups
+    assert stats["pids"] == 2 and stats["memory_bytes"] > 0 and stats["cpu_usage_ns"] > 0, stats
+
     st = await r.daemon.stop("web")
     assert st.state == "STOPPED" and st.signal == "SIGTERM"
     assert not (state_dir / "pid").exists()
