@@ -3,13 +3,16 @@
     nsinit [--root DIR] exec [--] CMD [ARG...]   run CMD in the container (join it if it lives)
     nsinit [--root DIR] state                    print the container's state as JSON
     nsinit [--root DIR] kill [SIGNAL]            signal the container's command (TERM by default)
+    nsinit [--root DIR] delete [--force]         release what a dead container left (cgroups, links,
+                                                 pid files); --force kills a live one first
 
 The rootfs is the current directory; container.json and the pid/start/state.json files are in
 the current directory too, or in DIR with --root.
 
 Exit status: the command's (128+N when killed by signal N); 125 when nsinit failed (bad
 container.json, setup failure: one line on stderr names the field, step, path or call); 126 when
-the command is not executable; 127 when it is not found; 1 for state/kill with no live container.
+the command is not executable; 127 when it is not found; 1 for state/kill with no live container
+and for delete of a live one without --force.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from . import console, init, libc
 from .errors import EXIT_RUNTIME_FAILED, NsRuntimeError, StateError
 from .state import StateDir
 
-USAGE = "usage: nsinit [--root DIR] {exec [--] CMD [ARG...] | state | kill [SIGNAL]}"
+USAGE = "usage: nsinit [--root DIR] {exec [--] CMD [ARG...] | state | kill [SIGNAL] | delete [--force]}"
 
 
 def _err(msg: str, code: int = EXIT_RUNTIME_FAILED) -> int:
@@ -90,6 +94,27 @@ def _exec(root: Path, command: list[str]) -> int:
     return container.join(root, command)
 
 
+def _delete(root: Path, force: bool) -> int:
+    from . import container
+
+    sdir = StateDir(root)
+    pid = sdir.live_pid()
+    if pid is not None:
+        if not force:
+            return _err(f"{root}: the container is running (pid {pid}); use delete --force", 1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # PID 1: the kernel takes the whole pid namespace with it
+        for _ in range(500):
+            if sdir.live_pid() is None:
+                break
+            time.sleep(0.01)
+        else:
+            return _err(f"{root}: pid {pid} is {container.proc_state(pid)} after SIGKILL")
+    released = container.cleanup_stale(sdir)
+    print(json.dumps(released))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run nsinit; as the console script (argv None) it leaves through os._exit once done."""
     if argv is None:
@@ -128,6 +153,8 @@ def _main(args: list[str]) -> int:
                 return _err(f"{root}: no live container", 1)
             os.kill(pid, signum)
             return 0
+        if verb == "delete":
+            return _delete(root, force=rest == ["--force"])
         return _err(f'unknown verb "{verb}"\n{USAGE}')
     except NsRuntimeError as e:
         return _err(str(e))

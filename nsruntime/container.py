@@ -512,21 +512,31 @@ def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, st
 
 
 def cleanup_stale(sdir: StateDir) -> dict[str, list[str]]:
-    """Release what a dead container recorded in its state dir (its PID 1 is gone, or not ours)."""
+    """Release what a dead container recorded in its state dir (its PID 1 is gone, or not ours).
+
+    Raises TeardownError naming what would not go, and then keeps the files that record it.
+    """
     released: dict[str, list[str]] = {"cgroups": [], "links": [], "files": []}
     if not sdir.has_files() or sdir.live_pid() is not None:
         return released
     st = sdir.read_state()
+    errors: list[str] = []
     if st.get("cgroups"):
-        with contextlib.suppress(NsRuntimeError, OSError):
+        try:
             cg = cgroups.from_paths(st["cgroups"])
             cg.kill()
             released["cgroups"] = list(cg.destroy(timeout=5.0))
+        except (NsRuntimeError, OSError) as e:
+            errors.append(str(e))
     if st.get("links"):
         from . import network
 
-        with contextlib.suppress(NsRuntimeError, OSError):
+        try:
             released["links"] = network.teardown(list(st["links"]))
+        except (NsRuntimeError, OSError) as e:
+            errors.append(str(e))
+    if errors:
+        raise TeardownError(f"{sdir.path}: stale container: " + "; ".join(errors))
     released["files"] = sdir.remove()
     return released
 

@@ -380,3 +380,34 @@ def test_ctrl_c_reaches_the_command_once(busybox_rootfs: Path) -> None:
     os.killpg(p.pid, signal.SIGINT)
     out, _ = p.communicate(timeout=10)
     assert out.strip() == "n=1"
+
+
+def test_delete_releases_what_a_killed_nsinit_left(busybox_rootfs: Path) -> None:
+    import json
+
+    p = _start_long(busybox_rootfs, "sleep 300")
+    pid = live_pid(busybox_rootfs)
+    assert pid
+    state = json.loads((busybox_rootfs / "state.json").read_text())
+    cgroups = [d for d in state["cgroups"] if d.endswith("/" + state["id"])]  # the leaves, not the parents
+    assert len(cgroups) >= 2 and all(os.path.isdir(d) for d in cgroups)
+    r = nsinit(busybox_rootfs, "delete")
+    assert r.returncode == 1 and "use delete --force" in r.stderr  # a live one needs --force
+    p.kill()  # nsinit itself dies: its container goes with it, the host-side records stay
+    p.communicate(timeout=10)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="PID 1 to die with nsinit")
+    assert (busybox_rootfs / "pid").exists() and any(os.path.isdir(d) for d in cgroups)
+    r = nsinit(busybox_rootfs, "delete")
+    assert r.returncode == 0, r.stderr
+    assert set(cgroups) <= set(json.loads(r.stdout)["cgroups"])
+    assert not any(os.path.isdir(d) for d in cgroups)
+    assert not (busybox_rootfs / "pid").exists() and not (busybox_rootfs / "state.json").exists()
+
+
+def test_delete_force_kills_a_live_container(busybox_rootfs: Path) -> None:
+    p = _start_long(busybox_rootfs, "sleep 300")
+    r = nsinit(busybox_rootfs, "delete", "--force")
+    assert r.returncode == 0, r.stderr
+    p.communicate(timeout=10)
+    assert p.returncode == 137
+    assert not (busybox_rootfs / "pid").exists()
