@@ -443,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.check:
         print(f"nsinitd: {cfg.path}: ok, {len(cfg.programs)} programs")
         sys.exit(EXIT_OK)
+    os.umask(os.umask(0) | 0o002)  # nothing nsinitd makes may be world-writable, whatever umask it got
     daemon = Daemon(cfg, use_socket=not args.no_socket)
     sys.exit(trio.run(daemon.run))
 
