@@ -183,6 +183,7 @@ class LineReader:
     def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=REPO)
         self.lines: list[tuple[float, str]] = []
+        self.result: tuple[int, str] | None = None
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -192,6 +193,9 @@ class LineReader:
             self.lines.append((time.monotonic(), raw.decode()))
 
     def finish(self, timeout: float = 10) -> tuple[int, str]:
+        """Wait for the exit (killed after timeout); (status, stderr)."""
+        if self.result is not None:
+            return self.result
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -203,7 +207,8 @@ class LineReader:
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
-        return rc, err
+        self.result = (rc, err)
+        return self.result
 
 
 @pytest.fixture
