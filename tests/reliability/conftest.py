@@ -153,14 +153,15 @@ def nsinitd(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         run = tmp_path / "run"
         run.mkdir(exist_ok=True)
         conf = run / "nsinitd.toml"
+        extra = textwrap.dedent(supervisor).strip()
+        if "event_log" not in extra:
+            extra = f'event_log = "{run}/log/events/events.jsonl"\n{extra}'
         conf.write_text(textwrap.dedent(f"""
             [supervisor]
             socket = "{run}/ctl/nsinitd.sock"
             state_dir = "{run}/state/nsinitd"
             log_dir = "{run}/log/nsinitd"
-            event_log = "{run}/log/events/events.jsonl"
-            {textwrap.dedent(supervisor).strip()}
-        """) + textwrap.dedent(programs))
+        """) + extra + "\n" + textwrap.dedent(programs))
         d = Daemon(run, conf, umask)
         started.append(d)
         return d
