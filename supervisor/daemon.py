@@ -59,8 +59,19 @@ def sd_notify(message: str) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
+def _owner_alive(pid: int, d: Path) -> bool:
+    """Does the nsinitd that made ``d`` (nsinitd-<pid>) still live? A process that merely reuses
+    its pid started after the directory last changed (the owner started before making it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        ticks = int(data[data.rindex(b")") + 2 :].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        started = btime + ticks / os.sysconf("SC_CLK_TCK")
+        return started <= d.stat().st_ctime + 1.0  # btime is whole seconds: err towards "alive"
+    except (OSError, ValueError, StopIteration):
+        return False
 
 
 async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
@@ -72,7 +83,7 @@ async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
         return
     for d in dirs:
         suffix = d.name.removeprefix("nsinitd-")
-        if not suffix.isdigit() or int(suffix) == os.getpid() or _alive(int(suffix)):
+        if not suffix.isdigit() or int(suffix) == os.getpid() or _owner_alive(int(suffix), d):
             continue
         try:
             subs = [p for p in d.iterdir() if p.is_dir()]

@@ -287,3 +287,27 @@ async def test_restart_after_sigkill_leaves_one_instance_of_each(cfg: ConfigWrit
         assert _gone(box2["pid"])
     finally:
         _set_subreaper(was)
+
+
+def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive(tmp_path: Path) -> None:
+    import time
+
+    from supervisor.daemon import _owner_alive
+
+    older = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(1.2)
+        d = tmp_path / f"nsinitd-{older.pid}"
+        d.mkdir()  # made by a live nsinitd: it started before its directory
+        assert _owner_alive(older.pid, d)
+        time.sleep(1.2)
+        newer = subprocess.Popen(["sleep", "30"])  # a process that merely reuses a dead one's pid
+        try:
+            assert not _owner_alive(newer.pid, d)
+        finally:
+            newer.kill()
+            newer.wait()
+    finally:
+        older.kill()
+        older.wait()
+    assert not _owner_alive(older.pid, d)
