@@ -287,7 +287,7 @@ def create(
     if not root.is_dir():
         raise SetupError("rootfs", f"{root}: not a directory")
     sdir = StateDir(Path(state_dir).resolve())
-    sdir.path.mkdir(parents=True, exist_ok=True)
+    sdir.path.mkdir(mode=0o755, parents=True, exist_ok=True)  # never world-writable, whatever the umask
     use_tty = cfg.tty if tty is None else tty
     cid = container_id(root, sdir.path)
     if cfg.apparmor_profile:
