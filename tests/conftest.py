@@ -98,13 +98,29 @@ def leftovers(before: dict[str, set[str]], deadline: float = 5.0) -> dict[str, s
         time.sleep(0.05)
 
 
+def _subreaper() -> int:
+    import ctypes
+
+    from nsruntime import libc
+
+    flag = ctypes.c_int(0)
+    libc.prctl(37, ctypes.addressof(flag))  # PR_GET_CHILD_SUBREAPER
+    return flag.value
+
+
 @pytest.fixture(autouse=True)
 def host_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
     if os.geteuid() != 0:
         yield
         return
     before = snapshot()
+    was_subreaper = _subreaper()
     yield
+    # nsruntime.create() makes its caller a child subreaper: a test that called it in-process must
+    # not leave pytest adopting (and never reaping) the orphans of every later test
+    from nsruntime import libc
+
+    libc.prctl(libc.PR_SET_CHILD_SUBREAPER, was_subreaper)
     new = leftovers(before)
     if new:
         pytest.fail(f"the test left things on the host: {json.dumps({k: sorted(v) for k, v in new.items()})}")
