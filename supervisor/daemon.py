@@ -136,6 +136,7 @@ class Daemon:
                 print(f"nsinitd: warning: {e}", file=sys.stderr)
         self.ctx.cgroup_root = await self._make_cgroup_root()
         self.reaper.on_reaped = self._stranger_reaped
+        self.reaper.pressure = lambda: self.bus.busiest() > 0.5
         try:
             async with trio.open_nursery() as root:
                 self._root = root

@@ -374,6 +374,11 @@ class EventBus:
             self.subscribers.remove(sub)
         sub.send.close()
 
+    def busiest(self) -> float:
+        """How full the fullest subscriber's buffer is (0..1): producers of bursts pace on it."""
+        return max((sub.send.statistics().current_buffer_used / sub.max_buffer for sub in self.subscribers),
+                   default=0.0)
+
     def subscribe(self, max_buffer: int = 1000) -> trio.MemoryReceiveChannel[dict[str, Any]]:
         sub = _Subscriber(max_buffer)
         if self.closed:

@@ -98,6 +98,7 @@ class Reaper:
     def __init__(self) -> None:
         self.owned: set[int] = set()
         self.on_reaped: Callable[[int, ExitInfo], None] | None = None
+        self.pressure: Callable[[], bool] | None = None
 
     def own(self, pid: int) -> None:
         self.owned.add(pid)
@@ -119,11 +120,30 @@ class Reaper:
                     self.on_reaped(pid, info)
         return reaped
 
+    async def reap_strangers_yielding(self, max_pause: float = 2.0) -> None:
+        """reap_strangers, letting other tasks run after each reap, and pausing while a live
+        subscriber's buffer is more than half full (``pressure``): 10,000 orphans dying at once
+        would otherwise emit 10,000 events before any stream task could send one, and drop every
+        reader. A reader that doesn't read at all only delays reaping by max_pause in all."""
+        deadline = trio.current_time() + max_pause
+        for pid in children() - self.owned:
+            if pid in self.owned:  # owned while we let others run
+                continue
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if got == pid and self.on_reaped is not None:
+                self.on_reaped(pid, decode_wait_status(status))
+            await trio.lowlevel.checkpoint()
+            while self.pressure is not None and self.pressure() and trio.current_time() < deadline:
+                await trio.sleep(0.001)
+
     async def run(self, interval: float = 2.0) -> None:
         """Reap on every SIGCHLD, and on a slow tick as a safety net (signals coalesce)."""
         with trio.open_signal_receiver(signal.SIGCHLD) as sigs:
             while True:
-                self.reap_strangers()
+                await self.reap_strangers_yielding()
                 with trio.move_on_after(interval):
                     await sigs.__anext__()
 

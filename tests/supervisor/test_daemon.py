@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any as ConfigWriter
@@ -432,3 +433,44 @@ async def test_an_unkillable_program_does_not_hang_the_shutdown(cfg: ConfigWrite
                         d.rmdir()
                     except OSError:
                         await trio.sleep(0.02)
+
+
+ORPHAN_BURST = r"""
+import os, sys, time
+n = int(sys.argv[1])
+r, w = os.pipe()
+if os.fork() == 0:  # the middle process: forks the orphans-to-be, then leaves them to nsinitd
+    for _ in range(n):
+        if os.fork() == 0:
+            os.close(w)
+            os.read(r, 1)  # until every write end is closed: then all exit at once
+            os._exit(0)
+    os._exit(0)
+os.close(r)
+time.sleep(1.0)
+print("release", flush=True)
+os.close(w)
+time.sleep(60)
+"""
+
+
+async def test_an_orphan_burst_does_not_drop_a_live_subscriber(cfg: ConfigWriter, run_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    n = 3000
+    script = tmp_path / "burst.py"
+    script.write_text(ORPHAN_BURST)
+    r = await run_daemon(cfg.load(f"""
+        [programs.burst]
+        command = ["{sys.executable}", "{script}", "{n}"]
+        startsecs = 0.1
+    """))
+    sub = r.daemon.subscribe(1000)
+    reaped = 0
+    with trio.fail_after(30):
+        async for ev in sub:
+            assert ev["event"] != "subscriber.dropped", f"dropped after {reaped} of {n}"
+            if ev["event"] == "stranger.reaped":
+                reaped += 1
+                await trio.sleep(0)  # a reader that takes a moment per event, like a socket send
+                if reaped == n:
+                    break
+    assert reaped == n
