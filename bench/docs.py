@@ -1,4 +1,4 @@
-"""Write the figures of the last run (bench/out/) into docs/performance.md, between its markers.
+"""Write the figures of the last run (bench/out/) into README.md (its Performance section), between its markers.
 
     python -m bench.docs
 
@@ -17,7 +17,7 @@ from typing import Any
 from .lib import REPO
 from .main import OUT
 
-DOC = REPO / "docs" / "performance.md"
+DOC = REPO / "README.md"
 
 
 def _med(part: dict[str, Any], name: str) -> float | None:
