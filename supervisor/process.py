@@ -229,7 +229,7 @@ class Cgroup:
                 if self.populated():
                     self.kill()
                 if reaper is not None:
-                    reaper.reap_strangers()
+                    await reaper.reap_strangers_yielding()
                 try:
                     self.path.rmdir()
                     return [str(self.path)]

@@ -454,14 +454,27 @@ time.sleep(60)
 """
 
 
-async def test_an_orphan_burst_does_not_drop_a_live_subscriber(cfg: ConfigWriter, run_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+# forks n children that exit at once and exits itself without waiting: n zombies in its cgroup,
+# reaped while nsinitd tears the program down
+ZOMBIES_LEFT_BEHIND = r"""
+import os, sys
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("script_text", [ORPHAN_BURST, ZOMBIES_LEFT_BEHIND], ids=["orphans", "teardown"])
+async def test_an_orphan_burst_does_not_drop_a_live_subscriber(cfg: ConfigWriter, run_daemon, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               script_text: str) -> None:
     n = 3000
     script = tmp_path / "burst.py"
-    script.write_text(ORPHAN_BURST)
+    script.write_text(script_text)
     r = await run_daemon(cfg.load(f"""
         [programs.burst]
         command = ["{sys.executable}", "{script}", "{n}"]
-        startsecs = 0.1
+        startsecs = 0
+        autorestart = "never"
     """))
     sub = r.daemon.subscribe(1000)
     reaped = 0
