@@ -16,6 +16,7 @@ child and runs one more command there.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import os
 import select
@@ -416,26 +417,37 @@ def _abort(pid: int, pidfd: int, cg: Any, links: list[str], sdir: StateDir, sock
     sock.close()
 
 
+def _child_prologue(stdio: tuple[int, int, int] | None, sock: socket.socket,
+                    parent_end: socket.socket | None) -> tuple[socket.socket, int]:
+    """The first steps of a freshly forked helper child (setup or join); returns its socket and signalfd.
+
+    Signals are blocked before anything else: PID 1 inherits the mask, so nothing sent to it is
+    lost before its signalfd exists. A session of its own: a terminal's ^C reaches the caller, which
+    forwards it once. Then only stdio, the socket and the signalfd stay open.
+    """
+    init.block_signals()
+    gc.disable()  # PID 1 makes no cycles; a collection would only dirty pages shared with the caller
+    os.setsid()
+    if parent_end is not None:
+        parent_end.close()
+    if sock.fileno() <= 2:  # out of the way of the stdio about to be installed
+        sock = socket.socket(fileno=fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3))
+    if stdio is not None:
+        tmp = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]
+        for n, fd in enumerate(tmp):
+            os.dup2(fd, n)
+            os.close(fd)
+    sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
+    _keep_only_fds([sock.fileno(), sigfd])
+    return sock, sigfd
+
+
 def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
                  stdio: tuple[int, int, int] | None, use_tty: bool, cg: Any, sock: socket.socket,
                  parent_end: socket.socket | None, die_with_parent: bool) -> None:
     """In the forked setup child: namespaces, then fork PID 1. Never returns."""
     try:
-        init.block_signals()  # before PID 1 exists: it inherits the mask, nothing sent to it is lost
-        gc.disable()  # PID 1 makes no cycles; a collection would only dirty pages shared with the caller
-        # out of the caller's session: a terminal's ^C reaches the caller, which forwards it once
-        os.setsid()
-        if parent_end is not None:
-            parent_end.close()
-        if stdio is not None:
-            tmp = [os.dup(fd) for fd in stdio]
-            for n, fd in enumerate(tmp):
-                os.dup2(fd, n)
-                os.close(fd)
-        if sock.fileno() <= 2:
-            sock = socket.socket(fileno=os.dup(sock.fileno()))
-        sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
-        _keep_only_fds([sock.fileno(), sigfd])
+        sock, sigfd = _child_prologue(stdio, sock, parent_end)
         if cg is not None:
             cg.join(os.getpid())
         flags = cfg.clone_flags
@@ -610,20 +622,8 @@ def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[st
                 stdio: tuple[int, int, int] | None, use_tty: bool, cg: Any, sock: socket.socket,
                 parent_end: socket.socket) -> None:
     try:
-        init.block_signals()
-        gc.disable()
-        os.setsid()
-        parent_end.close()
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if stdio is not None:
-            tmp = [os.dup(fd) for fd in stdio]
-            for n, fd in enumerate(tmp):
-                os.dup2(fd, n)
-                os.close(fd)
-        if sock.fileno() <= 2:
-            sock = socket.socket(fileno=os.dup(sock.fileno()))
-        sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
-        _keep_only_fds([sock.fileno(), sigfd])
+        sock, sigfd = _child_prologue(stdio, sock, parent_end)
         if cg is not None:
             cg.join(os.getpid())  # before setns and fork: the command counts against the pids limit
         nsfds = []

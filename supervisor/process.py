@@ -121,11 +121,12 @@ class Reaper:
         return reaped
 
     async def reap_strangers_yielding(self, max_pause: float = 2.0) -> None:
-        """reap_strangers, letting other tasks run after each reap, and pausing while a live
+        """reap_strangers, letting other tasks run every few reaps, and pausing while a live
         subscriber's buffer is more than half full (``pressure``): 10,000 orphans dying at once
         would otherwise emit 10,000 events before any stream task could send one, and drop every
         reader. A reader that doesn't read at all only delays reaping by max_pause in all."""
         deadline = trio.current_time() + max_pause
+        n = 0
         for pid in children() - self.owned:
             if pid in self.owned:  # owned while we let others run
                 continue
@@ -135,7 +136,9 @@ class Reaper:
                 continue
             if got == pid and self.on_reaped is not None:
                 self.on_reaped(pid, decode_wait_status(status))
-            await trio.lowlevel.checkpoint()
+            n += 1
+            if n % 16 == 0:  # let the stream tasks run; less often costs readers, more often costs rate
+                await trio.lowlevel.checkpoint()
             while self.pressure is not None and self.pressure() and trio.current_time() < deadline:
                 await trio.sleep(0.001)
 
