@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import pytest
 
 from nsruntime import config, network
 from nsruntime.errors import ConfigError, SetupError, TeardownError
+from tests.conftest import live_pid, wait_for
 from tests.runtime.netutil import NET4, NET6, Host, StandIn, children, in_netns, new_netns, stop
 
 pytestmark = [
@@ -532,21 +532,7 @@ def nsinit_bg(host: Host, cdir: Path, *cmd: str) -> subprocess.Popen[str]:
 
 
 def wait_until(pred: Any, what: str, timeout: float = 10) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def live_pid(cdir: Path) -> int | None:
-    try:
-        pid = int((cdir / "pid").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if os.path.exists(f"/proc/{pid}") else None
+    return wait_for(pred, timeout, what)
 
 
 @e2e
