@@ -96,15 +96,20 @@ class Zygote:
 
 
 def serve(sock: socket.socket) -> None:
-    """The zygote's loop: one fork per request, until the caller closes its end."""
+    """The zygote's loop: one fork per request, until the caller closes its end.
+
+    The zygote itself does as little as it can around each fork: every page it writes after a
+    fork is copied into each PID 1 forked before, so the request is decoded by the child.
+    """
     import gc
 
-    from . import cgroups, container
+    from . import cgroups, container, init
     from .config import parse
 
     gc.disable()
     gc.freeze()  # from here on the pages stay as they are, shared with every PID 1
-    sock.send(b'{"ok": true}')
+    ok = b'{"ok": true}'
+    sock.send(ok)
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
@@ -112,31 +117,31 @@ def serve(sock: socket.socket) -> None:
             return
         if not data:
             return
-        try:
-            req = json.loads(data)
-            if len(fds) != 4:
-                raise ValueError(f"expected 4 descriptors, got {len(fds)}")
-            cfg = parse(req["source"])
-            cg = cgroups.from_paths(req["cgroups"]) if req["cgroups"] else None
-            child_sock = socket.socket(fileno=fds[0])
-            child = os.fork()
-            if child == 0:
-                sock.close()
-                container._setup_child(cfg, req["root"], req["command"], req["env"], (fds[1], fds[2], fds[3]),
-                                       req["tty"], cg, child_sock, None, req["die_with_parent"])
-            child_sock.close()
-            for fd in fds[1:]:
-                os.close(fd)
-            # the setup child only unshares and forks PID 1: reaping it here keeps us simple
-            os.waitpid(child, 0)
-            reply: dict[str, Any] = {"ok": True}
-        except Exception as e:  # a bad request must not end the zygote
+        if len(fds) != 4:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            reply = {"error": f"{type(e).__name__}: {e}"}
+            reply = json.dumps({"error": f"expected 4 descriptors, got {len(fds)}"}).encode()
+        else:
+            child = os.fork()
+            if child == 0:
+                sock.close()
+                child_sock = socket.socket(fileno=fds[0])
+                try:
+                    req = json.loads(data)
+                    cfg = parse(req["source"])
+                    cg = cgroups.from_paths(req["cgroups"]) if req["cgroups"] else None
+                except BaseException as e:  # reported to the creator, which is waiting on child_sock
+                    init.main_fail(child_sock, e)
+                container._setup_child(cfg, req["root"], req["command"], req["env"], (fds[1], fds[2], fds[3]),
+                                       req["tty"], cg, child_sock, None, req["die_with_parent"])
+            for fd in fds:
+                os.close(fd)
+            # the setup child only unshares and forks PID 1: reaping it here keeps us simple
+            os.waitpid(child, 0)
+            reply = ok
         try:
-            sock.send(json.dumps(reply).encode())
+            sock.send(reply)
         except OSError:
             return
 
