@@ -330,3 +330,21 @@ NSINIT_CONFIG = {
 
 def write_nsinit_config(root: Path, **over: Any) -> None:
     (root / "container.json").write_text(json.dumps({**NSINIT_CONFIG, **over}, indent=1))
+
+
+def kill_leftovers() -> list[str]:
+    """We are a child subreaper: anything a part leaked is one of our descendants now."""
+    killed = []
+    for _ in range(50):
+        left = [p for p in descendants(os.getpid(), include_root=False)]
+        if not left:
+            break
+        for p in left:
+            killed.append(f"{p} {comm(p)}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        time.sleep(0.05)
+    return killed

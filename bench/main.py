@@ -29,10 +29,9 @@ from .lib import (
     QUICK,
     REPO,
     Skip,
-    comm,
-    descendants,
     host_diff,
     host_state,
+    kill_leftovers,
     log,
     make_rootfs,
     remove_our_cgroups,
@@ -63,24 +62,6 @@ def build_helpers(work: Path) -> dict[str, str]:
                        capture_output=True)
         out[name] = str(exe)
     return out
-
-
-def kill_leftovers() -> list[str]:
-    """We are a child subreaper: anything a part leaked is one of our descendants now."""
-    killed = []
-    for _ in range(50):
-        left = [p for p in descendants(os.getpid(), include_root=False)]
-        if not left:
-            break
-        for p in left:
-            killed.append(f"{p} {comm(p)}")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        time.sleep(0.05)
-    return killed
 
 
 def run_part(name: str, argv: list[str], out: Path) -> tuple[dict[str, Any] | None, str | None]:

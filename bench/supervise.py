@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from .lib import (
     Skip,
     comm,
     descendants,
+    kill_leftovers,
     log,
     make_rootfs,
     note_daemon,
@@ -321,25 +321,9 @@ def supervisors(work: Path, out: Path) -> None:
                     log(f"supervisors: {key} skipped: {e}")
                 finally:
                     kids.close()
-                    _kill_descendants()
+                    kill_leftovers()
                 # after every run: a part stopped at its time bound still reports what it measured
                 write_json(out, result)
-
-
-def _kill_descendants() -> None:
-    """We are a child subreaper (see __main__): whatever a daemon left behind ends up here."""
-    for _ in range(50):
-        left = [p for p in descendants(os.getpid(), include_root=False) if p != os.getpid()]
-        left = [p for p in left if comm(p) not in ("",)]
-        if not left:
-            return
-        for p in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        time.sleep(0.05)
 
 
 # -- part 5 ---------------------------------------------------------------------------------------
@@ -470,7 +454,7 @@ def events(work: Path, out: Path, zombies: str, stamp: str) -> None:
         result["skipped"]["events"] = f"{type(e).__name__}: {e}"
     finally:
         kids.close()
-        _kill_descendants()
+        kill_leftovers()
     write_json(out, result)
 
 

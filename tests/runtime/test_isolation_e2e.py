@@ -5,7 +5,6 @@ reads the cgroup files named in the container's state.json while it runs, and fi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import select
@@ -18,10 +17,6 @@ from pathlib import Path
 import pytest
 
 from nsruntime import capabilities
-
-if importlib.util.find_spec("nsruntime.container") is None:  # pragma: no cover
-    pytest.skip("nsruntime.container (nsinit exec) is not there yet", allow_module_level=True)
-
 from tests.conftest import NSINIT, REPO, nsinit, write_config
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]

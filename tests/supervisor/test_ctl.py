@@ -589,16 +589,7 @@ async def test_output_to_a_closed_pipe_is_quiet(event_log: Path, tmp_path: Path)
 # -- end to end: a real nsinitd ----------------------------------------------------------------------
 
 
-def _daemon_available() -> bool:
-    try:
-        from supervisor import daemon
-    except ImportError:
-        return False
-    return callable(getattr(daemon, "main", None))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _daemon_available(), reason="supervisor.daemon isn't there yet")
 async def test_end_to_end_with_a_real_nsinitd(tmp_path: Path, background: Any) -> None:
     config = tmp_path / "nsinitd.toml"
     config.write_text(
@@ -707,7 +698,6 @@ def _stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _daemon_available(), reason="supervisor.daemon isn't there yet")
 async def test_a_live_socket_is_never_taken_over_and_a_stale_one_is(tmp_path: Path) -> None:
     """A second nsinitd on the same socket refuses to start; after a SIGKILLed nsinitd the socket
     file it left is replaced by the next one."""
@@ -746,18 +736,9 @@ async def test_a_live_socket_is_never_taken_over_and_a_stale_one_is(tmp_path: Pa
         _stop_daemon(first)
 
 
-def _join_available() -> bool:
-    try:
-        import nsruntime
-    except ImportError:
-        return False
-    return callable(getattr(nsruntime, "join", None))
-
-
 @pytest.mark.privileged
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv to another user)")
 @pytest.mark.slow
-@pytest.mark.skipif(not (_daemon_available() and _join_available()), reason="needs nsinitd and nsruntime.join")
 async def test_exec_in_a_real_container(tmp_path: Path) -> None:
     """exec joins the program's container: its hostname, stdin relayed, the exit status passed
     through, and with -t a terminal."""
@@ -803,7 +784,6 @@ async def test_exec_in_a_real_container(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _daemon_available(), reason="supervisor.daemon isn't there yet")
 async def test_a_real_nsinitd_shrugs_off_bad_clients(tmp_path: Path) -> None:
     """Against the real daemon: an event reader that never reads, 300 connections of valid,
     malformed, oversized and half-written requests, while a program crash-loops (events flowing).

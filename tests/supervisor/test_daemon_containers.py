@@ -11,11 +11,8 @@ from typing import Any
 import pytest
 import trio
 
-import nsruntime
-
 pytestmark = [
     pytest.mark.privileged,
-    pytest.mark.skipif(not hasattr(nsruntime, "create"), reason="nsruntime.create not there yet"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
 ]
 
