@@ -8,13 +8,16 @@ Public API (everything else is private):
     join(state_dir, command)                     # run a command inside a live container
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
 from .config import ContainerConfig
 from .config import load as load_config
 from .errors import ConfigError, NsRuntimeError, SetupError, StateError, SyscallError, TeardownError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .container import Container, ExitStatus, Joined, cleanup_stale, create, describe, join, open_join
 
 _LAZY = {"Container", "ExitStatus", "Joined", "cleanup_stale", "create", "describe", "join", "open_join"}

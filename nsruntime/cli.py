@@ -17,17 +17,14 @@ and for delete of a live one without --force.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
 import os
-import signal
 import sys
 import time
-from pathlib import Path
 
-from . import console, init, libc
+from . import init, libc
 from .errors import EXIT_RUNTIME_FAILED, NsRuntimeError, StateError
+from .lean import dumps, suppress
 from .state import StateDir
 
 USAGE = "usage: nsinit [--root DIR] {exec [--] CMD [ARG...] | state | kill [SIGNAL] | delete [--force]}"
@@ -38,17 +35,17 @@ def _err(msg: str, code: int = EXIT_RUNTIME_FAILED) -> int:
     return code
 
 
-def _parse(argv: list[str]) -> tuple[Path | None, str, list[str]]:
+def _parse(argv: list[str]) -> tuple[str | None, str, list[str]]:
     # a hand-made parser: exec's arguments belong to the command, whatever they look like
     root = None
     i = 0
     while i < len(argv):
         a = argv[i]
         if a == "--root" and i + 1 < len(argv):
-            root = Path(argv[i + 1])
+            root = argv[i + 1]
             i += 2
         elif a.startswith("--root="):
-            root = Path(a.split("=", 1)[1])
+            root = a.split("=", 1)[1]
             i += 1
         elif a in ("-h", "--help"):
             raise SystemExit(print(__doc__) or 0)
@@ -62,29 +59,34 @@ def _parse(argv: list[str]) -> tuple[Path | None, str, list[str]]:
     return root, verb, rest
 
 
-def _exec(root: Path, command: list[str]) -> int:
+def _exec(root: str, command: list[str]) -> int:
     from . import container
     from .config import load
 
     if not command:
         return _err("exec: no command given")
-    cfg = load(root / "container.json")
+    cfg = load(os.path.join(root, "container.json"))
     # blocked from here on and read from a signalfd: nothing sent to us is lost or kills us halfway
     init.block_signals()
     sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
     sdir = StateDir(root)
     if sdir.live_pid() is None:
         try:
-            c = container.create(cfg, Path.cwd(), command, root, die_with_parent=True)
+            c = container.create(cfg, os.getcwd(), command, root, die_with_parent=True)
         except StateError:
             c = None  # somebody made it meanwhile: join theirs
         if c is not None:
             try:
-                with console.raw_mode(0) if c.console is not None else contextlib.nullcontext():
-                    if c.console is not None:
+                if c.console is not None:
+                    from . import console  # termios and tty: only for a terminal
+
+                    with console.raw_mode(0):
                         console.copy_winsize(0, c.console)
+                        c.start()
+                        container.forward_until_exit(sigfd, c.pidfd, c.signal, c.console)
+                else:
                     c.start()
-                    container.forward_until_exit(sigfd, c.pidfd, c.signal, c.console)
+                    container.forward_until_exit(sigfd, c.pidfd, c.signal, None)
                 status = c.poll()
             finally:
                 c.destroy()
@@ -94,7 +96,7 @@ def _exec(root: Path, command: list[str]) -> int:
     return container.join(root, command)
 
 
-def _delete(root: Path, force: bool) -> int:
+def _delete(root: str, force: bool) -> int:
     from . import container
 
     sdir = StateDir(root)
@@ -102,8 +104,8 @@ def _delete(root: Path, force: bool) -> int:
     if pid is not None:
         if not force:
             return _err(f"{root}: the container is running (pid {pid}); use delete --force", 1)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # PID 1: the kernel takes the whole pid namespace with it
+        with suppress(ProcessLookupError):
+            os.kill(pid, 9)  # SIGKILL to PID 1: the kernel takes the whole pid namespace with it
         for _ in range(500):
             if sdir.live_pid() is None:
                 break
@@ -111,7 +113,7 @@ def _delete(root: Path, force: bool) -> int:
         else:
             return _err(f"{root}: pid {pid} is {container.proc_state(pid)} after SIGKILL")
     released = container.cleanup_stale(sdir)
-    print(json.dumps(released))
+    print(dumps(released))
     return 0
 
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.disable()  # a one-shot process: collections would only cost start time
         code = _main(sys.argv[1:])
         # skip the interpreter's finalization of every imported module: ~15 ms of a cold start
-        with contextlib.suppress(OSError, ValueError):
+        with suppress(OSError, ValueError):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
@@ -133,16 +135,20 @@ def _main(args: list[str]) -> int:
         root_opt, verb, rest = _parse(args)
     except ValueError:
         return _err(USAGE)
-    root = (root_opt or Path.cwd()).resolve()
+    root = os.path.realpath(root_opt or os.getcwd())
     try:
         if verb == "exec":
             return _exec(root, rest)
         if verb == "state":
+            import json
+
             from .container import describe
 
             print(json.dumps(describe(root), indent=1))
             return 0 if StateDir(root).live_pid() else 1
         if verb == "kill":
+            import signal
+
             sig = rest[0] if rest else "TERM"
             try:
                 signum = int(sig) if sig.isdigit() else signal.Signals["SIG" + sig.upper().removeprefix("SIG")]

@@ -7,15 +7,11 @@ the fields later libcontainer added (user, working_dir, readonly_fs, no_pivot_ro
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import capabilities
 from .errors import ConfigError
+from .lean import JSONError, dumps, frozen, loads
 from .libc import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -53,12 +49,35 @@ DEFAULT_MASKED_PATHS = (
     "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
 )  # fmt: skip
 DEFAULT_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
-_CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
-_ENV_NAME = re.compile(r"^[^=\x00]+$")
+# character classes for the validators (str methods, not re: its import is a few ms of every start)
+_DIGITS = "0123456789"
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" + _DIGITS
 
 
-@dataclass(frozen=True)
+def _made_of(s: str, chars: str) -> bool:
+    """s is not empty and every character of s is in chars."""
+    return bool(s) and not s.strip(chars)
+
+
+def _is_hostname(s: str) -> bool:
+    # labels of letters, digits and '-', each starting with a letter or digit, at most 63 long
+    return all(1 <= len(label) <= 63 and label[0] in _ALNUM and _made_of(label, _ALNUM + "-")
+               for label in s.split("."))
+
+
+def _is_cpu_list(s: str) -> bool:
+    # "0-1,3": numbers and ranges separated by commas
+    return all(1 <= len(r.split("-")) <= 2 and all(_made_of(n, _DIGITS) for n in r.split("-"))
+               for r in s.split(","))
+
+
+def _is_user(s: str) -> bool:
+    # uid[:gid] or name[:group]: each part starts with [A-Za-z0-9_.] and goes on with [A-Za-z0-9_.-]
+    parts = s.split(":")
+    return len(parts) <= 2 and all(p[:1] != "-" and _made_of(p, _ALNUM + "_.-") for p in parts)
+
+
+@frozen
 class Mount:
     source: str | None  # None for tmpfs
     destination: str
@@ -68,7 +87,7 @@ class Mount:
     optional: bool = False  # skip a bind whose source is missing
 
 
-@dataclass(frozen=True)
+@frozen
 class Route:
     destination: str | None
     source: str | None
@@ -76,7 +95,7 @@ class Route:
     interface_name: str | None
 
 
-@dataclass(frozen=True)
+@frozen
 class Network:
     type: str  # loopback | veth | netns
     address: str | None = None  # CIDR
@@ -87,7 +106,7 @@ class Network:
     path: str | None = None  # netns: namespace file to join (context.path)
 
 
-@dataclass(frozen=True)
+@frozen
 class DeviceRule:
     allow: bool
     type: str  # a | c | b
@@ -96,7 +115,7 @@ class DeviceRule:
     access: str  # subset of rwm
 
 
-@dataclass(frozen=True)
+@frozen
 class Cgroups:
     name: str | None = None
     parent: str = "nsinit"
@@ -112,14 +131,14 @@ class Cgroups:
     devices: tuple[DeviceRule, ...] = ()
 
 
-@dataclass(frozen=True)
+@frozen
 class IdMap:
     container_id: int
     host_id: int
     size: int
 
 
-@dataclass(frozen=True)
+@frozen
 class ContainerConfig:
     hostname: str | None = None
     environment: tuple[tuple[str, str], ...] = ()
@@ -129,7 +148,7 @@ class ContainerConfig:
     mounts: tuple[Mount, ...] = ()
     networks: tuple[Network, ...] = ()
     routes: tuple[Route, ...] = ()
-    cgroups: Cgroups = field(default_factory=Cgroups)
+    cgroups: Cgroups = Cgroups()
     apparmor_profile: str | None = None
     user: str | None = None
     working_dir: str = "/"
@@ -141,7 +160,8 @@ class ContainerConfig:
     masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
     # the decoded container.json this was parsed from: recorded in state.json for joins and cleanup
-    source: Any = field(default=None, compare=False, hash=False, repr=False)
+    source: Any = None
+    _uncompared = ("source",)
 
     @property
     def clone_flags(self) -> int:
@@ -162,10 +182,13 @@ class ContainerConfig:
         return any(n.type != "loopback" for n in self.networks) or bool(self.routes)
 
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
     from os import PathLike
+    from typing import Any, TypeVar
 
-T = TypeVar("T")
+    T = TypeVar("T")
 
 
 def _type_name(v: object) -> str:
@@ -185,7 +208,8 @@ def _obj(path: str, value: object, known: set[str]) -> dict[str, Any]:
     d = _expect(path, value, dict, "an object")
     for key in d:
         if key not in known:
-            raise ConfigError(f"{path}.{key}" if path else key, "unknown field")
+            shown = key if key.isprintable() and key.strip() == key and key else dumps(key)  # one line, visible
+            raise ConfigError(f"{path}.{shown}" if path else shown, "unknown field")
     return d
 
 
@@ -232,8 +256,8 @@ def _environment(path: str, value: object) -> tuple[tuple[str, str], ...]:
     items = value.items() if isinstance(value, dict) else None
     if items is not None:
         for k, v in items:
-            if not _ENV_NAME.match(k):
-                raise ConfigError(f"{path}.{k}", "bad variable name")
+            if not k or "=" in k or "\x00" in k:
+                raise ConfigError(f"{path}.{dumps(k)}", "bad variable name")
             out.append((k, _str(f"{path}.{k}", v, empty=True)))
         return tuple(out)
     for i, item in enumerate(_list(path, value)):
@@ -325,7 +349,7 @@ def _ip(path: str, value: object) -> str:
 
 def _ifname_prefix(path: str, value: object) -> str:
     s = _str(path, value)
-    if len(s) > 7 or not re.match(r"^[A-Za-z0-9_-]+$", s):
+    if len(s) > 7 or not _made_of(s, _ALNUM + "_-"):
         raise ConfigError(path, f'"{s}" must be 1..7 characters of [A-Za-z0-9_-] (a unique suffix is added)')
     return s
 
@@ -425,7 +449,7 @@ def _devices(path: str, value: object) -> tuple[DeviceRule, ...]:
 def _cgroup_name(path: str, value: object) -> str:
     s = _str(path, value)
     parts = s.strip("/").split("/")
-    if any(part in ("", ".", "..") for part in parts) or not re.match(r"^[A-Za-z0-9_.:/@-]+$", s):
+    if any(part in ("", ".", "..") for part in parts) or not _made_of(s, _ALNUM + "_.:/@-"):
         raise ConfigError(path, f'"{s}" is not a relative cgroup path of [A-Za-z0-9_.:@-] names')
     return s.strip("/")
 
@@ -440,7 +464,7 @@ def _cgroups(path: str, value: object) -> Cgroups:
 
     def cpuset(q: str, v: object) -> str:
         s = _str(q, v)
-        if not _CPUSET.match(s):
+        if not _is_cpu_list(s):
             raise ConfigError(q, f'"{s}" is not a cpu list like "0-1,3"')
         return s
 
@@ -482,14 +506,14 @@ def _idmaps(path: str, value: object) -> tuple[IdMap, ...]:
 
 def _user(path: str, value: object) -> str:
     s = _str(path, value)
-    if not re.match(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*(:[A-Za-z0-9_.][A-Za-z0-9_.-]*)?$", s):
+    if not _is_user(s):
         raise ConfigError(path, f'"{s}" is not uid[:gid] or a user name')
     return s
 
 
 def _hostname(path: str, value: object) -> str:
     s = _str(path, value)
-    if len(s) > 64 or not _HOSTNAME.match(s):
+    if len(s) > 64 or not _is_hostname(s):
         raise ConfigError(path, f'"{s}" is not a valid host name')
     return s
 
@@ -561,10 +585,10 @@ def load(path: str | PathLike[str]) -> ContainerConfig:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(p, f"larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except UnicodeDecodeError:
         raise ConfigError(p, "not UTF-8") from None
-    except json.JSONDecodeError as e:
+    except JSONError as e:
         raise ConfigError(p, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ConfigError(p, "malformed JSON: nested too deeply") from None

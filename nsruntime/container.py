@@ -15,33 +15,37 @@ child and runs one more command there.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import gc
 import os
 import select
-import signal
-import socket
 import time
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from . import apparmor, cgroups, init, libc, rootfs
 from .cgroups import CgroupSet
 from .config import NAMESPACE_FILES, ContainerConfig, parse
 from .errors import NsRuntimeError, SetupError, StateError, TeardownError
+from .lean import frozen, recv_fds, signal_name, suppress
 from .state import StateDir, start_time
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
+    import socket
+    from collections.abc import Callable, Sequence
+    from os import PathLike
+    from typing import Any
+
     from .zygote import Zygote
+else:  # the C modules: signal.py and socket.py build enums at import (see lean.py)
+    import _signal as signal
+    import _socket as socket
 
 SETUP_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
+@frozen
 class ExitStatus:
     exit_code: int  # the command's exit code, 128+N when killed by signal N
     signal: int | None  # the killing signal, None on a normal exit
@@ -51,16 +55,13 @@ class ExitStatus:
     def signal_name(self) -> str | None:
         if self.signal is None:
             return None
-        try:
-            return signal.Signals(self.signal).name
-        except ValueError:
-            return f"SIG{self.signal}"
+        return signal_name(self.signal)
 
 
-def container_id(rootfs: Path, state_dir: Path) -> str:
+def container_id(rootfs: str, state_dir: str) -> str:
     key = f"{rootfs}\0{state_dir}".encode()
     h = f"{zlib.crc32(key):08x}{zlib.adler32(key):08x}"[:12]  # not hashlib: loading OpenSSL costs ~10 ms
-    base = "".join(c if c.isalnum() or c in "-_." else "-" for c in rootfs.name)[:32] or "root"
+    base = "".join(c if c.isalnum() or c in "-_." else "-" for c in os.path.basename(rootfs))[:32] or "root"
     return f"{base}-{h}"
 
 
@@ -74,7 +75,7 @@ def _recv_line(sock: socket.socket, deadline: float, what: str) -> tuple[str, li
             raise SetupError(what, f"container init did not answer within {SETUP_TIMEOUT:.0f} s")
         if not wait_readable(sock.fileno(), left):
             continue
-        data, got, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+        data, got = recv_fds(sock, 4096, 4)
         fds += got
         if not data:
             raise SetupError(what, "container init exited during setup")
@@ -92,30 +93,34 @@ def _keep_only_fds(keep: Sequence[int]) -> None:
     libc.close_range(prev + 1)
 
 
-@dataclass
 class Container:
     """A created container: PID 1 is up, its root in place, the command waiting for start()."""
 
-    id: str
-    config: ContainerConfig
-    rootfs: Path
-    state: StateDir
-    pid: int
-    pidfd: int
-    cgroups: CgroupSet | None
-    links: list[str]
-    console: int | None  # pty master when the command has a terminal
-    _sock: socket.socket
-    _status: ExitStatus | None = None
-    _destroyed: bool = False
-    _exit_msg: tuple[int, int] | None = field(default=None)
+    def __init__(self, id: str, config: ContainerConfig, rootfs: str, state: StateDir, pid: int, pidfd: int,
+                 cgroups: CgroupSet | None, links: list[str], console: int | None, sock: socket.socket) -> None:
+        self.id = id
+        self.config = config
+        self.rootfs = rootfs
+        self.state = state
+        self.pid = pid
+        self.pidfd = pidfd
+        self.cgroups = cgroups
+        self.links = links
+        self.console = console  # pty master when the command has a terminal
+        self._sock = sock
+        self._status: ExitStatus | None = None
+        self._destroyed = False
+        self._exit_msg: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"Container(id={self.id!r}, pid={self.pid}, rootfs={self.rootfs!r})"
 
     def start(self) -> None:
         init.send(self._sock, "start")
 
     def signal(self, signum: int) -> None:
         """To the command, through PID 1 (which forwards everything but SIGCHLD)."""
-        with contextlib.suppress(ProcessLookupError):
+        with suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signum)
 
     def kill(self, timeout: float = 1.0) -> None:
@@ -123,14 +128,14 @@ class Container:
 
         Waits at most timeout for the cgroup to empty; destroy() reports what would not die.
         """
-        with contextlib.suppress(ProcessLookupError):
+        with suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         if self.cgroups is not None:
-            with contextlib.suppress(NsRuntimeError, OSError):
+            with suppress(NsRuntimeError, OSError):
                 self.cgroups.kill(timeout=timeout)
 
     def _read_exit_msg(self) -> None:
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             self._sock.setblocking(False)
             data = b""
             while True:
@@ -226,10 +231,10 @@ class Container:
             raise TeardownError("; ".join(errors))
         released["files"] = self.state.remove()
         if self.console is not None:
-            with contextlib.suppress(OSError):
+            with suppress(OSError):
                 os.close(self.console)
             self.console = None
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             os.close(self.pidfd)
         self._sock.close()
         self._destroyed = True
@@ -245,7 +250,7 @@ def proc_state(pid: int) -> str:
     except OSError:
         return "gone"
     wchan = ""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/wchan") as f:
+    with suppress(OSError), open(f"/proc/{pid}/wchan") as f:
         wchan = f.read().strip()
     return f"in state {letter}" + (f" (waiting in {wchan})" if wchan and wchan != "0" else "")
 
@@ -263,9 +268,9 @@ def wait_readable(fd: int, timeout: float | None) -> bool:
 
 def create(
     cfg: ContainerConfig,
-    rootfs_dir: str | Path,
+    rootfs_dir: str | PathLike[str],
     command: Sequence[str],
-    state_dir: str | Path,
+    state_dir: str | PathLike[str],
     *,
     env: dict[str, str] | None = None,
     stdio: tuple[int, int, int] | None = None,
@@ -284,11 +289,11 @@ def create(
     """
     if not command:
         raise NsRuntimeError("command: empty")
-    root = Path(rootfs_dir).resolve()
-    if not root.is_dir():
+    root = os.path.realpath(rootfs_dir)
+    if not os.path.isdir(root):
         raise SetupError("rootfs", f"{root}: not a directory")
-    sdir = StateDir(Path(state_dir).resolve())
-    sdir.path.mkdir(mode=0o755, parents=True, exist_ok=True)  # never world-writable, whatever the umask
+    sdir = StateDir(os.path.realpath(state_dir))
+    os.makedirs(sdir.path, mode=0o755, exist_ok=True)  # never world-writable, whatever the umask
     use_tty = cfg.tty if tty is None else tty
     cid = container_id(root, sdir.path)
     if cfg.apparmor_profile:
@@ -366,7 +371,7 @@ def _handshake(sock: socket.socket, deadline: float, what: str, cfg: ContainerCo
             msg, fds = _recv_line(sock, deadline, what)
         except SetupError:
             if child:
-                with contextlib.suppress(ChildProcessError):
+                with suppress(ChildProcessError):
                     os.waitpid(child, 0)
             raise
         if msg.startswith("userns "):
@@ -375,7 +380,7 @@ def _handshake(sock: socket.socket, deadline: float, what: str, cfg: ContainerCo
             continue
         if msg.startswith("error "):
             if child:
-                with contextlib.suppress(ChildProcessError):
+                with suppress(ChildProcessError):
                     os.waitpid(child, 0)
             raise SetupError("container setup", msg[6:])
         return msg, fds
@@ -398,20 +403,20 @@ def _write_id_maps(cfg: ContainerConfig, pid: int) -> None:
 def _abort(pid: int, pidfd: int, cg: Any, links: list[str], sdir: StateDir, sock: socket.socket) -> None:
     """Undo a half-made container: nothing may stay behind."""
     if pid:
-        with contextlib.suppress(ProcessLookupError):
+        with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
+        with suppress(ChildProcessError):
             os.waitpid(pid, 0)
     if pidfd >= 0:
         os.close(pidfd)
     if cg is not None:
-        with contextlib.suppress(NsRuntimeError, OSError):
+        with suppress(NsRuntimeError, OSError):
             cg.kill()
             cg.destroy(timeout=5.0)
     if links:
         from . import network
 
-        with contextlib.suppress(NsRuntimeError, OSError):
+        with suppress(NsRuntimeError, OSError):
             network.teardown(links)
     sdir.remove()
     sock.close()
@@ -478,7 +483,7 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
 
 def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
           sock: socket.socket, sigfd: int, die_with_parent: bool) -> None:
-    with contextlib.suppress(NsRuntimeError):
+    with suppress(NsRuntimeError):
         libc.set_process_name("nsinit-init")
         # processes of the container may not ptrace PID 1 or open its /proc files (its socket to us)
         libc.prctl(libc.PR_SET_DUMPABLE, 0)
@@ -556,17 +561,17 @@ def cleanup_stale(sdir: StateDir) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- join
 
 
-@dataclass
 class Joined:
     """A command started inside a live container by join(); ``pid`` is its host pid."""
 
-    pid: int  # the host-side helper waiting for it; signal() reaches the command
-    cmd_pid: int
-    console: int | None
-    _sock: socket.socket
+    def __init__(self, pid: int, cmd_pid: int, console: int | None, sock: socket.socket) -> None:
+        self.pid = pid  # the host-side helper waiting for it; signal() reaches the command
+        self.cmd_pid = cmd_pid
+        self.console = console
+        self._sock = sock
 
     def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        with suppress(ProcessLookupError):
             os.kill(self.cmd_pid, signum)
 
     def wait(self) -> ExitStatus:
@@ -587,10 +592,10 @@ def load_state_config(sdir: StateDir) -> tuple[ContainerConfig, dict[str, Any]]:
     return parse(raw), st
 
 
-def open_join(state_dir: str | Path, command: Sequence[str], *, stdio: tuple[int, int, int] | None = None,
+def open_join(state_dir: str | PathLike[str], command: Sequence[str], *, stdio: tuple[int, int, int] | None = None,
               tty: bool | None = None, env: dict[str, str] | None = None) -> Joined:
     """Start ``command`` inside the live container whose pid file stands in state_dir."""
-    sdir = StateDir(Path(state_dir).resolve())
+    sdir = StateDir(os.path.realpath(state_dir))
     pid = sdir.live_pid()
     if pid is None:
         raise StateError(f"{sdir.path}: no live container")
@@ -611,7 +616,7 @@ def open_join(state_dir: str | Path, command: Sequence[str], *, stdio: tuple[int
             raise SetupError("join", msg[6:])
         return Joined(helper, int(msg.split()[1]), fds[0] if fds else None, parent_sock)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
+        with suppress(ProcessLookupError):
             os.kill(helper, signal.SIGKILL)
         os.waitpid(helper, 0)
         parent_sock.close()
@@ -669,20 +674,20 @@ def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[st
         wait_readable(sigfd, None)
         while (info := libc.read_signalfd(sigfd)) is not None:
             if info[0] == signal.SIGCHLD:
-                with contextlib.suppress(ChildProcessError):
+                with suppress(ChildProcessError):
                     p, st_ = os.waitpid(cmd, os.WNOHANG)
                     if p == cmd:
                         status = st_
             else:
-                with contextlib.suppress(ProcessLookupError):
+                with suppress(ProcessLookupError):
                     os.kill(cmd, info[0])
     code, _sig = init.status_to_code(status)
     os._exit(code)
 
 
-def describe(state_dir: str | Path) -> dict[str, Any]:
+def describe(state_dir: str | PathLike[str]) -> dict[str, Any]:
     """The state of the container in state_dir, in the shape of the OCI ``state`` verb."""
-    sdir = StateDir(Path(state_dir).resolve())
+    sdir = StateDir(os.path.realpath(state_dir))
     pid = sdir.live_pid()
     st = sdir.read_state()
     return {
@@ -696,7 +701,7 @@ def describe(state_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def join(state_dir: str | Path, command: Sequence[str], *, tty: bool | None = None,
+def join(state_dir: str | PathLike[str], command: Sequence[str], *, tty: bool | None = None,
          env: dict[str, str] | None = None) -> int:
     """Run ``command`` in the live container of state_dir with this process's stdio; its exit status.
 
@@ -711,7 +716,7 @@ def join(state_dir: str | Path, command: Sequence[str], *, tty: bool | None = No
         j = open_join(state_dir, command, tty=tty, env=env)
         waitfd = os.pidfd_open(j.pid)
         try:
-            with console.raw_mode(0) if j.console is not None else contextlib.nullcontext():
+            with console.raw_mode(0) if j.console is not None else suppress():  # suppress(): a no-op
                 if j.console is not None:
                     console.copy_winsize(0, j.console)
                 forward_until_exit(sigfd, waitfd, j.signal, j.console)

@@ -9,20 +9,25 @@ in every container.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import select
-import signal
-import socket
 import struct
 import sys
-import termios
 
 from . import apparmor, capabilities, libc
 from .config import ContainerConfig
 from .errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_RUNTIME_FAILED, NsRuntimeError, SetupError
+from .lean import send_fds, suppress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    import socket
+else:  # the C modules: signal.py and socket.py build enums at import (see lean.py)
+    import _signal as signal
+    import _socket as socket
 
 # every signal a process can catch; glibc reserves 32 and 33 for its threads (Python refuses them)
 ALL_SIGNALS = [s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)]
@@ -34,14 +39,16 @@ def block_signals() -> None:
 
 def reset_signals() -> None:
     """Default dispositions and an empty mask: both survive exec, and CPython ignores SIGPIPE/SIGXFSZ."""
-    with contextlib.suppress(ValueError, OSError):
+    with suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)
     for s in ALL_SIGNALS:
-        with contextlib.suppress(OSError, ValueError):
+        with suppress(OSError, ValueError):
             signal.signal(s, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
+# no imports from here on: this runs after pivot_root, where the host's stdlib is out of reach
+_TIOCSCTTY = 0x540E  # termios.TIOCSCTTY on x86_64 and aarch64 (termios itself is not imported for it)
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
@@ -54,11 +61,14 @@ def loopback_up() -> None:
     A fresh network namespace has ``lo`` down: without this even 127.0.0.1 is unreachable.
     """
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            got = fcntl.ioctl(s, _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            got = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
             flags = _IFREQ.unpack(got)[1]
             if not flags & _IFF_UP:
-                fcntl.ioctl(s, _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+                fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+        finally:
+            s.close()
     except OSError as e:
         raise SetupError("loopback", f"lo up: {errno.errorcode.get(e.errno or 0, e.errno)} ({e.strerror})") from None
 
@@ -76,9 +86,9 @@ def _lookup_user(spec: str) -> tuple[int, int, list[int], str | None]:
     user, _, group = spec.partition(":")
     passwd: list[list[str]] = []
     groups: list[list[str]] = []
-    with contextlib.suppress(OSError), open("/etc/passwd") as f:
+    with suppress(OSError), open("/etc/passwd") as f:
         passwd = [line.rstrip("\n").split(":") for line in f if line.count(":") >= 6]
-    with contextlib.suppress(OSError), open("/etc/group") as f:
+    with suppress(OSError), open("/etc/group") as f:
         groups = [line.rstrip("\n").split(":") for line in f if line.count(":") >= 3]
     home = None
     if user.isdigit():
@@ -120,7 +130,7 @@ def exec_command(cfg: ContainerConfig, argv: list[str], env: dict[str, str], tty
         if tty_path is not None:
             os.setsid()
             fd = os.open(tty_path, os.O_RDWR)
-            fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+            fcntl.ioctl(fd, _TIOCSCTTY, 0)
             for n in (0, 1, 2):
                 os.dup2(fd, n)
             if fd > 2:
@@ -153,7 +163,7 @@ def exec_command(cfg: ContainerConfig, argv: list[str], env: dict[str, str], tty
 
 
 def _die(code: int, message: str) -> None:
-    with contextlib.suppress(OSError):
+    with suppress(OSError):
         os.write(2, (message + "\n").encode(errors="replace"))
     os._exit(code)
 
@@ -161,7 +171,7 @@ def _die(code: int, message: str) -> None:
 def send(sock: socket.socket, line: str, fds: list[int] | None = None) -> None:
     data = (line + "\n").encode()
     if fds:
-        socket.send_fds(sock, [data], fds)
+        send_fds(sock, data, fds)
     else:
         sock.sendall(data)
 
@@ -180,7 +190,7 @@ def serve(sock: socket.socket, sigfd: int, cmd_pid: int, die_with_parent: bool, 
                     if signo == signal.SIGCHLD:
                         status = _reap(cmd_pid, status)
                     else:
-                        with contextlib.suppress(ProcessLookupError):
+                        with suppress(ProcessLookupError):
                             os.kill(cmd_pid, signo)
             else:
                 try:
@@ -192,10 +202,10 @@ def serve(sock: socket.socket, sigfd: int, cmd_pid: int, die_with_parent: bool, 
                 poller.unregister(fd)
                 if die_with_parent:
                     # whoever created us is gone: take the container down with it
-                    with contextlib.suppress(ProcessLookupError):
+                    with suppress(ProcessLookupError):
                         os.kill(-1 if pidns else cmd_pid, signal.SIGKILL)
     code, sig = status_to_code(status)
-    with contextlib.suppress(OSError):
+    with suppress(OSError):
         send(sock, f"exited {code} {sig or 0}")
     os._exit(code)
 
@@ -216,10 +226,13 @@ def _reap(cmd_pid: int, status: int | None) -> int | None:
 def main_fail(sock: socket.socket, err: BaseException) -> None:
     """Report a setup failure to the creator and leave (never returns)."""
     msg = str(err) if isinstance(err, NsRuntimeError | OSError) else f"{type(err).__name__}: {err}"
-    with contextlib.suppress(OSError):
+    with suppress(OSError):
         send(sock, "error " + msg.replace("\n", " "))
     if not isinstance(err, NsRuntimeError | OSError):
-        import traceback
-
-        traceback.print_exception(err, file=sys.stderr)
+        try:
+            import traceback  # not there once the root is switched: then the one line must do
+        except ImportError:
+            sys.stderr.write(f"nsinit: {msg}\n")
+        else:
+            traceback.print_exception(err, file=sys.stderr)
     os._exit(EXIT_RUNTIME_FAILED)

@@ -7,15 +7,14 @@ special filesystems under it, then pivot_root, then masks and read-only remounts
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-from collections import deque
 
 from . import libc
 from .config import ContainerConfig, Mount
 from .errors import SetupError, SyscallError
+from .lean import suppress
 
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
@@ -51,11 +50,11 @@ def resolve_in_root(root: str, dest: str, *, make: str | None) -> int:
 def _make_in_root(rootfd: int, dest: str, make: str) -> None:
     """Create the missing components of dest, following symlinks the way RESOLVE_IN_ROOT does:
     an absolute link target restarts at the rootfs, '..' never climbs above it."""
-    parts = deque(dest.split("/"))
+    parts = dest.split("/")[::-1]  # a stack: the next component last
     cur = "/"
     hops = 0
     while parts:
-        part = parts.popleft()
+        part = parts.pop()
         if part in ("", "."):
             continue
         if part == "..":
@@ -85,7 +84,7 @@ def _make_in_root(rootfd: int, dest: str, make: str) -> None:
             raise SyscallError(f"resolve {dest!r} in the rootfs", errno.ELOOP)
         if target.startswith("/"):
             cur = "/"
-        parts.extendleft(reversed(target.split("/")))
+        parts.extend(reversed(target.split("/")))
 
 
 def _mount_at(root: str, dest: str, make: str, source: str | None, fstype: str | None, flags: int,
@@ -132,7 +131,7 @@ def _setup_dev(root: str, tty: bool) -> None:
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     libc.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid | libc.MS_NODEV | libc.MS_NOEXEC,
                "mode=1777,size=65536k")
-    with contextlib.suppress(SyscallError):  # mqueue needs NEWIPC; without it the dir stays empty
+    with suppress(SyscallError):  # mqueue needs NEWIPC; without it the dir stays empty
         libc.mount("mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid | libc.MS_NODEV | libc.MS_NOEXEC)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):

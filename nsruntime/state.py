@@ -9,13 +9,16 @@ Every file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+
+from .lean import dumps, loads, suppress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from os import PathLike
+    from types import TracebackType
+    from typing import Any
 
 PID_FILE = "pid"
 START_FILE = "start"
@@ -43,8 +46,14 @@ def is_zombie(pid: int) -> bool:
     return data[data.rindex(b")") + 2 :].split()[0] == b"Z"
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.write(fd, text.encode())
@@ -53,31 +62,48 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     os.rename(tmp, path)
 
 
-class StateDir:
-    """The directory where a container's pid/start/state.json stand."""
+class _DirLock:
+    """flock on a directory for the length of a with block."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        os.close(self._fd)
+
+
+class StateDir:
+    """The directory where a container's pid/start/state.json stand (an absolute or relative path)."""
+
+    def __init__(self, path: str | PathLike[str]) -> None:
+        self.path = os.fspath(path)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
 
     @property
-    def pid_file(self) -> Path:
-        return self.path / PID_FILE
+    def pid_file(self) -> str:
+        return self.file(PID_FILE)
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> _DirLock:
         """Serialise create/join decisions on this directory (flock on the directory itself)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return _DirLock(self.path)
 
     def read_pid(self) -> tuple[int, int] | None:
         """(pid, start) as written, or None when no pid file stands (or it is unreadable)."""
         try:
-            pid = int((self.path / PID_FILE).read_text().strip())
-            start = int((self.path / START_FILE).read_text().strip())
+            pid = int(_read(self.file(PID_FILE)).strip())
+            start = int(_read(self.file(START_FILE)).strip())
         except (FileNotFoundError, ValueError):
             return None
         return pid, start
@@ -93,27 +119,27 @@ class StateDir:
         return pid
 
     def has_files(self) -> bool:
-        return any((self.path / n).exists() for n in (PID_FILE, START_FILE, STATE_FILE))
+        return any(os.path.exists(self.file(n)) for n in (PID_FILE, START_FILE, STATE_FILE))
 
     def write_state(self, state: dict[str, Any]) -> None:
-        write_atomic(self.path / STATE_FILE, json.dumps(state, indent=1) + "\n", 0o600)
+        write_atomic(self.file(STATE_FILE), dumps(state) + "\n", 0o600)
 
     def read_state(self) -> dict[str, Any]:
         try:
-            data = json.loads((self.path / STATE_FILE).read_text())
+            data = loads(_read(self.file(STATE_FILE)))
         except (FileNotFoundError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 
     def write_pid(self, pid: int, start: int) -> None:
         # start first: a reader that sees pid must be able to check it
-        write_atomic(self.path / START_FILE, f"{start}\n")
-        write_atomic(self.path / PID_FILE, f"{pid}\n")
+        write_atomic(self.file(START_FILE), f"{start}\n")
+        write_atomic(self.file(PID_FILE), f"{pid}\n")
 
     def remove(self) -> list[str]:
         removed = []
         for name in (PID_FILE, START_FILE, STATE_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                (self.path / name).unlink()
-                removed.append(str(self.path / name))
+            with suppress(FileNotFoundError):
+                os.unlink(self.file(name))
+                removed.append(self.file(name))
         return removed

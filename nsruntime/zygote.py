@@ -20,14 +20,20 @@ PID 1 and exited, or ``{"error": "..."}``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-from typing import Any
+
+from .lean import dumps, loads, recv_fds, send_fds, suppress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    import socket
+    import subprocess
+    from typing import Any
+else:  # the C modules: signal.py and socket.py build enums at import (see lean.py)
+    import _signal as signal
+    import _socket as socket
 
 MAX_MESSAGE = 1 << 20
 
@@ -43,14 +49,18 @@ class Zygote:
     @classmethod
     def start(cls) -> Zygote:
         """Start a zygote: a new interpreter running this module (a few ms, once)."""
+        import subprocess  # here: the zygote process itself never needs it
+
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with theirs:
+        try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "nsruntime.zygote", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
+        finally:
+            theirs.close()
         z = cls(proc.pid, mine, proc)
         reply = z._read()  # it says hello once its imports are done: nothing is forked before
         if reply.get("ok") is not True:
@@ -64,7 +74,7 @@ class Zygote:
         data = self._sock.recv(MAX_MESSAGE)
         if not data:
             return {"error": f"zygote (pid {self.pid}) exited"}
-        reply = json.loads(data)
+        reply = loads(data)
         return reply if isinstance(reply, dict) else {"error": "bad reply"}
 
     def spawn(self, request: dict[str, Any], fds: list[int]) -> None:
@@ -72,7 +82,7 @@ class Zygote:
         from .errors import SetupError
 
         try:
-            socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
+            send_fds(self._sock, dumps(request).encode(), fds)
             reply = self._read()
         except OSError as e:
             raise SetupError("zygote", f"pid {self.pid}: {e.strerror}") from None
@@ -84,9 +94,11 @@ class Zygote:
 
     def close(self) -> None:
         """Stop the zygote and reap it (bounded)."""
+        import subprocess
+
         self._sock.close()
         if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
+            with suppress(ProcessLookupError):
                 self._proc.send_signal(signal.SIGTERM)
             try:
                 self._proc.wait(timeout=5)
@@ -112,23 +124,23 @@ def serve(sock: socket.socket) -> None:
     sock.send(ok)
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+            data, fds = recv_fds(sock, MAX_MESSAGE, 4)
         except OSError:
             return
         if not data:
             return
         if len(fds) != 4:
             for fd in fds:
-                with contextlib.suppress(OSError):
+                with suppress(OSError):
                     os.close(fd)
-            reply = json.dumps({"error": f"expected 4 descriptors, got {len(fds)}"}).encode()
+            reply = dumps({"error": f"expected 4 descriptors, got {len(fds)}"}).encode()
         else:
             child = os.fork()
             if child == 0:
                 sock.close()
                 child_sock = socket.socket(fileno=fds[0])
                 try:
-                    req = json.loads(data)
+                    req = loads(data)
                     cfg = parse(req["source"])
                     cg = cgroups.from_paths(req["cgroups"]) if req["cgroups"] else None
                 except BaseException as e:  # reported to the creator, which is waiting on child_sock

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import signal
 import time
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import SetupError, TeardownError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import ClassVar
+
     from ..config import Cgroups
 
 # statistics keys, as the supervisor reads them; each is present only where a file holds it
@@ -190,7 +191,7 @@ class CgroupSet:
                 try:
                     for pid in self.pids() if frozen else left:
                         try:
-                            os.kill(pid, signal.SIGKILL)
+                            os.kill(pid, 9)  # SIGKILL
                         except ProcessLookupError:
                             pass
                 finally:

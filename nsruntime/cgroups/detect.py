@@ -16,13 +16,14 @@ Three layouts come out of it:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+from ..lean import frozen
 
 MOUNTINFO = "/proc/self/mountinfo"
 PROC_CGROUP = "/proc/self/cgroup"
 
 
-@dataclass(frozen=True)
+@frozen
 class Hierarchy:
     """One mounted cgroup hierarchy.
 
@@ -47,7 +48,7 @@ class Hierarchy:
             return frozenset()
 
 
-@dataclass(frozen=True)
+@frozen
 class Layout:
     hierarchies: tuple[Hierarchy, ...]
 
@@ -86,7 +87,7 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-@dataclass(frozen=True)
+@frozen
 class _Mount:
     root: str
     mountpoint: str

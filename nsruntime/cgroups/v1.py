@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
 
 from ..errors import SetupError
 from .base import CgroupDir, describe, read, read_int, read_keyed, write, write_raw
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..config import Cgroups, DeviceRule
 
 # docker's default device policy: mknod of any node (opening it is still checked), and read/write

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import TYPE_CHECKING
 
 from ..errors import SetupError, TeardownError
 from .base import CgroupDir, describe, read, read_int, read_keyed, write, write_raw
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..config import Cgroups
 

@@ -9,7 +9,6 @@ runtime's verbs don't exist yet.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import pytest
 
 from nsruntime import config, network
 from nsruntime.errors import ConfigError, SetupError, TeardownError
+from nsruntime.lean import replace
 from tests.conftest import live_pid, wait_for
 from tests.runtime.netutil import NET4, NET6, Host, StandIn, children, in_netns, new_netns, stop
 
@@ -325,7 +325,7 @@ def test_mtu_the_kernel_refuses_leaves_nothing(host: Host) -> None:
     # past the config's check (a caller building Network itself): the kernel's EINVAL is named too
     c = host.standin()
     good = cfg(veth(), veth(f"{NET4}.3/24"))
-    bad = dataclasses.replace(good, networks=(good.networks[0], dataclasses.replace(good.networks[1], mtu=70000)))
+    bad = replace(good, networks=(good.networks[0], replace(good.networks[1], mtu=70000)))
     with pytest.raises(SetupError, match=r'^networks\[1\]\.mtu: 70000 rejected by host link "veth\w+" \(EINVAL\)$'):
         setup(host, bad, "ctr-x", c.pid)
     assert_nothing_left(host, c)
@@ -334,7 +334,7 @@ def test_mtu_the_kernel_refuses_leaves_nothing(host: Host) -> None:
 def test_prefix_leaving_no_room_for_the_suffix(host: Host) -> None:
     c = host.standin()
     good = cfg(veth())
-    bad = dataclasses.replace(good, networks=(dataclasses.replace(good.networks[0], prefix="twelve-chars"),))
+    bad = replace(good, networks=(replace(good.networks[0], prefix="twelve-chars"),))
     with pytest.raises(SetupError, match=r"^networks\[0\]\.context\.prefix: .* leaves no room"):
         setup(host, bad, "ctr-x", c.pid)
     assert_nothing_left(host, c)
@@ -343,7 +343,7 @@ def test_prefix_leaving_no_room_for_the_suffix(host: Host) -> None:
 def test_unreachable_gateway_the_kernel_refuses_leaves_nothing(host: Host) -> None:
     c = host.standin()
     good = cfg(veth())
-    bad = dataclasses.replace(good, networks=(dataclasses.replace(good.networks[0], gateway="198.19.0.1"),))
+    bad = replace(good, networks=(replace(good.networks[0], gateway="198.19.0.1"),))
     with pytest.raises(SetupError, match=r'^networks\[0\]\.gateway: .*"198.19.0.1".* \(ENETUNREACH\)$'):
         setup(host, bad, "ctr-x", c.pid)
     assert_nothing_left(host, c)
