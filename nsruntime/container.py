@@ -25,7 +25,7 @@ import zlib
 from . import apparmor, cgroups, init, libc, rootfs
 from .cgroups import CgroupSet
 from .config import NAMESPACE_FILES, ContainerConfig, parse
-from .errors import NsRuntimeError, SetupError, StateError, TeardownError
+from .errors import NsRuntimeError, SetupError, StateError, SyscallError, TeardownError
 from .lean import frozen, recv_fds, signal_name, suppress
 from .state import StateDir, start_time
 
@@ -453,9 +453,11 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
     """In the forked setup child: namespaces, then fork PID 1. Never returns."""
     try:
         sock, sigfd = _child_prologue(stdio, sock, parent_end)
-        if cg is not None:
-            cg.join(os.getpid())
         flags = cfg.clone_flags
+        userns = bool(flags & libc.CLONE_NEWUSER)
+        if cg is not None:
+            # in a user namespace the cgroup files may no longer be ours to write: all of it now
+            cg.join_self(v2=userns)
         for net in cfg.networks:
             if net.type == "netns" and net.path:
                 nsfd = os.open(net.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -471,8 +473,8 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
             if cfg.gid_mappings:
                 os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
-        libc.unshare(flags & ~libc.CLONE_NEWUSER)
-        pid1 = os.fork()
+        libc.unshare(flags & ~(libc.CLONE_NEWUSER | libc.CLONE_NEWCGROUP))  # PID 1 takes NEWCGROUP itself
+        pid1 = os.fork() if userns else _fork_inside(cg)
         if pid1 == 0:
             _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent)
         init.send(sock, f"pid {pid1}")
@@ -481,8 +483,32 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
         init.main_fail(sock, e)
 
 
+def _fork_inside(cg: CgroupSet | None) -> int:
+    """os.fork(), the child born in cg's cgroup2 directory (clone3: no cgroup.procs write, no RCU
+    wait); the caller has joined the v1 directories itself. Where clone3 can't, the caller joins
+    the cgroup2 directory the slow way first."""
+    path = cg.v2_leaf() if cg is not None else None
+    if path is None:
+        return os.fork()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return libc.fork_into_cgroup(fd)
+    except SyscallError:
+        assert cg is not None
+        cg.join_self()
+        return os.fork()
+    finally:
+        os.close(fd)
+
+
 def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
           sock: socket.socket, sigfd: int, die_with_parent: bool) -> None:
+    if cfg.clone_flags & libc.CLONE_NEWCGROUP:
+        try:
+            # here, in PID 1, now inside the container's cgroups: they become the namespace's root
+            libc.unshare(libc.CLONE_NEWCGROUP)
+        except NsRuntimeError as e:
+            init.main_fail(sock, e)
     with suppress(NsRuntimeError):
         libc.set_process_name("nsinit-init")
         # processes of the container may not ptrace PID 1 or open its /proc files (its socket to us)
@@ -630,7 +656,7 @@ def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[st
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         sock, sigfd = _child_prologue(stdio, sock, parent_end)
         if cg is not None:
-            cg.join(os.getpid())  # before setns and fork: the command counts against the pids limit
+            cg.join_self()  # before setns and fork: the command counts against the pids limit
         nsfds = []
         for name, nsfile in NAMESPACE_FILES.items():
             if name not in cfg.namespaces and not (name == "NEWNET" and any(n.type == "netns" for n in cfg.networks)):

@@ -153,10 +153,28 @@ class CgroupSet:
         return [*self.parents, *(d.path for d in self.leaves)]
 
     def join(self, pid: int) -> None:
-        """Move ``pid`` (0: the caller) into every directory. Called by the runtime's forked child
-        for itself before unshare and fork, so PID 1 and all it starts are inside from the start."""
+        """Move ``pid`` (0: the caller) into every directory."""
         for d in self.leaves:
             d.join(pid)
+
+    def join_self(self, *, v2: bool = True) -> None:
+        """Move the calling process, which must be single-threaded (a freshly forked helper), into
+        every v1 directory, and into the cgroup2 one too unless v2 is False.
+
+        A v1 directory takes "0" in ``tasks``: one thread moving itself is the only move the kernel
+        makes without taking its threadgroup rwsem for writing, and that write lock costs an RCU
+        grace period (5-20 ms here) whenever the lock has been quiet for a while. cgroup2 has no
+        such move; the runtime puts the child it forks there with clone3 (libc.fork_into_cgroup).
+        """
+        for d in self.leaves:
+            if d.version == 1:
+                write(d.file("tasks"), 0, "cgroups: join")
+            elif v2:
+                write(d.file("cgroup.procs"), 0, "cgroups: join")
+
+    def v2_leaf(self) -> str | None:
+        """The container's cgroup2 directory, if it has one."""
+        return next((d.path for d in self.leaves if d.version == 2), None)
 
     def pids(self) -> set[int]:
         """Every process in any of the container's directories."""

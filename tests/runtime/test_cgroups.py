@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import select
 import signal
@@ -369,6 +370,51 @@ class TestKernel:
         for d in cg.leaves:
             assert d.procs() == [p.pid], d.path
         assert cg.stats()["pids"] == 1
+
+    def test_join_self_and_clone3_put_the_child_in_every_dir(self, made: Callable[..., CgroupSet]) -> None:
+        # what the runtime's setup child does: "0" into each v1 tasks file, then a clone3 child born
+        # in the cgroup2 directory; the helper itself stays outside the cgroup2 one
+        cg = made(Cgroups(parent=f"nsinit-test-{uuid.uuid4().hex[:8]}"))
+        if cg.v2_leaf() is None:
+            pytest.skip("no cgroup2 tree")
+        code = (
+            "import json, os, sys, time\n"
+            "from nsruntime import cgroups, libc\n"
+            "cg = cgroups.from_paths(json.loads(sys.argv[1]))\n"
+            "cg.join_self(v2=False)\n"
+            "fd = os.open(cg.v2_leaf(), os.O_RDONLY | os.O_DIRECTORY)\n"
+            "pid = libc.fork_into_cgroup(fd)\n"
+            "if pid == 0:\n"
+            "    time.sleep(30)\n"
+            "    os._exit(0)\n"
+            "print(pid, flush=True)\n"
+            "os.waitpid(pid, 0)\n"
+        )
+        helper = subprocess.Popen([sys.executable, "-c", code, json.dumps(cg.paths)], cwd=REPO, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert helper.stdout is not None
+            child = int(helper.stdout.readline())
+            v2 = cg.v2_leaf()
+            for d in cg.leaves:
+                procs = d.procs()
+                assert child in procs, d.path
+                assert (helper.pid in procs) == (d.path != v2), d.path
+        finally:
+            helper.kill()
+            helper.wait(timeout=5)
+
+    def test_clone3_into_a_bad_fd_names_the_call(self) -> None:
+        from nsruntime import libc
+        from nsruntime.errors import SyscallError
+
+        r, w = os.pipe()  # not a cgroup directory
+        try:
+            with pytest.raises(SyscallError, match=r"clone3\(CLONE_INTO_CGROUP, cgroup fd \d+\): E"):
+                libc.fork_into_cgroup(r)
+        finally:
+            os.close(r)
+            os.close(w)
 
     def test_join_a_dead_pid_names_the_file(self, made: Callable[..., CgroupSet], parent: str) -> None:
         cg = made(Cgroups(parent=parent))

@@ -111,6 +111,25 @@ def test_capabilities_mask_and_no_new_privs_inside(busybox_rootfs: Path) -> None
     assert inside["NoNewPrivs"] == 1
 
 
+def test_newcgroup_roots_the_container_at_its_own_cgroups(busybox_rootfs: Path) -> None:
+    # PID 1 unshares NEWCGROUP once it is inside every cgroup of the container (the cgroup2 one by
+    # clone3): the container sees its cgroups as "/", and the host sees it in the container's own
+    write_config(busybox_rootfs, namespaces=["NEWNS", "NEWUTS", "NEWIPC", "NEWPID", "NEWNET", "NEWCGROUP"])
+    p = _bg(busybox_rootfs, "exec", "sh", "-c", "cat /proc/self/cgroup; echo DONE; exec sleep 30")
+    try:
+        lines = _until(p, "DONE")
+        cgroup_lines = [line for line in lines if line.count(":") >= 2 and not line.split(":")[1].startswith("name=")]
+        assert cgroup_lines and all(line.endswith(":/") for line in cgroup_lines), lines
+        st = _state(busybox_rootfs)
+        pid = int((busybox_rootfs / "pid").read_text())
+        paths: list[str] = st["cgroups"]  # type: ignore[assignment]
+        for leaf in [c for c in paths if not any(q.startswith(c + "/") for q in paths)]:
+            with open(os.path.join(leaf, "cgroup.procs")) as f:
+                assert str(pid) in f.read().split(), leaf
+    finally:
+        assert _stop(p) in (0, 137, 143)
+
+
 def test_no_new_privileges_can_be_turned_off(busybox_rootfs: Path) -> None:
     write_config(busybox_rootfs, no_new_privileges=False)
     r = nsinit(busybox_rootfs, "exec", "cat", "/proc/self/status")
