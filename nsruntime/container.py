@@ -190,7 +190,12 @@ class Container:
             return {}
 
     def _oom_kills(self) -> int:
-        return int(self.stats().get("oom_kills", 0) or 0)
+        if self.cgroups is None:
+            return 0
+        try:
+            return self.cgroups.oom_kills()
+        except (NsRuntimeError, OSError):
+            return 0
 
     def destroy(self, timeout: float = 10.0) -> dict[str, list[str]]:
         """Kill what is left, reap PID 1, release cgroups, links and files. Bounded by timeout.

@@ -102,8 +102,24 @@ class CgroupDir(ABC):
     def stats(self) -> dict[str, int]:
         """Whatever of STAT_KEYS this directory's files hold."""
 
+    def oom_kills(self) -> int | None:
+        """How many processes the OOM killer killed here, if this directory counts them."""
+        return None
+
+    def _has_subdirs(self) -> bool:
+        # cgroupfs keeps a directory's link count at 2 + its subdirectories: one stat, no listing
+        try:
+            return os.stat(self.path).st_nlink != 2
+        except FileNotFoundError:
+            return False
+
     def procs(self) -> list[int]:
         """Processes in this directory and in any cgroup the container made below it."""
+        if not self._has_subdirs():
+            try:
+                return [int(p) for p in (read(self.file("cgroup.procs")) or "").split()]
+            except OSError:
+                return []
         out: list[int] = []
         for root, _dirs, files in os.walk(self.path):
             if "cgroup.procs" in files:
@@ -126,6 +142,12 @@ class CgroupDir(ABC):
 
     def rmdir(self) -> None:
         """Remove the directory and any cgroups the container made below it, deepest first."""
+        try:
+            os.rmdir(self.path)
+            return
+        except OSError as e:
+            if e.errno not in (_errno.EBUSY, _errno.ENOTEMPTY):
+                raise
         for root, dirs, _files in os.walk(self.path, topdown=False):
             for d in dirs:
                 try:
@@ -232,6 +254,15 @@ class CgroupSet:
         if "pids" not in out and self.leaves:
             out["pids"] = len(self.pids())
         return out
+
+    def oom_kills(self) -> int:
+        """Processes of the container the OOM killer killed (0 where no directory counts them):
+        what tells an exit by the OOM killer from any other SIGKILL."""
+        for d in sorted(self.leaves, key=lambda d: d.version):  # v1 first, as in stats()
+            n = d.oom_kills()
+            if n is not None:
+                return n
+        return 0
 
     def destroy(self, timeout: float = 5.0) -> list[str]:
         """Remove every directory, once the last process is gone; returns those removed now.

@@ -146,6 +146,9 @@ class V1Dir(CgroupDir):
                 time.sleep(0.002)
         return True
 
+    def oom_kills(self) -> int | None:
+        return read_keyed(self.file("memory.oom_control")).get("oom_kill")
+
     def stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for key, name in (("memory_bytes", "memory.usage_in_bytes"), ("memory_peak_bytes", "memory.max_usage_in_bytes"),

@@ -97,6 +97,9 @@ class V2Dir(CgroupDir):
     def populated(self) -> bool:
         return read_keyed(self.file("cgroup.events")).get("populated", 0) == 1
 
+    def oom_kills(self) -> int | None:
+        return read_keyed(self.file("memory.events")).get("oom_kill")
+
     def stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for key, name in (("memory_bytes", "memory.current"), ("memory_peak_bytes", "memory.peak"),
