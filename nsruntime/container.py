@@ -2,15 +2,21 @@
 
 Processes (host view)::
 
-    caller ──fork──► setup child ──unshare(...)──fork──► PID 1 (init.py) ──fork──► command
-       ▲                 └── exits at once; PID 1 is reparented to the caller (a child subreaper)
-       └── talks to PID 1 over a socketpair: "pid N", "ready" (+ pty master), "start", "exited C S"
+    caller ──clone3(CLONE_NEW*, CLONE_INTO_CGROUP)──► PID 1 (init.py) ──fork──► command
+       └── talks to PID 1 over a socketpair: "ready" (+ pty master), "start", "exited C S"
 
-The caller stays single-threaded across fork (trio's loop is), and every namespace change happens
-in the freshly forked setup child, never in the caller. Creating (namespaces, cgroups, network,
-root in place, pid file written) and starting the command are separate steps, as the OCI runtime
-commands will need. ``join`` enters a live container's namespaces, root and cgroups from a new
-child and runs one more command there.
+PID 1 is born in its namespaces and cgroup2 directory, and enters the v1 hierarchies itself.
+With NEWUSER (the id maps are written between the user namespace and the others), with a zygote
+(nsinitd's PID 1s are forked from a small process, see zygote.py), or on a kernel without
+clone3 into a cgroup, a setup child does it in two steps:
+
+    caller ──fork──► setup child ──unshare(...)──fork──► PID 1
+       ▲                 └── says "pid N" and exits; PID 1 is reparented to the caller (a child subreaper)
+
+The caller stays single-threaded across fork (trio's loop is), and no namespace of the caller
+ever changes. Creating (namespaces, cgroups, network, root in place, pid file written) and
+starting the command are separate steps, as the OCI runtime commands will need. ``join`` enters
+a live container's namespaces, root and cgroups from a new child and runs one more command there.
 """
 
 from __future__ import annotations
@@ -325,21 +331,26 @@ def create(
             if env:
                 full_env.update(env)
             child = 0
-            if zygote is None:
+            if zygote is None and not cfg.clone_flags & libc.CLONE_NEWUSER:
+                pid = _clone_pid1(cfg, root, list(command), full_env, stdio, use_tty, cg, child_sock, parent_sock,
+                                  die_with_parent)
+            if pid == 0 and zygote is None:
                 child = os.fork()
                 if child == 0:
                     _setup_child(cfg, str(root), list(command), full_env, stdio, use_tty, cg, child_sock,
                                  parent_sock, die_with_parent)
-            else:
+            elif pid == 0:
+                assert zygote is not None
                 zygote.spawn({"source": cfg.source, "root": str(root), "command": list(command), "env": full_env,
                               "tty": use_tty, "cgroups": cg_paths, "die_with_parent": die_with_parent},
                              [child_sock.fileno(), *(stdio or (0, 1, 2))])
             child_sock.close()
             deadline = time.monotonic() + SETUP_TIMEOUT
-            msg, _ = _handshake(parent_sock, deadline, "create", cfg, child)
-            if child:
-                os.waitpid(child, 0)
-            pid = int(msg.split()[1])
+            if not pid:
+                msg, _ = _handshake(parent_sock, deadline, "create", cfg, child)
+                if child:
+                    os.waitpid(child, 0)
+                pid = int(msg.split()[1])
             pidfd = os.pidfd_open(pid)
             if cfg.needs_pyroute2:
                 from . import network  # pyroute2 only for configs that need more than lo
@@ -488,6 +499,40 @@ def _setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[
         init.main_fail(sock, e)
 
 
+def _clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
+                stdio: tuple[int, int, int] | None, use_tty: bool, cg: CgroupSet | None, sock: socket.socket,
+                parent_end: socket.socket, die_with_parent: bool) -> int:
+    """PID 1 straight from the caller: clone3 makes it in its new namespaces and in the cgroup2
+    directory at once, so no setup child is needed. Returns its pid; 0 when the kernel can't
+    (no clone3, no CLONE_INTO_CGROUP): then the caller takes the setup child's way.
+
+    Not with NEWUSER: the id maps must be written between the user namespace and the others.
+    """
+    path = cg.v2_leaf() if cg is not None else None
+    cgfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if path else -1
+    try:
+        pid = libc.clone3(cfg.clone_flags & ~libc.CLONE_NEWCGROUP, cgfd)  # NEWCGROUP: PID 1 takes it itself
+    except SyscallError:
+        return 0
+    finally:
+        if cgfd >= 0:
+            os.close(cgfd)
+    if pid == 0:
+        try:
+            sock, sigfd = _child_prologue(stdio, sock, parent_end)
+            if cg is not None:
+                cg.join_self(v2=False)  # the v1 hierarchies (a lone thread moves itself without RCU wait)
+            for net in cfg.networks:
+                if net.type == "netns" and net.path:
+                    nsfd = os.open(net.path, os.O_RDONLY | os.O_CLOEXEC)
+                    libc.setns(nsfd, libc.CLONE_NEWNET, net.path)
+                    os.close(nsfd)
+        except BaseException as e:
+            init.main_fail(sock, e)
+        _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent)
+    return pid
+
+
 def _fork_inside(cg: CgroupSet | None) -> int:
     """os.fork(), the child born in cg's cgroup2 directory (clone3: no cgroup.procs write, no RCU
     wait); the caller has joined the v1 directories itself. Where clone3 can't, the caller joins
@@ -497,7 +542,7 @@ def _fork_inside(cg: CgroupSet | None) -> int:
         return os.fork()
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return libc.fork_into_cgroup(fd)
+        return libc.clone3(0, fd)
     except SyscallError:
         assert cg is not None
         cg.join_self()

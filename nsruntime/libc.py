@@ -244,16 +244,19 @@ _py_syscall.restype = ctypes.c_long
 _py_syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t]
 
 
-def fork_into_cgroup(cgroup_fd: int) -> int:
-    """os.fork(), but the child starts in the cgroup2 directory open as cgroup_fd (clone3 with
-    CLONE_INTO_CGROUP): 0 in the child, its pid in the parent.
+def clone3(flags: int, cgroup_fd: int = -1) -> int:
+    """os.fork() through clone3: the child starts in the new namespaces of ``flags`` (CLONE_NEW*)
+    and, given cgroup_fd, in that cgroup2 directory (CLONE_INTO_CGROUP). 0 in the child, its pid
+    in the parent; the parent's own namespaces and cgroups don't change.
 
     The interpreter is told about the fork as os.fork() tells it (PyOS_BeforeFork, PyOS_AfterFork_*,
-    which run os.register_at_fork's hooks too). Only for single-threaded callers, like the helper
-    children that use it: glibc's own fork bookkeeping is skipped. SyscallError when the kernel
-    refuses (ENOSYS before 5.7, EINVAL, EBUSY for a directory with controllers enabled below it...).
+    which run os.register_at_fork's hooks too). glibc's own fork bookkeeping is skipped: only for
+    single-threaded callers. SyscallError when the kernel refuses (ENOSYS before 5.3, EINVAL for
+    CLONE_INTO_CGROUP before 5.7, EBUSY for a directory with controllers enabled below it...).
     """
-    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=_SIGCHLD, cgroup=cgroup_fd)
+    if cgroup_fd >= 0:
+        flags |= CLONE_INTO_CGROUP
+    args = _CloneArgs(flags=flags, exit_signal=_SIGCHLD, cgroup=max(cgroup_fd, 0))
     ctypes.pythonapi.PyOS_BeforeFork()
     pid = _py_syscall(_SYS["clone3"], ctypes.byref(args), ctypes.sizeof(args))
     if pid == 0:
@@ -262,7 +265,8 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     err = ctypes.get_errno()
     ctypes.pythonapi.PyOS_AfterFork_Parent()
     if pid < 0:
-        raise SyscallError(f"clone3(CLONE_INTO_CGROUP, cgroup fd {cgroup_fd})", err)
+        what = f", cgroup fd {cgroup_fd}" if cgroup_fd >= 0 else ""
+        raise SyscallError(f"clone3(flags={flags:#x}{what})", err)
     return int(pid)
 
 

@@ -186,7 +186,7 @@ class CgroupSet:
         A v1 directory takes "0" in ``tasks``: one thread moving itself is the only move the kernel
         makes without taking its threadgroup rwsem for writing, and that write lock costs an RCU
         grace period (5-20 ms here) whenever the lock has been quiet for a while. cgroup2 has no
-        such move; the runtime puts the child it forks there with clone3 (libc.fork_into_cgroup).
+        such move; the runtime puts the child it forks there with clone3 (libc.clone3).
         """
         for d in self.leaves:
             if d.version == 1:

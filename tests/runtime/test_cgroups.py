@@ -383,7 +383,7 @@ class TestKernel:
             "cg = cgroups.from_paths(json.loads(sys.argv[1]))\n"
             "cg.join_self(v2=False)\n"
             "fd = os.open(cg.v2_leaf(), os.O_RDONLY | os.O_DIRECTORY)\n"
-            "pid = libc.fork_into_cgroup(fd)\n"
+            "pid = libc.clone3(0, fd)\n"
             "if pid == 0:\n"
             "    time.sleep(30)\n"
             "    os._exit(0)\n"
@@ -410,8 +410,8 @@ class TestKernel:
 
         r, w = os.pipe()  # not a cgroup directory
         try:
-            with pytest.raises(SyscallError, match=r"clone3\(CLONE_INTO_CGROUP, cgroup fd \d+\): E"):
-                libc.fork_into_cgroup(r)
+            with pytest.raises(SyscallError, match=r"clone3\(flags=0x200000000, cgroup fd \d+\): E"):
+                libc.clone3(0, r)
         finally:
             os.close(r)
             os.close(w)
