@@ -4,6 +4,7 @@ Public API (everything else is private):
 
     cfg = load_config(path)                      # ConfigError names the field path
     c = create(cfg, rootfs, command, state_dir)  # PID 1 ready, root in place, command not yet running
+    making = begin_create(...)                   # the same, driven by an event loop: making.fd, making.step()
     c.start(); c.signal(sig); c.kill(); c.poll(); c.wait(); c.destroy()
     join(state_dir, command)                     # run a command inside a live container
 """
@@ -18,9 +19,21 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from .container import Container, ExitStatus, Joined, cleanup_stale, create, describe, join, open_join
+    from .container import (
+        Container,
+        Creating,
+        ExitStatus,
+        Joined,
+        begin_create,
+        cleanup_stale,
+        create,
+        describe,
+        join,
+        open_join,
+    )
 
-_LAZY = {"Container", "ExitStatus", "Joined", "cleanup_stale", "create", "describe", "join", "open_join"}
+_LAZY = {"Container", "Creating", "ExitStatus", "Joined", "begin_create", "cleanup_stale", "create", "describe", "join",
+         "open_join"}
 
 
 def __getattr__(name: str) -> Any:
@@ -35,6 +48,7 @@ __all__ = [
     "ConfigError",
     "Container",
     "ContainerConfig",
+    "Creating",
     "ExitStatus",
     "Joined",
     "NsRuntimeError",
@@ -42,6 +56,7 @@ __all__ = [
     "StateError",
     "SyscallError",
     "TeardownError",
+    "begin_create",
     "cleanup_stale",
     "create",
     "describe",

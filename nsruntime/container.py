@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import socket
     from collections.abc import Callable, Sequence
     from os import PathLike
-    from typing import Any
+    from typing import Any, NoReturn
 
     from .zygote import Zygote
 else:  # the C modules: signal.py and socket.py build enums at import (see lean.py)
@@ -292,11 +292,44 @@ def create(
 ) -> Container:
     """Make the container and its PID 1, waiting to start ``command``.
 
-    Quick and synchronous (a few forks and a handshake, bounded by SETUP_TIMEOUT); on failure
+    Quick and synchronous (a fork or two and a handshake, bounded by SETUP_TIMEOUT); on failure
     raises NsRuntimeError and leaves nothing behind. The caller becomes a child subreaper: PID 1 is
-    reparented to it when the setup child exits. With die_with_parent, the container is killed
-    when the caller dies. With a zygote (nsruntime.zygote), PID 1 is forked from that small
-    process instead of the caller, so that it keeps sharing its pages.
+    its child (or is reparented to it when the setup child exits). With die_with_parent, the
+    container is killed when the caller dies. With a zygote (nsruntime.zygote), PID 1 is forked from
+    that small process instead of the caller, so that it keeps sharing its pages.
+    An event loop that makes many containers at once drives begin_create() itself instead.
+    """
+    making = begin_create(cfg, rootfs_dir, command, state_dir, env=env, stdio=stdio, tty=tty,
+                          die_with_parent=die_with_parent, raw_config=raw_config, zygote=zygote)
+    while True:
+        left = making.deadline - time.monotonic()
+        if left <= 0:
+            making.time_out()
+        if wait_readable(making.fd, left):
+            c = making.step()
+            if c is not None:
+                return c
+
+
+def begin_create(
+    cfg: ContainerConfig,
+    rootfs_dir: str | PathLike[str],
+    command: Sequence[str],
+    state_dir: str | PathLike[str],
+    *,
+    env: dict[str, str] | None = None,
+    stdio: tuple[int, int, int] | None = None,
+    tty: bool | None = None,
+    die_with_parent: bool = True,
+    raw_config: Any = None,
+    zygote: Zygote | None = None,
+) -> Creating:
+    """create()'s first half: cgroups made, PID 1 on its way; the caller drives the rest.
+
+    Wait until ``making.fd`` is readable and call ``making.step()``, until it returns the Container;
+    past ``making.deadline`` call ``making.time_out()``. step() and time_out() raise NsRuntimeError
+    having released everything; ``abort()`` does the same for a caller that gives up (cancelled).
+    The state dir stays locked until then.
     """
     if not command:
         raise NsRuntimeError("command: empty")
@@ -312,94 +345,179 @@ def create(
     if raw_config is None:
         raw_config = cfg.source
     libc.set_subreaper()
-    with sdir.locked():
+    lock = sdir.locked()
+    lock.__enter__()
+    try:
         if sdir.live_pid() is not None:
             raise StateError(f"{sdir.path}: a container is already running here (pid {sdir.live_pid()})")
         cleanup_stale(sdir)
-        sdir.write_state({"id": cid, "rootfs": str(root), "config": raw_config, "cgroups": [], "links": []})
-        cg = None
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = 0
-        pidfd = -1
-        links: list[str] = []
-        try:
-            cg = cgroups.setup(cfg.cgroups, cid)
-            cg_paths = list(cg.paths)
-            sdir.write_state({"id": cid, "rootfs": str(root), "config": raw_config, "cgroups": cg_paths,
-                              "links": []})
-            full_env = cfg.env_dict()
-            if env:
-                full_env.update(env)
-            child = 0
-            if zygote is None and not cfg.clone_flags & libc.CLONE_NEWUSER:
-                pid = _clone_pid1(cfg, root, list(command), full_env, stdio, use_tty, cg, child_sock, parent_sock,
-                                  die_with_parent)
-            if pid == 0 and zygote is None:
-                child = os.fork()
-                if child == 0:
-                    _setup_child(cfg, str(root), list(command), full_env, stdio, use_tty, cg, child_sock,
-                                 parent_sock, die_with_parent)
-            elif pid == 0:
-                assert zygote is not None
-                zygote.spawn({"source": cfg.source, "root": str(root), "command": list(command), "env": full_env,
-                              "tty": use_tty, "cgroups": cg_paths, "die_with_parent": die_with_parent},
-                             [child_sock.fileno(), *(stdio or (0, 1, 2))])
-            child_sock.close()
-            deadline = time.monotonic() + SETUP_TIMEOUT
-            if not pid:
-                msg, _ = _handshake(parent_sock, deadline, "create", cfg, child)
-                if child:
-                    os.waitpid(child, 0)
-                pid = int(msg.split()[1])
-            pidfd = os.pidfd_open(pid)
-            if cfg.needs_pyroute2:
-                from . import network  # pyroute2 only for configs that need more than lo
-
-                handle = network.setup(cfg, cid, pid)
-                links = list(handle.links)
-                sdir.write_state({"id": cid, "rootfs": str(root), "config": raw_config,
-                                  "cgroups": cg_paths, "links": links})
-            init.send(parent_sock, "go")
-            msg, fds = _recv_line(parent_sock, deadline, "create")
-            if msg.startswith("error "):
-                raise SetupError("container init", msg[6:])
-            if msg != "ready":
-                raise SetupError("container init", f"unexpected message {msg!r}")
-            st = start_time(pid)
-            if st is None:
-                raise SetupError("container init", f"pid {pid} vanished during setup")
-            # the pid file appears only now that the root is in place: a join can never land on the host's root
-            sdir.write_pid(pid, st)
-            return Container(cid, cfg, root, sdir, pid, pidfd, cg, links, fds[0] if fds else None, parent_sock)
-        except BaseException:
-            _abort(pid, pidfd, cg, links, sdir, parent_sock)
-            raise
+        layout, planned = cgroups.plan(cfg.cgroups, cid)
+        # recorded before anything exists: whoever finds it stale releases what was made
+        sdir.write_state({"id": cid, "rootfs": root, "config": raw_config, "cgroups": planned, "links": []})
+        making = Creating(cfg, root, sdir, cid, raw_config, lock)
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    try:
+        making._launch(layout, planned, list(command), env, stdio, use_tty, die_with_parent, zygote)
+    except BaseException:
+        making.abort()
+        raise
+    return making
 
 
-def _handshake(sock: socket.socket, deadline: float, what: str, cfg: ContainerConfig,
-               child: int) -> tuple[str, list[int]]:
-    """Answer the setup child until it reports PID 1's pid (user namespace maps are written here).
+class Creating:
+    """A container on its way up (see begin_create): the host side of the handshake with PID 1.
 
-    child is the setup child's pid when we forked it ourselves (0 when a zygote did, and reaps it).
+    Messages from PID 1 (or the setup child before it): "userns N" (write the id maps, answer
+    "mapped"), "pid N" (then the network is set up and "go" sent), "ready" with the pty master,
+    or "error MESSAGE".
     """
-    while True:
+
+    def __init__(self, cfg: ContainerConfig, root: str, sdir: StateDir, cid: str, raw_config: Any,
+                 lock: Any) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.sdir = sdir
+        self.id = cid
+        self.raw_config = raw_config
+        self.deadline = time.monotonic() + SETUP_TIMEOUT
+        self.cgroups: CgroupSet | None = None
+        self.pid = 0
+        self.pidfd = -1
+        self.links: list[str] = []
+        self._lock = lock
+        self._child = 0  # the setup child, when we forked it ourselves (a zygote reaps its own)
+        self._sock, self._child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+        self._fds: list[int] = []
+        self._over = False
+
+    @property
+    def fd(self) -> int:
+        """Readable when step() has something to do."""
+        return self._sock.fileno()
+
+    def _record(self) -> None:
+        self.sdir.write_state({"id": self.id, "rootfs": self.root, "config": self.raw_config,
+                               "cgroups": list(self.cgroups.paths) if self.cgroups else [], "links": self.links})
+
+    def _launch(self, layout: Any, planned: list[str], command: list[str], env: dict[str, str] | None,
+                stdio: tuple[int, int, int] | None, use_tty: bool, die_with_parent: bool,
+                zygote: Zygote | None) -> None:
+        cfg = self.cfg
+        self.cgroups = cg = cgroups.setup(cfg.cgroups, self.id, layout=layout)
+        if cg.paths != planned:
+            self._record()
+        full_env = cfg.env_dict()
+        if env:
+            full_env.update(env)
+        if zygote is None and not cfg.clone_flags & libc.CLONE_NEWUSER:
+            self.pid = _clone_pid1(cfg, self.root, command, full_env, stdio, use_tty, cg, self._child_sock,
+                                   self._sock, die_with_parent)
+        if self.pid == 0 and zygote is None:
+            self._child = os.fork()
+            if self._child == 0:
+                _setup_child(cfg, self.root, command, full_env, stdio, use_tty, cg, self._child_sock, self._sock,
+                             die_with_parent)
+        elif self.pid == 0:
+            assert zygote is not None
+            zygote.spawn({"source": cfg.source, "root": self.root, "command": command, "env": full_env,
+                          "tty": use_tty, "cgroups": list(cg.paths), "die_with_parent": die_with_parent},
+                         [self._child_sock.fileno(), *(stdio or (0, 1, 2))])
+        self._child_sock.close()
+        if self.pid:
+            self._go()
+
+    def _go(self) -> None:
+        """PID 1 exists: the host side of its network, then let it set up its root."""
+        self.pidfd = os.pidfd_open(self.pid)
+        if self.cfg.needs_pyroute2:
+            from . import network  # pyroute2 only for configs that need more than lo
+
+            self.links = list(network.setup(self.cfg, self.id, self.pid).links)
+            self._record()
+        init.send(self._sock, "go")
+
+    def step(self) -> Container | None:
+        """Handle what PID 1 sent; the Container once it is ready, else None (wait for fd again)."""
         try:
-            msg, fds = _recv_line(sock, deadline, what)
-        except SetupError:
-            if child:
-                with suppress(ChildProcessError):
-                    os.waitpid(child, 0)
+            return self._step()
+        except BaseException:
+            self.abort()
             raise
-        if msg.startswith("userns "):
-            _write_id_maps(cfg, int(msg.split()[1]))
-            init.send(sock, "mapped")
-            continue
+
+    def _step(self) -> Container | None:
+        try:
+            data, fds = recv_fds(self._sock, 4096, 4, nonblocking=True)
+        except BlockingIOError:
+            return None
+        self._fds += fds
+        if not data:
+            raise SetupError("create", "container init exited during setup")
+        self._buf += data
+        while b"\n" in self._buf:
+            line, _, self._buf = self._buf.partition(b"\n")
+            c = self._message(line.decode(errors="replace"))
+            if c is not None:
+                return c
+        return None
+
+    def _message(self, msg: str) -> Container | None:
         if msg.startswith("error "):
-            if child:
-                with suppress(ChildProcessError):
-                    os.waitpid(child, 0)
-            raise SetupError("container setup", msg[6:])
-        return msg, fds
+            raise SetupError("container init" if self.pidfd >= 0 else "container setup", msg[6:])
+        if msg.startswith("userns ") and not self.pid:
+            _write_id_maps(self.cfg, int(msg.split()[1]))
+            init.send(self._sock, "mapped")
+            return None
+        if msg.startswith("pid ") and not self.pid:
+            if self._child:
+                os.waitpid(self._child, 0)  # it exits right after saying so
+                self._child = 0
+            self.pid = int(msg.split()[1])
+            self._go()
+            return None
+        if msg == "ready" and self.pidfd >= 0:
+            st = start_time(self.pid)
+            if st is None:
+                raise SetupError("container init", f"pid {self.pid} vanished during setup")
+            # the pid file appears only now that the root is in place: a join can never land on the host's root
+            self.sdir.write_pid(self.pid, st)
+            console = self._fds.pop(0) if self._fds else None
+            c = Container(self.id, self.cfg, self.root, self.sdir, self.pid, self.pidfd, self.cgroups, self.links,
+                          console, self._sock)
+            self._release()
+            return c
+        raise SetupError("container init", f"unexpected message {msg!r}")
+
+    def time_out(self) -> NoReturn:
+        self.abort()
+        raise SetupError("create", f"container init did not answer within {SETUP_TIMEOUT:.0f} s")
+
+    def _release(self) -> None:
+        self._over = True
+        for fd in self._fds:
+            with suppress(OSError):
+                os.close(fd)
+        self._fds = []
+        self._lock.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Undo the half-made container: nothing may stay behind. Idempotent."""
+        if self._over:
+            return
+        if self._child:
+            with suppress(ProcessLookupError):
+                os.kill(self._child, signal.SIGKILL)
+            with suppress(ChildProcessError):
+                os.waitpid(self._child, 0)
+            self._child = 0
+        with suppress(OSError):
+            self._child_sock.close()
+        try:
+            _abort(self.pid, self.pidfd, self.cgroups, self.links, self.sdir, self._sock)
+        finally:
+            self._release()
 
 
 def _write_id_maps(cfg: ContainerConfig, pid: int) -> None:

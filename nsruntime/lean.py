@@ -204,9 +204,11 @@ def send_fds(sock: Any, data: bytes, fds: list[int]) -> None:
     sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
 
 
-def recv_fds(sock: Any, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
-    """``socket.recv_fds``: data and the descriptors that came with it (close-on-exec)."""
-    data, ancdata, _flags, _addr = sock.recvmsg(bufsize, _socket.CMSG_LEN(maxfds * 4), _socket.MSG_CMSG_CLOEXEC)
+def recv_fds(sock: Any, bufsize: int, maxfds: int, nonblocking: bool = False) -> tuple[bytes, list[int]]:
+    """``socket.recv_fds``: data and the descriptors that came with it (close-on-exec).
+    With nonblocking, BlockingIOError when nothing is there."""
+    flags = _socket.MSG_CMSG_CLOEXEC | (_socket.MSG_DONTWAIT if nonblocking else 0)
+    data, ancdata, _flags, _addr = sock.recvmsg(bufsize, _socket.CMSG_LEN(maxfds * 4), flags)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:

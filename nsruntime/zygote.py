@@ -14,13 +14,15 @@ its caller (PR_SET_PDEATHSIG).
 
 Protocol, over a SOCK_SEQPACKET socketpair: one request per message, a JSON object with the
 create() arguments plus four descriptors (the setup child's end of the control socketpair,
-stdin, stdout, stderr); one reply per request, ``{"ok": true}`` once the setup child has forked
-PID 1 and exited, or ``{"error": "..."}``.
+stdin, stdout, stderr). No reply: the caller doesn't wait for the zygote, it hears from the setup
+child over the control socket ("pid N" or "error ..."), and a request the zygote can't take ends
+in the control socket's EOF. One ``{"ok": true}`` once, when the zygote is ready.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import sys
 
 from .lean import dumps, loads, recv_fds, send_fds, suppress
@@ -45,10 +47,19 @@ class Zygote:
         self.pid = pid
         self._sock = sock
         self._proc = proc
+        self._ready = proc is None
 
     @classmethod
     def start(cls) -> Zygote:
-        """Start a zygote: a new interpreter running this module (a few ms, once)."""
+        """Start a zygote and wait until it is ready (a few tens of ms, once)."""
+        z = cls.launch()
+        z.wait_ready()
+        return z
+
+    @classmethod
+    def launch(cls) -> Zygote:
+        """Start a zygote without waiting for it: it boots while the caller goes on; wait_ready()
+        (spawn() calls it) then takes its hello."""
         import subprocess  # here: the zygote process itself never needs it
 
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -61,14 +72,20 @@ class Zygote:
             )
         finally:
             theirs.close()
-        z = cls(proc.pid, mine, proc)
-        reply = z._read()  # it says hello once its imports are done: nothing is forked before
+        return cls(proc.pid, mine, proc)
+
+    def wait_ready(self) -> None:
+        """Take the hello the zygote says once its imports are done; SetupError (the zygote
+        closed) if it never does."""
+        if self._ready:
+            return
+        reply = self._read()
         if reply.get("ok") is not True:
-            z.close()
+            self.close()
             from .errors import SetupError
 
             raise SetupError("zygote", str(reply.get("error", "did not start")))
-        return z
+        self._ready = True
 
     def _read(self) -> dict[str, Any]:
         data = self._sock.recv(MAX_MESSAGE)
@@ -78,33 +95,35 @@ class Zygote:
         return reply if isinstance(reply, dict) else {"error": "bad reply"}
 
     def spawn(self, request: dict[str, Any], fds: list[int]) -> None:
-        """Have the zygote fork a setup child with these arguments and descriptors."""
+        """Have the zygote fork a setup child with these arguments and descriptors (no waiting:
+        the setup child reports over the control socket among fds)."""
         from .errors import SetupError
 
+        self.wait_ready()
         try:
             send_fds(self._sock, dumps(request).encode(), fds)
-            reply = self._read()
         except OSError as e:
             raise SetupError("zygote", f"pid {self.pid}: {e.strerror}") from None
-        if reply.get("ok") is not True:
-            raise SetupError("zygote", str(reply.get("error")))
 
     def alive(self) -> bool:
         return self._proc is None or self._proc.poll() is None
 
     def close(self) -> None:
-        """Stop the zygote and reap it (bounded)."""
+        """Stop the zygote and reap it (bounded). Closing the socket lets it reap its last setup
+        children and leave; SIGTERM, then SIGKILL, if it doesn't."""
         import subprocess
 
         self._sock.close()
         if self._proc is not None:
-            with suppress(ProcessLookupError):
-                self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    with suppress(ProcessLookupError):
+                        self._proc.send_signal(sig)
+                try:
+                    self._proc.wait(timeout=2)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
 
 
 def serve(sock: socket.socket) -> None:
@@ -120,20 +139,35 @@ def serve(sock: socket.socket) -> None:
 
     gc.disable()
     gc.freeze()  # from here on the pages stay as they are, shared with every PID 1
-    ok = b'{"ok": true}'
-    sock.send(ok)
+    sock.send(b'{"ok": true}')
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    setup_children = 0  # forked and not yet reaped: they run side by side, several containers at once
     while True:
+        while setup_children:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                setup_children = 0
+                break
+            if pid == 0:
+                break
+            setup_children -= 1
+        if setup_children and not poller.poll(20):
+            continue  # no request: look for exited setup children again
         try:
             data, fds = recv_fds(sock, MAX_MESSAGE, 4)
         except OSError:
+            data, fds = b"", []
+        if not data:  # the caller is done: wait for the last setup children (they only fork and leave)
+            with suppress(ChildProcessError):
+                while True:
+                    os.waitpid(-1, 0)
             return
-        if not data:
-            return
-        if len(fds) != 4:
+        if len(fds) != 4:  # the caller's bug: closing what came ends its wait (EOF on the control socket)
             for fd in fds:
                 with suppress(OSError):
                     os.close(fd)
-            reply = dumps({"error": f"expected 4 descriptors, got {len(fds)}"}).encode()
         else:
             child = os.fork()
             if child == 0:
@@ -149,13 +183,7 @@ def serve(sock: socket.socket) -> None:
                                        req["tty"], cg, child_sock, None, req["die_with_parent"])
             for fd in fds:
                 os.close(fd)
-            # the setup child only unshares and forks PID 1: reaping it here keeps us simple
-            os.waitpid(child, 0)
-            reply = ok
-        try:
-            sock.send(reply)
-        except OSError:
-            return
+            setup_children += 1
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ the unified tree offers it; when neither does, setup refuses rather than run wit
 from __future__ import annotations
 
 import os
+import time
 
 from ..errors import SetupError, StateError
 from .base import STAT_KEYS, CgroupDir, CgroupSet, describe
@@ -120,6 +121,45 @@ def _make(h: Hierarchy, rel: list[str], parents: list[str]) -> str:
     raise SetupError("cgroups: mkdir", f"mkdir {os.path.join(h.base, *rel)}: ENOENT: its parent keeps disappearing")
 
 
+def _targets(layout: Layout) -> list[Hierarchy]:
+    return [h for h in layout.hierarchies if h.version == 2 or h.controllers]
+
+
+def _rel(cfg: Cgroups, container_id: str) -> list[str]:
+    return [*cfg.parent.split("/"), *(cfg.name or container_id).split("/")]
+
+
+_LAYOUT_TTL = 1.0  # seconds: a supervisor making many containers reads mountinfo once per burst
+_layout_cache: tuple[float, Layout] | None = None
+
+
+def plan(cfg: Cgroups, container_id: str) -> tuple[Layout, list[str]]:
+    """The layout, and the directories setup(cfg, container_id, layout=layout) will use, parents
+    first as CgroupSet.paths lists them: a state file can record them before they exist, so that
+    a crash halfway through setup leaves nothing unrecorded (teardown skips what isn't there)."""
+    global _layout_cache
+    now = time.monotonic()
+    if _layout_cache is not None and now - _layout_cache[0] < _LAYOUT_TTL:
+        layout = _layout_cache[1]
+    else:
+        try:
+            layout = detect_layout()
+        except OSError as e:
+            raise SetupError("cgroups: detect", f"{e.filename}: {describe(e)}") from None
+        _layout_cache = (now, layout)
+    rel = _rel(cfg, container_id)
+    parents: list[str] = []
+    leaves: list[str] = []
+    for h in _targets(layout):
+        cur = h.base
+        for comp in rel[:-1]:
+            cur = os.path.join(cur, comp)
+            if cur not in parents:
+                parents.append(cur)
+        leaves.append(os.path.join(cur, rel[-1]))
+    return layout, parents + leaves
+
+
 def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> CgroupSet:
     """Make the container's directory in each hierarchy and apply the limits.
 
@@ -133,12 +173,12 @@ def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> C
             layout = detect_layout()
         except OSError as e:
             raise SetupError("cgroups: detect", f"{e.filename}: {describe(e)}") from None
-    targets = [h for h in layout.hierarchies if h.version == 2 or h.controllers]
+    targets = _targets(layout)
     if not targets:
         raise SetupError("cgroups: detect", "no cgroup hierarchy is mounted (see /proc/self/mountinfo)")
     plan = _plan(cfg, layout)
     devices_h = layout.v1("devices")
-    rel = [*cfg.parent.split("/"), *(cfg.name or container_id).split("/")]
+    rel = _rel(cfg, container_id)
     parents: list[str] = []
     leaves: list[CgroupDir] = []
     try:

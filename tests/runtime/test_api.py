@@ -160,13 +160,19 @@ def test_zygote_forks_containers_that_share_its_pages(rootfs: Path, tmp_path: Pa
     assert not os.path.exists(f"/proc/{z.pid}")
 
 
-def test_zygote_reports_a_bad_request_and_keeps_serving(rootfs: Path, tmp_path: Path) -> None:
+def test_zygote_ends_a_bad_request_with_eof_and_keeps_serving(rootfs: Path, tmp_path: Path) -> None:
+    import socket
+
     from nsruntime.zygote import Zygote
 
     z = Zygote.start()
     try:
-        with pytest.raises(nsruntime.SetupError, match="zygote"):
-            z.spawn({"source": {}}, [0, 1, 2])  # three descriptors where four are due
+        mine, theirs = socket.socketpair()
+        with mine:
+            z.spawn({"source": {}}, [theirs.fileno(), 1, 2])  # three descriptors where four are due
+            theirs.close()
+            mine.settimeout(10)
+            assert mine.recv(64) == b""  # the zygote closed what it got: the creator's wait ends
         cfg = nsruntime.load_config(rootfs / "container.json")
         (tmp_path / "s").mkdir()
         c = nsruntime.create(cfg, rootfs, ["true"], tmp_path / "s", die_with_parent=False, stdio=(0, 1, 2),
@@ -176,3 +182,88 @@ def test_zygote_reports_a_bad_request_and_keeps_serving(rootfs: Path, tmp_path: 
         c.destroy()
     finally:
         z.close()
+
+
+def _planned_cgroups(state: Path) -> list[str]:
+    import json
+
+    return list(json.loads((state / "state.json").read_text())["cgroups"])
+
+
+def _lock_free(d: Path) -> bool:
+    import fcntl
+
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_begin_create_driven_by_hand_then_aborted_leaves_nothing(rootfs: Path, tmp_path: Path) -> None:
+    import select
+
+    cfg = nsruntime.load_config(rootfs / "container.json")
+    state = tmp_path / "s"
+    state.mkdir()
+    making = nsruntime.begin_create(cfg, rootfs, ["sleep", "60"], state, die_with_parent=False, stdio=(0, 1, 2))
+    planned = _planned_cgroups(state)
+    assert planned and all(Path(p).is_dir() for p in planned)  # recorded, then made
+    assert making.pid > 0 and os.path.exists(f"/proc/{making.pid}")
+    assert not (state / "pid").exists()  # no pid file before PID 1 says it is ready
+    assert not _lock_free(state)  # the state dir stays locked while it is on its way
+    pid = making.pid
+    making.abort()
+    making.abort()  # idempotent
+    assert _lock_free(state)
+    assert not os.path.exists(f"/proc/{pid}")
+    leaves = [p for p in planned if not any(q.startswith(p + "/") for q in planned)]  # parents are shared
+    assert leaves and not any(Path(p).exists() for p in leaves)
+    assert not (state / "pid").exists()
+    # the state dir is free again: a full create by hand, step by step
+    making = nsruntime.begin_create(cfg, rootfs, ["true"], state, die_with_parent=False, stdio=(0, 1, 2))
+    c = None
+    deadline = time.monotonic() + 10
+    while c is None:
+        assert time.monotonic() < deadline
+        select.select([making.fd], [], [], 0.5)
+        c = making.step()
+    c.start()
+    assert c.wait(10) == nsruntime.ExitStatus(0, None, False)
+    c.destroy()
+
+
+def test_one_zygote_brings_up_several_containers_at_once(rootfs: Path, tmp_path: Path) -> None:
+    import select
+
+    from nsruntime.zygote import Zygote
+
+    cfg = nsruntime.load_config(rootfs / "container.json")
+    z = Zygote.start()
+    made: list[nsruntime.Container] = []
+    try:
+        pending = []
+        for i in range(6):
+            (tmp_path / f"s{i}").mkdir()
+            pending.append(nsruntime.begin_create(cfg, rootfs, ["sleep", "60"], tmp_path / f"s{i}",
+                                                  die_with_parent=False, stdio=(0, 1, 2), zygote=z))
+        deadline = time.monotonic() + 20
+        while pending:
+            assert time.monotonic() < deadline
+            ready, _, _ = select.select([m.fd for m in pending], [], [], 0.5)
+            for m in [m for m in pending if m.fd in ready]:
+                c = m.step()
+                if c is not None:
+                    pending.remove(m)
+                    made.append(c)
+        assert len({os.readlink(f"/proc/{c.pid}/ns/pid") for c in made}) == 6
+        for i in range(6):
+            assert (tmp_path / f"s{i}" / "pid").exists()
+    finally:
+        for c in made:
+            c.destroy()
+        z.close()
+    assert not os.path.exists(f"/proc/{z.pid}")
