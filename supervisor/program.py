@@ -73,8 +73,10 @@ class Context:
     cgroup_root: Path | None = None  # nsinitd-<pid>/ in the cgroup2 tree, or None
     runtime: Any = None  # the nsruntime module (or a fake in tests); loaded on first use
     base_env: dict[str, str] = field(default_factory=lambda: inherited_env())
-    #: Held around every transition (which may fork or create a container synchronously): one
-    #: spawn per scheduler batch, so a restart storm can't starve the control socket.
+    #: Held around every transition and around the synchronous part of each spawn (the fork, or
+    #: a container's cgroups and its request to the zygote): one at a time, in turn, so a restart
+    #: storm can't starve the control socket. Not held while a container's PID 1 sets itself up:
+    #: many containers come up at once.
     spawn_lock: trio.Lock = field(default_factory=trio.Lock)
     #: how long a SIGKILLed program may take to disappear before it is reported stuck
     kill_wait: float = 5.0
@@ -98,7 +100,11 @@ class Context:
         if getattr(rt, "__name__", "") != "nsruntime":
             return None
         if self.zygote is not None and self.zygote.alive():
-            return self.zygote
+            try:
+                self.zygote.wait_ready()  # launched early (supervisor.nsinitd): booted meanwhile
+                return self.zygote
+            except (OSError, rt.NsRuntimeError):
+                pass  # gone: start another
         self.close_zygote()
         from nsruntime.zygote import Zygote
 
@@ -198,6 +204,7 @@ class Program:
         self._timer_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._by_operator = False
+        self._spawn_due = False  # machine.Spawn seen: carried out by _spawn_pending, outside the lock
         self._killed: Child | None = None
         self.done = trio.Event()
 
@@ -234,7 +241,8 @@ class Program:
     # -- commands (from the daemon / control socket) ---------------------------------------------
 
     async def command(self, event: machine.Event) -> None:
-        """Queue ``event`` and return once the program task has handled it."""
+        """Queue ``event`` and return once the program's machine has taken it. A spawn it calls
+        for is still under way then: wait_until() / start() wait for its outcome."""
         done = trio.Event()
         try:
             self._send.send_nowait(_Command(event, done))
@@ -298,13 +306,15 @@ class Program:
                         self._by_operator = isinstance(item.event, machine.Start)
                         self._apply(item.event)
             finally:
-                item.done.set()
+                item.done.set()  # handled: the spawn it may call for goes on below, on our own time
+            await self._spawn_pending()
         elif isinstance(item, _Timer):
             if item.token == self._timer_token:
                 async with self.ctx.spawn_lock:
                     self._timer_scope = None
                     self._by_operator = False
                     self._apply(item.event)
+                await self._spawn_pending()
         elif item.child is self.child:
             info = item.child.reap()
             if info is None:  # not reapable yet (should not happen): watch again
@@ -318,6 +328,7 @@ class Program:
             async with self.ctx.spawn_lock:
                 self._by_operator = False
                 self._apply(machine.Exited(expected=expected))
+            await self._spawn_pending()
 
     async def _release(self, child: Child, info: ExitInfo) -> None:
         """The incarnation is over: kill its leftovers, release its container/cgroup."""
@@ -365,7 +376,7 @@ class Program:
                 self.fatal_reason = fields.get("reason", "")
             self._emit(action.event, **fields)
         elif isinstance(action, machine.Spawn):
-            self._spawn()
+            self._spawn_due = True
         elif isinstance(action, machine.SignalStop):
             if self.child is not None:
                 self.child.signal(self.cfg.stopsignal)
@@ -409,26 +420,32 @@ class Program:
 
     # -- spawning ---------------------------------------------------------------------------------
 
-    def _spawn(self) -> None:
-        """Carry out machine.Spawn: synchronous; the result goes back into the machine."""
-        if not self._by_operator:
-            self.restarts += 1
-        try:
-            child = self._spawn_child()
-        except SpawnError as e:
-            self._apply(machine.SpawnFailed(reason=str(e)))
-            return
-        except Exception as e:  # the runtime's errors (NsRuntimeError ...), one line each
-            self._apply(machine.SpawnFailed(reason=f"{type(e).__name__}: {e}"))
-            return
-        self.child = child
-        self._watch(child)
-        if self.cfg.startsecs <= 0:
-            self._apply(machine.Started())
-        else:
-            self._arm(self.cfg.startsecs, machine.Started())
+    async def _spawn_pending(self) -> None:
+        """Carry out the machine.Spawn the last transition asked for; the result goes back into
+        the machine. This program's own events wait meanwhile (its task is here), others' don't."""
+        while self._spawn_due:
+            self._spawn_due = False
+            if not self._by_operator:
+                self.restarts += 1
+            try:
+                child = await self._spawn_child()
+                failure = None
+            except SpawnError as e:
+                failure = str(e)
+            except Exception as e:  # the runtime's errors (NsRuntimeError ...), one line each
+                failure = f"{type(e).__name__}: {e}"
+            async with self.ctx.spawn_lock:
+                if failure is not None:
+                    self._apply(machine.SpawnFailed(reason=failure))
+                    continue
+                self.child = child
+                self._watch(child)
+                if self.cfg.startsecs <= 0:
+                    self._apply(machine.Started())
+                else:
+                    self._arm(self.cfg.startsecs, machine.Started())
 
-    def _spawn_child(self) -> Child:
+    async def _spawn_child(self) -> Child:
         assert self._nursery is not None
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         if self.cfg.redirect_stderr:
@@ -440,10 +457,11 @@ class Program:
             self.logs.ensure()
             env = {**self.ctx.base_env, **self.cfg.env}
             if self.cfg.container is not None:
-                child: Child = self._spawn_container((devnull, out_w, err_w), self.cfg.env)
+                child: Child = await self._spawn_container((devnull, out_w, err_w), self.cfg.env)
             else:
                 cgroup = Cgroup(self.ctx.cgroup_root / self.name) if self.ctx.cgroup_root else None
-                child = spawn_plain(self.cfg.command, env, (devnull, out_w, err_w), self.ctx.reaper, cgroup)
+                async with self.ctx.spawn_lock:
+                    child = spawn_plain(self.cfg.command, env, (devnull, out_w, err_w), self.ctx.reaper, cgroup)
                 try:
                     write_pid_files(self.state_dir, child.pid)
                 except OSError:
@@ -461,15 +479,23 @@ class Program:
             self._nursery.start_soon(pump, err_r, self.logs.stderr)
         return child
 
-    def _spawn_container(self, stdio: tuple[int, int, int], env: dict[str, str]) -> Child:
+    async def _spawn_container(self, stdio: tuple[int, int, int], env: dict[str, str]) -> Child:
         assert self.cfg.container is not None
         rt = self.ctx.load_runtime()
-        cfg = rt.load_config(self.cfg.container / "container.json")
-        self._reclaim_stale(rt)
-        # rootfs, command and state_dir positionally: the runtime names the first one rootfs_dir
-        zygote = self.ctx.zygote_for(rt)
-        c = rt.create(cfg, self.cfg.container, list(self.cfg.command), self.state_dir,
-                      env=env, stdio=stdio, die_with_parent=False, **({"zygote": zygote} if zygote else {}))
+        begin = getattr(rt, "begin_create", None)  # a fake runtime in tests may have create() only
+        async with self.ctx.spawn_lock:
+            cfg = rt.load_config(self.cfg.container / "container.json")
+            self._reclaim_stale(rt)
+            # rootfs, command and state_dir positionally: the runtime names the first one rootfs_dir
+            zygote = self.ctx.zygote_for(rt)
+            args = (cfg, self.cfg.container, list(self.cfg.command), self.state_dir)
+            kwargs = {"env": env, "stdio": stdio, "die_with_parent": False, **({"zygote": zygote} if zygote else {})}
+            if begin is None:
+                c = rt.create(*args, **kwargs)
+            else:
+                making = begin(*args, **kwargs)
+        if begin is not None:
+            c = await _finish_create(making)
         self.ctx.reaper.own(c.pid)
         child = ContainerChild(c, self.ctx.reaper)
         try:
@@ -559,6 +585,23 @@ class Program:
         self.since = time.time()
         self._changed.set()
         self._emit("program.stopped")
+
+
+async def _finish_create(making: Any) -> Any:
+    """Drive nsruntime.begin_create's handshake from the event loop: other programs' containers
+    come up meanwhile. Cancelled or failed, the half-made container is released."""
+    try:
+        while True:
+            with trio.move_on_at(trio.current_time() + max(0.0, making.deadline - time.monotonic())):
+                await trio.lowlevel.wait_readable(making.fd)
+            if time.monotonic() >= making.deadline:
+                making.time_out()
+            c = making.step()
+            if c is not None:
+                return c
+    except BaseException:
+        making.abort()
+        raise
 
 
 def _namespaces(cfg: Any) -> list[str]:

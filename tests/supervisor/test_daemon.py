@@ -12,7 +12,6 @@ from typing import Any as ConfigWriter
 import pytest
 import trio
 
-from supervisor import machine
 from supervisor.api import ControlError
 from supervisor.events import EventBus
 from supervisor.process import Reaper, cgroup2_mount
@@ -328,7 +327,7 @@ async def test_cancellation_reaps(cfg: ConfigWriter, tmp_path: Path) -> None:  #
     with trio.move_on_after(5) as scope:
         async with trio.open_nursery() as n:
             await n.start(prog.run)
-            await prog.command(machine.Start())
+            await prog.start()  # until RUNNING (command() returns before the spawn it calls for)
             pid = prog.pid
             assert pid is not None and _alive(pid)
             while not (tmp_path / "logs" / "p.out").read_text():  # TERM is ignored from here on
@@ -487,3 +486,52 @@ async def test_an_orphan_burst_does_not_drop_a_live_subscriber(cfg: ConfigWriter
                 if reaped == n:
                     break
     assert reaped == n
+
+
+class _Making:
+    """A stand-in for nsruntime.Creating whose PID 1 never answers."""
+
+    def __init__(self, deadline: float) -> None:
+        import time
+
+        self.r, self.w = os.pipe()
+        self.deadline = time.monotonic() + deadline
+        self.calls: list[str] = []
+
+    @property
+    def fd(self) -> int:
+        return self.r
+
+    def step(self) -> None:
+        self.calls.append("step")
+        os.read(self.r, 1)
+
+    def time_out(self) -> None:
+        self.calls.append("time_out")
+        raise RuntimeError("did not answer")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
+async def test_a_create_in_progress_is_aborted_when_cancelled_or_late() -> None:
+    from supervisor.program import _finish_create
+
+    making = _Making(deadline=30)
+    with trio.move_on_after(0.1):
+        await _finish_create(making)
+    assert making.calls == ["abort"]  # cancelled (e.g. shutdown): the half-made container is released
+
+    late = _Making(deadline=0.1)
+    with trio.fail_after(5), pytest.raises(RuntimeError, match="did not answer"):
+        await _finish_create(late)
+    assert late.calls[0] == "time_out" and "step" not in late.calls
+
+    chatty = _Making(deadline=30)
+    os.write(chatty.w, b"x")
+    with trio.move_on_after(0.1):
+        await _finish_create(chatty)
+    assert chatty.calls == ["step", "abort"]
+    for m in (making, late, chatty):
+        os.close(m.r)
+        os.close(m.w)

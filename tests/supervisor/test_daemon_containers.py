@@ -127,3 +127,29 @@ async def test_stop_and_shutdown_tear_containers_down(cfg: ConfigWriter, run_dae
     assert r.watcher.find("program.exited", "stubborn")[0]["signal"] == "SIGKILL"
     assert not cgroup.exists()
     assert r.watcher.events[-1]["event"] == "supervisor.stopped"
+
+
+async def test_shutdown_while_containers_come_up_leaves_nothing(cfg: ConfigWriter, run_daemon,  # type: ignore[no-untyped-def]
+                                                                 host_rootfs: Path) -> None:
+    names = [f"c{i}" for i in range(8)]
+    r = await run_daemon(cfg.load("".join(f"""
+        [programs.{n}]
+        container = "{host_rootfs}"
+        command = ["sleep", "300"]
+        startsecs = 0
+    """ for n in names)), wait_ready=False)
+    await r.watcher.wait("program.starting", "c0")
+    r.daemon.request_shutdown()  # most are still on their way up: created, half-created or queued
+    assert len(r.watcher.find("program.running")) < len(names)
+    with trio.fail_after(20):
+        await r.daemon.done.wait()
+    assert r.watcher.events[-1]["event"] == "supervisor.stopped"
+    for n in names:
+        state = cfg.root / "state" / n
+        assert not (state / "pid").exists(), n
+        if (state / "state.json").exists():
+            planned = json.loads((state / "state.json").read_text())["cgroups"]
+            leaves = [p for p in planned if not any(q.startswith(p + "/") for q in planned)]
+            assert not any(Path(p).exists() for p in leaves), (n, leaves)
+        # every container made was destroyed, once
+        assert len(r.watcher.find("container.created", n)) == len(r.watcher.find("container.destroyed", n)), n
