@@ -100,7 +100,7 @@ class Daemon:
     """The supervisor; implements :class:`supervisor.api.SupervisorAPI` for the control server."""
 
     def __init__(self, config: Config, *, stream: TextIO | None = None, use_socket: bool = True,
-                 runtime: Any = None, subreaper: bool = True) -> None:
+                 runtime: Any = None, subreaper: bool = True, zygote: Any = None) -> None:
         self.config = config
         self.stream = stream if stream is not None else sys.stdout
         self.use_socket = use_socket
@@ -109,6 +109,9 @@ class Daemon:
         self.bus = EventBus(self.stream, sup.event_log)
         self.reaper = Reaper()
         self.ctx = Context(self.bus, self.reaper, sup.log_dir, sup.state_dir, runtime=runtime)
+        if zygote is not None:  # launched by supervisor.nsinitd before the heavy imports
+            self.ctx.zygote = zygote
+            self.reaper.own(zygote.pid)
         self.programs: dict[str, Program] = {}
         self._programs_nursery: trio.Nursery | None = None
         self._root: trio.Nursery | None = None
@@ -437,7 +440,7 @@ class Daemon:
         self.bus.emit(event, program, **fields)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
     parser = argparse.ArgumentParser(
         prog="nsinitd", description="nsinit process and container supervisor (foreground; events on stdout)",
         epilog="signals: TERM/INT stop every program and exit, HUP reload the config, USR2 reopen logs. "
@@ -456,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"nsinitd: {cfg.path}: ok, {len(cfg.programs)} programs")
         sys.exit(EXIT_OK)
     os.umask(os.umask(0) | 0o002)  # nothing nsinitd makes may be world-writable, whatever umask it got
-    daemon = Daemon(cfg, use_socket=not args.no_socket)
+    daemon = Daemon(cfg, use_socket=not args.no_socket, zygote=zygote)
     sys.exit(trio.run(daemon.run))
 
 

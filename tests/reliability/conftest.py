@@ -1,5 +1,5 @@
-"""A real nsinitd as a subprocess (``python -m supervisor.daemon``: no PATH needed), driven through
-its real control socket and watched through its stdout (one JSON event per line).
+"""A real nsinitd as a subprocess (``python -m supervisor.nsinitd``, the entry point itself: no PATH
+needed), driven through its real control socket and watched through its stdout (one JSON event per line).
 
 Everything here is synchronous on purpose: the latencies measured are what a client sees, not what
 a trio task in the test process sees.
@@ -57,7 +57,7 @@ class Daemon:
         self._out = open(self.out_path, "wb")  # noqa: SIM115
         self._err = open(self.err_path, "wb")  # noqa: SIM115
         kw: dict[str, Any] = {} if umask is None else {"umask": umask}
-        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.daemon", "-c", str(conf)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.nsinitd", "-c", str(conf)],
                                      stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
                                      cwd=REPO, env=ENV, **kw)
         self._events: list[dict[str, Any]] = []

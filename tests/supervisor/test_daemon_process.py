@@ -73,7 +73,7 @@ async def nsinitd(nursery: trio.Nursery):  # type: ignore[no-untyped-def]
 
     async def start(config: Path, env: dict[str, str] | None = None, socket: bool = False) -> Nsinitd:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "supervisor.daemon", "-c", str(config), *([] if socket else ["--no-socket"])],
+            [sys.executable, "-m", "supervisor.nsinitd", "-c", str(config), *([] if socket else ["--no-socket"])],
             stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
         procs.append(proc)
         return Nsinitd(proc)
@@ -311,3 +311,27 @@ def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive(tmp_path: Path)
         older.kill()
         older.wait()
     assert not _owner_alive(older.pid, d)
+
+
+def test_the_nsinitd_entry_starts_a_zygote_early_only_for_containers(tmp_path: Path) -> None:
+    from supervisor.nsinitd import _config_path, _early_zygote
+
+    assert _config_path(["-c", "a.toml"]) == "a.toml"
+    assert _config_path(["--config=b.toml", "--no-socket"]) == "b.toml"
+    assert _config_path(["-cc.toml"]) == "c.toml"
+    assert _config_path(["--no-socket"]) is None
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[programs.p]\ncommand = ["true"]\n')
+    boxed = tmp_path / "boxed.toml"
+    boxed.write_text('[programs.p]\ncontainer = "/x"\ncommand = ["true"]\n')
+    assert _early_zygote(["-c", str(plain)]) is None
+    assert _early_zygote(["-c", str(boxed), "--check"]) is None
+    assert _early_zygote(["-c", str(tmp_path / "missing.toml")]) is None  # the daemon reports it
+    z = _early_zygote(["-c", str(boxed)])
+    assert z is not None
+    try:
+        z.wait_ready()
+        assert z.alive()
+    finally:
+        z.close()
+    assert not os.path.exists(f"/proc/{z.pid}")
