@@ -28,7 +28,9 @@ from .lib import (
     PREFIX,
     QUICK,
     REPO,
+    WORK_BASE,
     Skip,
+    file_create_ms,
     host_diff,
     host_state,
     kill_leftovers,
@@ -171,6 +173,8 @@ def machine() -> dict[str, str]:
         "tini": version(["tini", "--version"]), "supervisord": version(["supervisord", "--version"]),
         "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "mode": "quick (BENCH_QUICK=1)" if QUICK else "full",
+        "work_dir": WORK_BASE,
+        "file_create_ms": {d: round(file_create_ms(d), 3) for d in dict.fromkeys([WORK_BASE, "/tmp"])},
     }  # fmt: skip
 
 
@@ -180,7 +184,7 @@ def main() -> int:
         return 2
     set_subreaper()
     before = host_state()
-    work = Path(tempfile.mkdtemp(prefix="nsinit-bench.", dir="/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="nsinit-bench.", dir=WORK_BASE))
     os.environ["BENCH_WORK"] = str(work)
     results: dict[str, Any] = {"machine": machine(), "parts": {}, "skipped": {}}
     py = sys.executable

@@ -166,8 +166,12 @@ def render(res: dict[str, Any]) -> str:
         f"nsinit benchmarks, {m['date']}, {m['mode']}, commit {m['commit']}",
         f"machine: {m['cpu']}, {m['nproc']} cores, {m['memory']}, Linux {m['kernel']}, {m['os']}, Python {m['python']}",
         f"peers: {m['runc']}; {m['crun']}; {m['tini']}; supervisord {m['supervisord']}",
-        "",
     ]
+    if "work_dir" in m:
+        costs = ", ".join(f"{d} {ms:.3f} ms" for d, ms in m.get("file_create_ms", {}).items())
+        out.append(f"work dir (rootfs trees, both supervisors' state and logs): {m['work_dir']}; "
+                   f"creating a file costs {costs}")
+    out.append("")
     parts = res["parts"]
     for name, fn in (("cold", cold), ("supervisors", supervisors), ("reap", reap), ("events", events),
                      ("imports", imports)):
