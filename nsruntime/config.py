@@ -178,6 +178,11 @@ class ContainerConfig:
         return env
 
     @property
+    def netns_paths(self) -> list[str]:
+        """The network namespaces to join (networks of type netns), in order."""
+        return [n.path for n in self.networks if n.type == "netns" and n.path]
+
+    @property
     def needs_pyroute2(self) -> bool:
         return any(n.type != "loopback" for n in self.networks) or bool(self.routes)
 

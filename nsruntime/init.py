@@ -177,10 +177,14 @@ def send(sock: socket.socket, line: str, fds: list[int] | None = None) -> None:
 
 
 def serve(sock: socket.socket, sigfd: int, cmd_pid: int, die_with_parent: bool, pidns: bool) -> None:
-    """PID 1's loop once the command runs; exits the process with the command's status."""
+    """PID 1's loop from the command's fork on; exits the process with the command's status.
+
+    The socket is only watched for the creator hanging up, never read: what the creator sends
+    ("go", "start") is for the command's process while it sets the container up.
+    """
     poller = select.poll()
     poller.register(sigfd, select.POLLIN)
-    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(sock.fileno(), select.POLLRDHUP)
     status: int | None = None
     while status is None:
         for fd, _ev in poller.poll():
@@ -193,12 +197,6 @@ def serve(sock: socket.socket, sigfd: int, cmd_pid: int, die_with_parent: bool, 
                         with suppress(ProcessLookupError):
                             os.kill(cmd_pid, signo)
             else:
-                try:
-                    data = sock.recv(4096)
-                except OSError:
-                    data = b""
-                if data:
-                    continue
                 poller.unregister(fd)
                 if die_with_parent:
                     # whoever created us is gone: take the container down with it

@@ -21,6 +21,7 @@ except OSError:  # not glibc: ask the linker (ctypes.util runs subprocesses, so 
     _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 # clone(2) / unshare(2) flags
+CLONE_PARENT = 0x00008000  # the child's parent is the caller's parent
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -256,7 +257,8 @@ def clone3(flags: int, cgroup_fd: int = -1) -> int:
     """
     if cgroup_fd >= 0:
         flags |= CLONE_INTO_CGROUP
-    args = _CloneArgs(flags=flags, exit_signal=_SIGCHLD, cgroup=max(cgroup_fd, 0))
+    # with CLONE_PARENT the child inherits the caller's exit signal, and the kernel wants 0 here
+    args = _CloneArgs(flags=flags, exit_signal=0 if flags & CLONE_PARENT else _SIGCHLD, cgroup=max(cgroup_fd, 0))
     ctypes.pythonapi.PyOS_BeforeFork()
     pid = _py_syscall(_SYS["clone3"], ctypes.byref(args), ctypes.sizeof(args))
     if pid == 0:

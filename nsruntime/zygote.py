@@ -6,17 +6,21 @@ each PID 1 starts out sharing the supervisor's pages, but the supervisor keeps w
 objects (reference counts, the allocator), and every page it writes is copied: each PID 1 ends up
 owning a private copy of most of the supervisor, several MiB of PSS per container.
 
-The zygote is a fresh interpreter that imports only nsruntime and then does nothing but fork.
-Its pages never change, so every PID 1 forked from it keeps sharing them. It is started before
-the caller creates containers, is not a child subreaper (so a PID 1 whose setup child exits is
-reparented to the caller, which is one, and which then waits for it as usual), and dies with
-its caller (PR_SET_PDEATHSIG).
+The zygote is a fresh interpreter that imports only nsruntime and then does little but fork.
+Its pages hardly change, so every PID 1 forked from it keeps sharing them. It makes PID 1 itself
+with clone3 and CLONE_PARENT: PID 1 is born the caller's child (the caller waits for it as for
+any other), in its namespaces and cgroup2 directory; and PID 1 leaves the container's setup to
+the command's process, so it writes few pages of its own (container.zygote_clone, _be_init).
+With a user namespace, or without clone3, it forks a setup child that does it the long way (the
+setup child exits, and PID 1 is reparented to the caller, a child subreaper). It dies with its
+caller (PR_SET_PDEATHSIG).
 
-Protocol, over a SOCK_SEQPACKET socketpair: one request per message, a JSON object with the
-create() arguments plus four descriptors (the setup child's end of the control socketpair,
-stdin, stdout, stderr). No reply: the caller doesn't wait for the zygote, it hears from the setup
-child over the control socket ("pid N" or "error ..."), and a request the zygote can't take ends
-in the control socket's EOF. One ``{"ok": true}`` once, when the zygote is ready.
+Protocol, over a SOCK_SEQPACKET socketpair: one request per message, two JSON objects on two
+lines plus four descriptors (the control socket's far end, stdin, stdout, stderr). The head is
+all the zygote reads (clone flags, cgroup directories, network namespaces: container.zygote_header);
+the body, the rest of the create() arguments, is decoded inside the container. No reply: the
+caller hears "pid N" or "error ..." over the control socket, and a request the zygote can't take
+ends in that socket's EOF. One ``{"ok": true}`` once, when the zygote is ready.
 """
 
 from __future__ import annotations
@@ -94,14 +98,15 @@ class Zygote:
         reply = loads(data)
         return reply if isinstance(reply, dict) else {"error": "bad reply"}
 
-    def spawn(self, request: dict[str, Any], fds: list[int]) -> None:
+    def spawn(self, head: dict[str, Any], body: dict[str, Any], fds: list[int]) -> None:
         """Have the zygote fork a setup child with these arguments and descriptors (no waiting:
-        the setup child reports over the control socket among fds)."""
+        the setup child reports over the control socket among fds). head is what the setup child
+        reads (container.zygote_header), body what the container's own process decodes."""
         from .errors import SetupError
 
         self.wait_ready()
         try:
-            send_fds(self._sock, dumps(request).encode(), fds)
+            send_fds(self._sock, (dumps(head) + "\n" + dumps(body)).encode(), fds)
         except OSError as e:
             raise SetupError("zygote", f"pid {self.pid}: {e.strerror}") from None
 
@@ -110,12 +115,12 @@ class Zygote:
 
     def close(self) -> None:
         """Stop the zygote and reap it (bounded). Closing the socket lets it reap its last setup
-        children and leave; SIGTERM, then SIGKILL, if it doesn't."""
+        children and leave; SIGKILL if it doesn't (it blocks every other signal)."""
         import subprocess
 
         self._sock.close()
         if self._proc is not None:
-            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            for sig in (None, signal.SIGKILL):
                 if sig is not None:
                     with suppress(ProcessLookupError):
                         self._proc.send_signal(sig)
@@ -130,13 +135,16 @@ def serve(sock: socket.socket) -> None:
     """The zygote's loop: one fork per request, until the caller closes its end.
 
     The zygote itself does as little as it can around each fork: every page it writes after a
-    fork is copied into each PID 1 forked before, so the request is decoded by the child.
+    fork is copied, so it reads only the request's head (container.zygote_clone).
     """
     import gc
 
-    from . import cgroups, container, init
-    from .config import parse
+    from . import container, init, libc
+    from .config import parse  # noqa: F401  (imported here: shared with every PID 1, not loaded by each)
 
+    os.setsid()  # PID 1s inherit these three (container.zygote_clone)
+    init.block_signals()
+    sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
     gc.disable()
     gc.freeze()  # from here on the pages stay as they are, shared with every PID 1
     sock.send(b'{"ok": true}')
@@ -164,26 +172,17 @@ def serve(sock: socket.socket) -> None:
                 while True:
                     os.waitpid(-1, 0)
             return
-        if len(fds) != 4:  # the caller's bug: closing what came ends its wait (EOF on the control socket)
-            for fd in fds:
-                with suppress(OSError):
-                    os.close(fd)
-        else:
+        # (a request without its four descriptors is the caller's bug: closing what came ends its
+        # wait, with EOF on the control socket)
+        if len(fds) == 4 and container.zygote_clone(data, fds, sigfd) == 0:
             child = os.fork()
             if child == 0:
                 sock.close()
-                child_sock = socket.socket(fileno=fds[0])
-                try:
-                    req = loads(data)
-                    cfg = parse(req["source"])
-                    cg = cgroups.from_paths(req["cgroups"]) if req["cgroups"] else None
-                except BaseException as e:  # reported to the creator, which is waiting on child_sock
-                    init.main_fail(child_sock, e)
-                container._setup_child(cfg, req["root"], req["command"], req["env"], (fds[1], fds[2], fds[3]),
-                                       req["tty"], cg, child_sock, None, req["die_with_parent"])
-            for fd in fds:
-                os.close(fd)
+                container.zygote_child(data, (fds[1], fds[2], fds[3]), socket.socket(fileno=fds[0]))
             setup_children += 1
+        for fd in fds:
+            with suppress(OSError):
+                os.close(fd)
 
 
 def main() -> None:

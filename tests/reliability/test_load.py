@@ -24,6 +24,13 @@ STOPWAITSECS = 10
 STOP_SLACK = 20.0  # s beyond stopwaitsecs for N teardowns (cgroup rmdir, umount) on 2 cores
 
 
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text()[-300:]
+    except OSError as e:
+        return str(e)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_500_containers_run_answer_and_stop(tmp_path: Path, nsinitd: Callable[..., Daemon]) -> None:
@@ -45,7 +52,8 @@ stopwaitsecs = {STOPWAITSECS}
         if len(running) == N:
             break
         bad = {n: s["state"] for n, s in states.items() if s["state"] in ("BACKOFF", "FATAL", "EXITED")}
-        assert not bad, (bad, d.find("program.backoff")[:3])
+        assert not bad, (bad, d.find("program.backoff")[:3], d.find("program.exited")[:3],
+                         {n: _tail(d.run / "log" / "nsinitd" / f"{n}.err") for n in list(bad)[:3]})
         assert time.monotonic() - t0 < START_BOUND, f"{len(running)}/{N} RUNNING after {START_BOUND} s"
         time.sleep(0.5)
     started_in = time.monotonic() - t0

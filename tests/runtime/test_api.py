@@ -169,7 +169,7 @@ def test_zygote_ends_a_bad_request_with_eof_and_keeps_serving(rootfs: Path, tmp_
     try:
         mine, theirs = socket.socketpair()
         with mine:
-            z.spawn({"source": {}}, [theirs.fileno(), 1, 2])  # three descriptors where four are due
+            z.spawn({}, {}, [theirs.fileno(), 1, 2])  # three descriptors where four are due
             theirs.close()
             mine.settimeout(10)
             assert mine.recv(64) == b""  # the zygote closed what it got: the creator's wait ends
@@ -267,3 +267,33 @@ def test_one_zygote_brings_up_several_containers_at_once(rootfs: Path, tmp_path:
             c.destroy()
         z.close()
     assert not os.path.exists(f"/proc/{z.pid}")
+
+
+@pytest.mark.parametrize("via_zygote", [False, True])
+def test_pid1_root_and_cwd_are_the_containers_and_it_holds_no_host_fd(rootfs: Path, tmp_path: Path,
+                                                                       via_zygote: bool) -> None:
+    """PID 1 leaves the setup to the command's process: pivot_root must still have taken PID 1's
+    root and working directory along (else it pins the host's tree), and PID 1 keeps only its
+    socket, signalfd and the command's stdio."""
+    from nsruntime.zygote import Zygote
+
+    z = Zygote.start() if via_zygote else None
+    cfg = nsruntime.load_config(rootfs / "container.json")
+    (tmp_path / "s").mkdir()
+    try:
+        c = nsruntime.create(cfg, rootfs, ["sleep", "60"], tmp_path / "s", die_with_parent=False, stdio=(0, 1, 2),
+                             zygote=z)
+        try:
+            c.start()
+            root = os.readlink(f"/proc/{c.pid}/root")
+            assert root == os.readlink(f"/proc/{c.pid}/cwd")
+            assert root in (str(rootfs), "/"), root
+            fds = sorted(int(f) for f in os.listdir(f"/proc/{c.pid}/fd"))
+            assert fds[:3] == [0, 1, 2] and len(fds) == 5, [os.readlink(f"/proc/{c.pid}/fd/{f}") for f in fds]
+            if via_zygote:  # made with CLONE_PARENT: our child, not the zygote's
+                assert int(Path(f"/proc/{c.pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid()
+        finally:
+            c.destroy()
+    finally:
+        if z is not None:
+            z.close()
