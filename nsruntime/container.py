@@ -1015,18 +1015,20 @@ def join(state_dir: str | PathLike[str], command: Sequence[str], *, tty: bool | 
     Blocks. Signals sent to the caller meanwhile are forwarded to the command; with a terminal the
     caller's stdin goes raw and is relayed (and restored on every way out).
     """
-    from . import console
-
     init.block_signals()
     sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
     try:
         j = open_join(state_dir, command, tty=tty, env=env)
         waitfd = os.pidfd_open(j.pid)
         try:
-            with console.raw_mode(0) if j.console is not None else suppress():  # suppress(): a no-op
-                if j.console is not None:
+            if j.console is None:
+                forward_until_exit(sigfd, waitfd, j.signal, None)
+            else:
+                from . import console  # termios, tty, contextlib: only for a terminal
+
+                with console.raw_mode(0):
                     console.copy_winsize(0, j.console)
-                forward_until_exit(sigfd, waitfd, j.signal, j.console)
+                    forward_until_exit(sigfd, waitfd, j.signal, j.console)
         finally:
             os.close(waitfd)
         return j.wait().exit_code
@@ -1037,9 +1039,11 @@ def join(state_dir: str | PathLike[str], command: Sequence[str], *, tty: bool | 
 
 def forward_until_exit(sigfd: int, waitfd: int, forward: Callable[[int], None], master: int | None) -> None:
     """Forward signals and relay the terminal until waitfd (a pidfd) says the process is gone."""
-    from . import console
+    relay = None
+    if master is not None:
+        from . import console  # termios, tty, contextlib: ~2 ms, only for a terminal
 
-    relay = console.Relay(master) if master is not None else None
+        relay = console.Relay(master)
     while True:
         p = select.poll()
         events: dict[int, int] = {sigfd: select.POLLIN, waitfd: select.POLLIN}
@@ -1059,6 +1063,8 @@ def forward_until_exit(sigfd: int, waitfd: int, forward: Callable[[int], None], 
                 if signo == signal.SIGCHLD:
                     continue
                 if signo == signal.SIGWINCH and master is not None:
+                    from . import console
+
                     console.copy_winsize(0, master)
                     continue
                 forward(signo)
