@@ -1,4 +1,4 @@
-"""The only module that talks to libc through ctypes.
+"""The only module that talks to libc through ctypes (its C half, _ctypes, at run time).
 
 Every function declares argtypes/restype, and every failure raises SyscallError naming the call
 and its arguments, e.g. ``mount('/src' -> '/rootfs/dst'): EPERM (Operation not permitted)``.
@@ -7,18 +7,75 @@ Nothing here returns -1 upward.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 
 from .errors import SyscallError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes as _c
+
+    def _open_lib(name: str | None, *, python_api: bool = False) -> _c.CDLL:
+        """A shared object's functions by name (``lib.mount``), errno kept for get_errno(); with
+        python_api, called with the GIL held (ctypes.PyDLL). None: the running program itself."""
+        ...
+else:  # the C half of ctypes, without ctypes/__init__.py (2 ms of the 30 an `nsinit exec` takes)
+    import _ctypes
+
+    class _c:  # stands in for the ctypes module: only what this file uses
+        class c_int(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class c_uint(_ctypes._SimpleCData):
+            _type_ = "I"
+
+        class c_long(_ctypes._SimpleCData):
+            _type_ = "l"
+
+        class c_ulong(_ctypes._SimpleCData):
+            _type_ = "L"
+
+        class c_char_p(_ctypes._SimpleCData):
+            _type_ = "z"
+
+        class c_void_p(_ctypes._SimpleCData):
+            _type_ = "P"
+
+        c_uint32 = c_uint
+        c_uint64 = c_size_t = c_ulong  # LP64: x86_64 and aarch64
+        Structure = _ctypes.Structure
+        byref = _ctypes.byref
+        sizeof = _ctypes.sizeof
+        get_errno = _ctypes.get_errno
+
+    def _open_lib(name, *, python_api=False):
+        flags = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        if python_api:
+            flags |= _ctypes.FUNCFLAG_PYTHONAPI
+
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = flags
+            _restype_ = _c.c_int
+
+        class Library:
+            def __init__(self):
+                self._handle = _ctypes.dlopen(name, os.RTLD_NOW)
+
+            def __getattr__(self, symbol):
+                return Function((symbol, self))
+
+            __getitem__ = __getattr__
+
+        return Library()
+
+
 try:
-    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    _libc = _open_lib("libc.so.6")
 except OSError:  # not glibc: ask the linker (ctypes.util runs subprocesses, so only here)
     import ctypes.util
 
-    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _libc = _open_lib(ctypes.util.find_library("c"))
 
 # clone(2) / unshare(2) flags
 CLONE_PARENT = 0x00008000  # the child's parent is the caller's parent
@@ -61,32 +118,32 @@ _SYS = {
 }[os.uname().machine]
 
 _mount = _libc.mount
-_mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_mount.restype = ctypes.c_int
+_mount.argtypes = [_c.c_char_p, _c.c_char_p, _c.c_char_p, _c.c_ulong, _c.c_char_p]
+_mount.restype = _c.c_int
 _umount2 = _libc.umount2
-_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_umount2.restype = ctypes.c_int
+_umount2.argtypes = [_c.c_char_p, _c.c_int]
+_umount2.restype = _c.c_int
 _unshare = _libc.unshare
-_unshare.argtypes = [ctypes.c_int]
-_unshare.restype = ctypes.c_int
+_unshare.argtypes = [_c.c_int]
+_unshare.restype = _c.c_int
 _setns = _libc.setns
-_setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_setns.restype = ctypes.c_int
+_setns.argtypes = [_c.c_int, _c.c_int]
+_setns.restype = _c.c_int
 _prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
+_prctl.argtypes = [_c.c_int, _c.c_ulong, _c.c_ulong, _c.c_ulong, _c.c_ulong]
+_prctl.restype = _c.c_int
 _prctl_name = _libc["prctl"]  # a second prototype of prctl: PR_SET_NAME takes a string
-_prctl_name.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl_name.restype = ctypes.c_int
+_prctl_name.argtypes = [_c.c_int, _c.c_char_p, _c.c_ulong, _c.c_ulong, _c.c_ulong]
+_prctl_name.restype = _c.c_int
 _syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+_syscall.restype = _c.c_long
 _signalfd = _libc.signalfd
-_signalfd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-_signalfd.restype = ctypes.c_int
+_signalfd.argtypes = [_c.c_int, _c.c_char_p, _c.c_int]  # the sigset's bytes
+_signalfd.restype = _c.c_int
 
 
 def _fail(call: str) -> SyscallError:
-    return SyscallError(call, ctypes.get_errno())
+    return SyscallError(call, _c.get_errno())
 
 
 def _b(path: str | bytes | None) -> bytes | None:
@@ -136,7 +193,7 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
     """Close every fd from first on; falls back to closerange where the call is missing."""
-    if _syscall(_SYS["close_range"], ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(0)) != 0:
+    if _syscall(_SYS["close_range"], _c.c_uint(first), _c.c_uint(last), _c.c_uint(0)) != 0:
         os.closerange(first, min(last, os.sysconf("SC_OPEN_MAX")))
 
 
@@ -144,19 +201,19 @@ def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class _CapHeader(_c.Structure):
+    _fields_ = [("version", _c.c_uint32), ("pid", _c.c_int)]
 
 
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+class _CapData(_c.Structure):
+    _fields_ = [("effective", _c.c_uint32), ("permitted", _c.c_uint32), ("inheritable", _c.c_uint32)]
 
 
 def capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of the calling thread, as 64-bit masks."""
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    if _syscall(_SYS["capget"], ctypes.byref(hdr), ctypes.byref(data)) != 0:
+    if _syscall(_SYS["capget"], _c.byref(hdr), _c.byref(data)) != 0:
         raise _fail("capget()")
     eff, prm, inh = (
         int(getattr(data[0], f)) | (int(getattr(data[1], f)) << 32) for f in ("effective", "permitted", "inheritable")
@@ -171,7 +228,7 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
         data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
-    if _syscall(_SYS["capset"], ctypes.byref(hdr), ctypes.byref(data)) != 0:
+    if _syscall(_SYS["capset"], _c.byref(hdr), _c.byref(data)) != 0:
         raise _fail(f"capset(eff={effective:#x}, prm={permitted:#x}, inh={inheritable:#x})")
 
 
@@ -183,13 +240,13 @@ RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+class _OpenHow(_c.Structure):
+    _fields_ = [("flags", _c.c_uint64), ("mode", _c.c_uint64), ("resolve", _c.c_uint64)]
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     how = _OpenHow(flags, mode, resolve)
-    fd = _syscall(_SYS["openat2"], ctypes.c_int(dirfd), _b(path), ctypes.byref(how), ctypes.c_size_t(24))
+    fd = _syscall(_SYS["openat2"], _c.c_int(dirfd), _b(path), _c.byref(how), _c.c_size_t(24))
     if fd < 0:
         raise _fail(f"openat2({path!r})")
     return int(fd)
@@ -202,15 +259,15 @@ SFD_CLOEXEC = os.O_CLOEXEC
 SIGNALFD_SIGINFO_SIZE = 128
 
 
-def _sigset(signals: list[int]) -> ctypes.Array[ctypes.c_char]:
+def _sigset(signals: list[int]) -> bytes:
     mask = 0
     for s in signals:
         mask |= 1 << (s - 1)
-    return ctypes.create_string_buffer(mask.to_bytes(_SIGSET_BYTES, "little"), _SIGSET_BYTES)
+    return mask.to_bytes(_SIGSET_BYTES, "little")
 
 
 def signalfd(signals: list[int], flags: int = SFD_CLOEXEC) -> int:
-    fd = _signalfd(-1, ctypes.cast(_sigset(signals), ctypes.c_void_p), flags)
+    fd = _signalfd(-1, _sigset(signals), flags)
     if fd < 0:
         raise _fail("signalfd()")
     return int(fd)
@@ -233,16 +290,17 @@ CLONE_INTO_CGROUP = 0x200000000
 _SIGCHLD = 17
 
 
-class _CloneArgs(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in (
+class _CloneArgs(_c.Structure):
+    _fields_ = [(name, _c.c_uint64) for name in (
         "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls", "set_tid",
         "set_tid_size", "cgroup")]
 
 
 # through PyDLL, so that the GIL stays held across the call, as os.fork() holds it across fork()
-_py_syscall = ctypes.PyDLL(None, use_errno=True).syscall
-_py_syscall.restype = ctypes.c_long
-_py_syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t]
+_pythonapi = _open_lib(None, python_api=True)
+_py_syscall = _pythonapi.syscall
+_py_syscall.restype = _c.c_long
+_py_syscall.argtypes = [_c.c_long, _c.c_void_p, _c.c_size_t]
 
 
 def clone3(flags: int, cgroup_fd: int = -1) -> int:
@@ -259,13 +317,13 @@ def clone3(flags: int, cgroup_fd: int = -1) -> int:
         flags |= CLONE_INTO_CGROUP
     # with CLONE_PARENT the child inherits the caller's exit signal, and the kernel wants 0 here
     args = _CloneArgs(flags=flags, exit_signal=0 if flags & CLONE_PARENT else _SIGCHLD, cgroup=max(cgroup_fd, 0))
-    ctypes.pythonapi.PyOS_BeforeFork()
-    pid = _py_syscall(_SYS["clone3"], ctypes.byref(args), ctypes.sizeof(args))
+    _pythonapi.PyOS_BeforeFork()
+    pid = _py_syscall(_SYS["clone3"], _c.byref(args), _c.sizeof(args))
     if pid == 0:
-        ctypes.pythonapi.PyOS_AfterFork_Child()
+        _pythonapi.PyOS_AfterFork_Child()
         return 0
-    err = ctypes.get_errno()
-    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    err = _c.get_errno()
+    _pythonapi.PyOS_AfterFork_Parent()
     if pid < 0:
         what = f", cgroup fd {cgroup_fd}" if cgroup_fd >= 0 else ""
         raise SyscallError(f"clone3(flags={flags:#x}{what})", err)
