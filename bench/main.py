@@ -28,6 +28,7 @@ from .lib import (
     PREFIX,
     QUICK,
     REPO,
+    RUN_BASE,
     WORK_BASE,
     Skip,
     file_create_ms,
@@ -185,7 +186,9 @@ def main() -> int:
     set_subreaper()
     before = host_state()
     work = Path(tempfile.mkdtemp(prefix="nsinit-bench.", dir=WORK_BASE))
+    run_dir = Path(tempfile.mkdtemp(prefix="nsinit-bench.", dir=RUN_BASE))
     os.environ["BENCH_WORK"] = str(work)
+    os.environ["BENCH_RUN"] = str(run_dir)
     results: dict[str, Any] = {"machine": machine(), "parts": {}, "skipped": {}}
     py = sys.executable
     try:
@@ -228,9 +231,10 @@ def main() -> int:
         if cleaned:
             results["cleaned_cgroups"] = cleaned
         if os.environ.get("BENCH_KEEP"):
-            log(f"kept {work}")
+            log(f"kept {work} and {run_dir}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
     results["host_diff"] = host_diff(before, host_state())
     from .report import render
 

@@ -169,8 +169,8 @@ def render(res: dict[str, Any]) -> str:
     ]
     if "work_dir" in m:
         costs = ", ".join(f"{d} {ms:.3f} ms" for d, ms in m.get("file_create_ms", {}).items())
-        out.append(f"work dir (rootfs trees, both supervisors' state and logs): {m['work_dir']}; "
-                   f"creating a file costs {costs}")
+        out.append(f"work dir (rootfs trees, both supervisors' logs): {m['work_dir']}; creating a file costs "
+                   f"{costs}; nsinitd's state dir on tmpfs under /run, as its default /run/nsinit")
     out.append("")
     parts = res["parts"]
     for name, fn in (("cold", cold), ("supervisors", supervisors), ("reap", reap), ("events", events),

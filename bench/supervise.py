@@ -99,6 +99,17 @@ def _time_cmd(argv: list[str], runs: int = 5) -> dict[str, Any]:
     return summary(out)
 
 
+def state_dir(work: Path) -> str:
+    """nsinitd's state dir for this work dir: on tmpfs, in this run's directory under /run (as
+    nsinitd's own default, /run/nsinit); the logs of both supervisors stay in the work dir."""
+    run = os.environ.get("BENCH_RUN")
+    if not run:
+        return f"{work}/state"
+    d = Path(run) / str(work).strip("/").replace("/", "_")
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
 class Nsinitd:
     def __init__(self, work: Path, n: int, kind: str, sleep: str, containers: list[Path]) -> None:
         self.work = work
@@ -106,8 +117,8 @@ class Nsinitd:
         self.kind = kind
         self.names = [f"p{i:03d}" for i in range(n)]
         self.sock = str(work / "nsinitd.sock")
-        lines = ["[supervisor]", f'socket = "{self.sock}"', f'state_dir = "{work}/state"', f'log_dir = "{work}/logs"',
-                 f'event_log = "{work}/events.log"', ""]
+        lines = ["[supervisor]", f'socket = "{self.sock}"', f'state_dir = "{state_dir(work)}"',
+                 f'log_dir = "{work}/logs"', f'event_log = "{work}/events.log"', ""]
         for i, name in enumerate(self.names):
             lines.append(f"[programs.{name}]")
             if kind == "container":
@@ -357,7 +368,7 @@ def events(work: Path, out: Path, zombies: str, stamp: str) -> None:
     conf = work / "events.toml"
     sock = str(work / "ev.sock")
     conf.write_text("\n".join([
-        "[supervisor]", f'socket = "{sock}"', f'state_dir = "{work}/state"', f'log_dir = "{work}/logs"',
+        "[supervisor]", f'socket = "{sock}"', f'state_dir = "{state_dir(work)}"', f'log_dir = "{work}/logs"',
         f'event_log = "{work}/events.log"', "",
         "[programs.orphans]", f'command = ["{zombies}", "orphans", "{BURST}"]',
         "startsecs = 0", "autostart = false", 'autorestart = "never"', "",
