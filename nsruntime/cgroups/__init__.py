@@ -90,30 +90,35 @@ def _mkdir(path: str, cpuset: bool) -> None:
 
 def _make(h: Hierarchy, rel: list[str], parents: list[str]) -> str:
     """Make ``rel`` below ``h.base``; the directories above the leaf go to ``parents`` whether
-    made now or found: they are nsinit's, removed by whichever container leaves them empty."""
+    made now or found: they are nsinit's, removed by whichever container leaves them empty.
+
+    The leaf first: its parents are there but for the first container (or after a teardown
+    removed the last user's), and then they are made and the leaf tried again.
+    """
     chain = []
     cur = h.base
     for comp in rel[:-1]:
         cur = os.path.join(cur, comp)
         chain.append(cur)
+        if cur not in parents:
+            parents.append(cur)
+    cpuset = "cpuset" in h.controllers
+    leaf = os.path.join(cur, rel[-1])
     for _attempt in range(5):
-        for d in chain:
-            _mkdir(d, "cpuset" in h.controllers)
-            if d not in parents:
-                parents.append(d)
-        leaf = os.path.join(cur, rel[-1])
         try:
             os.mkdir(leaf, 0o755)
         except FileExistsError:
             raise SetupError("cgroups: mkdir", f"mkdir {leaf}: EEXIST (File exists): a cgroup of that name exists "
                              "(a live container, or one not torn down)") from None
         except FileNotFoundError:
-            continue  # another container's teardown removed a shared parent between our mkdirs
+            for d in chain:  # (another container's teardown may remove one again meanwhile: retry)
+                _mkdir(d, cpuset)
+            continue
         except OSError as e:
             raise SetupError("cgroups: mkdir", f"mkdir {leaf}: {describe(e)}") from None
-        if "cpuset" in h.controllers:
+        if cpuset:
             try:
-                prepare(leaf)
+                prepare(leaf, fresh=True)
             except SetupError:
                 os.rmdir(leaf)
                 raise

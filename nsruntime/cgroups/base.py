@@ -17,6 +17,7 @@ from ..errors import SetupError, TeardownError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import ClassVar
 
     from ..config import Cgroups
@@ -45,6 +46,20 @@ def write(path: str, value: str | int, step: str) -> None:
         write_raw(path, value)
     except OSError as e:
         raise SetupError(step, f"write {str(value)!r} to {path}: {describe(e)}") from None
+
+
+def write_each(path: str, values: Sequence[str], step: str) -> None:
+    """write() of each value in turn through one descriptor: a cgroup file takes one per write(2)."""
+    value = ""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for value in values:
+                os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise SetupError(step, f"write {value!r} to {path}: {describe(e)}") from None
 
 
 def read(path: str) -> str | None:

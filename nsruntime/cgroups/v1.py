@@ -11,7 +11,7 @@ import os
 import time
 
 from ..errors import SetupError
-from .base import CgroupDir, describe, read, read_int, read_keyed, write, write_raw
+from .base import CgroupDir, describe, read, read_int, read_keyed, write, write_each, write_raw
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -44,14 +44,23 @@ def rule_line(rule: DeviceRule) -> str:
     return f"{rule.type} {major}:{minor} {rule.access}"
 
 
-def prepare(path: str) -> None:
+def prepare(path: str, *, fresh: bool = False) -> None:
     """Make a new cpuset directory usable: v1 creates it with empty cpuset.cpus and cpuset.mems,
-    and joining such a cgroup fails with ENOSPC. Copy the parent's values down."""
+    and joining such a cgroup fails with ENOSPC. Copy the parent's values down.
+
+    fresh: path was just made by us, so its own values need no reading; a parent found without
+    values (made by a concurrent setup that hasn't given it any yet) gets them first.
+    """
     for name in ("cpuset.cpus", "cpuset.mems"):
-        mine = read(os.path.join(path, name))
-        if mine is None or mine.strip():
-            continue
-        parent = read(os.path.join(os.path.dirname(path), name)) or ""
+        if not fresh:
+            mine = read(os.path.join(path, name))
+            if mine is None or mine.strip():
+                continue
+        up = os.path.dirname(path)
+        parent = read(os.path.join(up, name)) or ""
+        if fresh and not parent.strip():
+            prepare(up)
+            parent = read(os.path.join(up, name)) or ""
         write(os.path.join(path, name), parent.strip() or "\n", "cgroups: cpuset init")
 
 
@@ -126,8 +135,7 @@ class V1Dir(CgroupDir):
             write(allow, "a", "cgroups: allow_all_devices")
         else:
             write(deny, "a", "cgroups: devices")
-            for line in DEFAULT_DEVICE_RULES:
-                write(allow, line, "cgroups: devices")
+            write_each(allow, DEFAULT_DEVICE_RULES, "cgroups: devices")  # one open, a write(2) per rule
         for rule in cfg.devices:
             write(allow if rule.allow else deny, rule_line(rule), "cgroups: devices")
 

@@ -329,6 +329,26 @@ class TestKernel:
             pytest.skip("no swap accounting")
         assert _read(memsw) == str(64 << 20)
 
+    def test_a_parent_found_without_cpus_gets_them_and_so_does_the_leaf(
+            self, made: Callable[..., CgroupSet], parent: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+        """A concurrent setup may have made the shared parent and not yet given it cpuset.cpus: the
+        leaf, made first now, must still end up usable (joining an empty cpuset fails, ENOSPC)."""
+        cpuset = _layout().v1("cpuset")
+        if cpuset is None:
+            pytest.skip("no v1 cpuset controller")
+        os.mkdir(os.path.join(cpuset.base, parent))  # as a concurrent setup leaves it, cpus still empty
+        assert not _read(os.path.join(cpuset.base, parent, "cpuset.cpus")).strip()
+        first = made(Cgroups(parent=parent))
+        second = made(Cgroups(parent=parent))  # parents there: the leaf goes first
+        want = _read(os.path.join(cpuset.base, "cpuset.cpus")).strip()
+        for cg in (first, second):
+            assert _read(os.path.join(_leaf(cg, "cpuset"), "cpuset.cpus")).strip() == want
+            assert os.path.join(cpuset.base, parent) in cg.parents
+        p = spawn(second, ["sleep", "30"])
+        _wait(lambda: second.pids() == {p.pid}, what="the child in every cgroup")
+        second.kill()
+        p.wait(timeout=5)
+
     def test_default_device_policy(self, made: Callable[..., CgroupSet], parent: str,
                                    spawn: Callable[..., subprocess.Popen[str]]) -> None:
         if _layout().v1("devices") is None:
