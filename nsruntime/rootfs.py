@@ -65,11 +65,20 @@ def _make_in_root(rootfd: int, dest: str, make: str) -> None:
             try:
                 target = os.readlink(part, dir_fd=parent)
             except FileNotFoundError:
-                if any(p not in ("", ".") for p in parts) or make == "dir":
-                    os.mkdir(part, 0o755, dir_fd=parent)
-                else:
-                    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                    os.close(os.open(part, flags, 0o644, dir_fd=parent))
+                try:
+                    if any(p not in ("", ".") for p in parts) or make == "dir":
+                        os.mkdir(part, 0o755, dir_fd=parent)
+                    else:
+                        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                        os.close(os.open(part, flags, 0o644, dir_fd=parent))
+                except FileExistsError:
+                    # another container on this rootfs made it meanwhile: look at it again (it may
+                    # be a symlink), a bounded number of times
+                    hops += 1
+                    if hops > 40:
+                        raise SyscallError(f"resolve {dest!r} in the rootfs", errno.ELOOP) from None
+                    parts.append(part)
+                    continue
                 cur = os.path.join(cur, part)
                 continue
             except OSError as e:

@@ -119,3 +119,28 @@ def test_user_namespace_needs_mappings(busybox_rootfs: Path) -> None:
     write_config(busybox_rootfs, namespaces=["NEWUSER", "NEWNS"])
     r = nsinit(busybox_rootfs, "exec", "true")
     assert r.returncode == 125 and "uid_mappings: required with NEWUSER" in r.stderr
+
+
+def test_a_mount_point_made_meanwhile_by_another_container_is_taken(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Containers sharing a rootfs make its missing mount points side by side: a component that
+    appears between our look and our mkdir (EEXIST) is looked at again, not an error."""
+    from nsruntime import rootfs
+
+    root = tmp_path / "r"
+    (root / "proc").mkdir(parents=True)  # made by the other container just after our readlink
+    real = os.readlink
+    raced: list[str] = []
+
+    def readlink(path: str, *, dir_fd: int | None = None) -> str:
+        if path == "proc" and not raced:
+            raced.append(path)
+            raise FileNotFoundError(path)
+        return real(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(rootfs.os, "readlink", readlink)
+    fd = rootfs.resolve_in_root(str(root), "/proc/sub", make="dir")
+    try:
+        assert raced and os.readlink(f"/proc/self/fd/{fd}") == str(root / "proc" / "sub")
+    finally:
+        os.close(fd)
