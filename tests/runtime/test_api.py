@@ -244,8 +244,8 @@ def test_one_zygote_brings_up_several_containers_at_once(rootfs: Path, tmp_path:
     cfg = nsruntime.load_config(rootfs / "container.json")
     z = Zygote.start()
     made: list[nsruntime.Container] = []
+    pending: list[nsruntime.Creating] = []
     try:
-        pending = []
         for i in range(6):
             (tmp_path / f"s{i}").mkdir()
             pending.append(nsruntime.begin_create(cfg, rootfs, ["sleep", "60"], tmp_path / f"s{i}",
@@ -263,6 +263,8 @@ def test_one_zygote_brings_up_several_containers_at_once(rootfs: Path, tmp_path:
         for i in range(6):
             assert (tmp_path / f"s{i}" / "pid").exists()
     finally:
+        for m in pending:  # a failure half-way: nothing may stay behind
+            m.abort()
         for c in made:
             c.destroy()
         z.close()
