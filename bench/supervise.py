@@ -48,10 +48,10 @@ from .lib import (
 )
 
 POLL = 0.02
-# quick mode stops at 200 programs: 500 containers take minutes to start, restart and stop today
+# quick mode stops at 200 programs, to stay within about a minute
 NS = (50, 200) if QUICK else (50, 500)
 REPS = 1 if QUICK else 3
-REPS_AT = {500: 2}  # runs of 500 containers cost about 100 s each: two, so the part stays bounded
+REPS_AT = {500: 2}  # a run of 500 containers costs 15-20 s (start, restart, shutdown): two
 WORKLOAD = "sleep"
 
 
