@@ -37,6 +37,7 @@ else:
         """Make cls an immutable record of its annotated fields (in order; class values are defaults).
 
         Fields named in the class attribute ``_uncompared`` take no part in ==, hash and repr.
+        A method the class defines itself (``__hash__``, ``__repr__``...) is kept.
         """
         annotations = vars(cls).get("__annotations__", {})  # strings: `from __future__ import annotations`
         names = tuple(n for n, a in annotations.items() if not str(a).startswith("ClassVar"))
@@ -85,6 +86,8 @@ else:
             raise AttributeError(f"{qual} is frozen: cannot delete {name!r}")
 
         for f in (__init__, __eq__, __hash__, __repr__, __setattr__, __delattr__):
+            if f.__name__ in vars(cls):
+                continue  # written in the class itself: kept (as dataclass keeps an explicit __hash__)
             f.__qualname__ = f"{qual}.{f.__name__}"
             setattr(cls, f.__name__, f)
         cls.__record_fields__ = names

@@ -17,9 +17,11 @@ retries. Reaching RUNNING (up for ``startsecs``) resets the count, and with it t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Literal
+
+from nsruntime.lean import frozen, replace
 
 from .states import ProcessState as S
 from .states import Wanted
@@ -36,7 +38,7 @@ class InvalidTransition(Exception):
         self.event = event
 
 
-@dataclass(frozen=True)
+@frozen
 class Policy:
     autorestart: AutoRestart = "on-failure"
     startretries: int = 3
@@ -45,7 +47,7 @@ class Policy:
     backoff_max: float = 60.0
 
 
-@dataclass(frozen=True)
+@frozen
 class Status:
     state: S = S.STOPPED
     wanted: Wanted = Wanted.DOWN
@@ -55,44 +57,44 @@ class Status:
 # -- events (inputs) ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@frozen
 class Event:
     pass
 
 
-@dataclass(frozen=True)
+@frozen
 class Start(Event):
     """The operator (autostart, control socket, reload) wants the program up."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Stop(Event):
     """The operator wants the program down."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Started(Event):
     """The process has stayed up for startsecs."""
 
 
-@dataclass(frozen=True)
+@frozen
 class SpawnFailed(Event):
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@frozen
 class Exited(Event):
     """The process exited (and was reaped, and its container or cgroup released)."""
 
     expected: bool = False
 
 
-@dataclass(frozen=True)
+@frozen
 class BackoffElapsed(Event):
     pass
 
 
-@dataclass(frozen=True)
+@frozen
 class StopTimeout(Event):
     """stopwaitsecs passed in STOPPING without the process exiting."""
 
@@ -100,39 +102,39 @@ class StopTimeout(Event):
 # -- actions (outputs) ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@frozen
 class Action:
     pass
 
 
-@dataclass(frozen=True)
+@frozen
 class Spawn(Action):
     """Spawn the process; on success arm the startsecs timer."""
 
 
-@dataclass(frozen=True)
+@frozen
 class SignalStop(Action):
     """Send stopsignal and arm the stopwaitsecs timer."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Kill(Action):
     """SIGKILL every process of the program (its cgroup / container)."""
 
 
-@dataclass(frozen=True)
+@frozen
 class ScheduleRetry(Action):
     delay: float
 
 
-@dataclass(frozen=True)
+@frozen
 class Emit(Action):
     """Emit a lifecycle event; the caller adds the facts it owns (pid, ...)."""
 
     event: str
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: Mapping[str, Any] = MappingProxyType({})  # shared, and immutable
 
-    def __hash__(self) -> int:  # frozen dataclass with a dict: hash on the name only
+    def __hash__(self) -> int:  # a record holding a dict: hash on the name only
         return hash(self.event)
 
 
