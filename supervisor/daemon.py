@@ -19,7 +19,6 @@ Exit status:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -440,7 +439,34 @@ class Daemon:
         self.bus.emit(event, program, **fields)
 
 
-def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
+def _simple_args(argv: Sequence[str]) -> tuple[str, bool, bool] | None:
+    """(config, no_socket, check) when argv is only those options, spelled plainly; else None,
+    and argparse (8 ms to import) does the parsing, the help, the version and the usage errors."""
+    config: str | None = None
+    no_socket = check = False
+    it = iter(argv)
+    for a in it:
+        if a in ("-c", "--config"):
+            config = next(it, None)
+            if config is None or config.startswith("-"):
+                return None
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        elif a == "--no-socket":
+            no_socket = True
+        elif a == "--check":
+            check = True
+        else:
+            return None
+    return (config, no_socket, check) if config else None
+
+
+def _parse_args(argv: Sequence[str]) -> tuple[str, bool, bool]:
+    simple = _simple_args(argv)
+    if simple is not None:
+        return simple
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="nsinitd", description="nsinit process and container supervisor (foreground; events on stdout)",
         epilog="signals: TERM/INT stop every program and exit, HUP reload the config, USR2 reopen logs. "
@@ -450,16 +476,21 @@ def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--version", action="version", version=f"nsinitd {VERSION}")
     args = parser.parse_args(argv)
+    return args.config, args.no_socket, args.check
+
+
+def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
+    config_path, no_socket, check = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(config_path)
     except ConfigError as e:
         print(f"nsinitd: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    if args.check:
+    if check:
         print(f"nsinitd: {cfg.path}: ok, {len(cfg.programs)} programs")
         sys.exit(EXIT_OK)
     os.umask(os.umask(0) | 0o002)  # nothing nsinitd makes may be world-writable, whatever umask it got
-    daemon = Daemon(cfg, use_socket=not args.no_socket, zygote=zygote)
+    daemon = Daemon(cfg, use_socket=not no_socket, zygote=zygote)
     sys.exit(trio.run(daemon.run))
 
 

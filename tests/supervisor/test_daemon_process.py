@@ -335,3 +335,24 @@ def test_the_nsinitd_entry_starts_a_zygote_early_only_for_containers(tmp_path: P
     finally:
         z.close()
     assert not os.path.exists(f"/proc/{z.pid}")
+
+
+def test_plain_options_skip_argparse_and_the_rest_still_gets_it(tmp_path: Path) -> None:
+    from supervisor.daemon import _simple_args
+
+    assert _simple_args(["-c", "a.toml"]) == ("a.toml", False, False)
+    assert _simple_args(["--config=a.toml", "--no-socket", "--check"]) == ("a.toml", True, True)
+    for odd in ([], ["--check"], ["-c"], ["-c", "--check"], ["-h"], ["--version"], ["-c", "a", "--bogus"]):
+        assert _simple_args(odd) is None, odd
+    run = [sys.executable, "-m", "supervisor.nsinitd"]
+    usage = subprocess.run([*run, "--check"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "usage: nsinitd" in usage.stderr and "-c/--config" in usage.stderr
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("nsinitd ")
+    conf = tmp_path / "c.toml"
+    conf.write_text('[programs.p]\ncommand = ["true"]\n')
+    ok = subprocess.run([*run, "-c", str(conf), "--check"], capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and "ok, 1 programs" in ok.stdout
+    bad = subprocess.run([*run, "-c", str(tmp_path / "missing.toml"), "--check"], capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and "missing.toml" in bad.stderr
