@@ -1,4 +1,4 @@
-"""``supervisor.toml`` -> frozen dataclasses, validated before anything starts.
+"""``supervisor.toml`` -> frozen records (nsruntime.lean), validated before anything starts.
 
 Every error names its table and key, e.g. ``programs.web.autorestart: expected one of always,
 on-failure, never``, and nsinitd exits with status 2 without starting anything. Unknown keys are
@@ -15,9 +15,10 @@ import re
 import signal as _signal
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nsruntime.lean import frozen
 
 from .machine import AutoRestart, Policy
 
@@ -46,14 +47,14 @@ def _printable(s: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in s)
 
 
-@dataclass(frozen=True)
+@frozen
 class Backoff:
     initial: float = 1.0
     factor: float = 2.0
     max: float = 60.0
 
 
-@dataclass(frozen=True)
+@frozen
 class ProgramConfig:
     name: str
     command: tuple[str, ...]
@@ -64,7 +65,7 @@ class ProgramConfig:
     exitcodes: frozenset[int] = frozenset({0})
     startsecs: float = 1.0
     startretries: int = 3
-    backoff: Backoff = field(default_factory=Backoff)
+    backoff: Backoff = Backoff()  # immutable: one default for all
     stopsignal: int = int(_signal.SIGTERM)
     stopwaitsecs: float = 10.0
     priority: int = 999
@@ -87,7 +88,7 @@ class ProgramConfig:
         return dict(self.environment)
 
 
-@dataclass(frozen=True)
+@frozen
 class SupervisorConfig:
     socket: Path
     log_dir: Path
@@ -96,7 +97,7 @@ class SupervisorConfig:
     socket_group: int | None = None
 
 
-@dataclass(frozen=True)
+@frozen
 class Config:
     path: Path
     supervisor: SupervisorConfig
