@@ -47,8 +47,14 @@ MAX_MESSAGE = 1 << 20
 class Zygote:
     """The caller's handle on a running zygote process."""
 
+    #: How long a request may wait for the zygote to take it, and the hello for the zygote to say
+    #: it: the socket buffer holds some tens of requests, then sendmsg waits. A zygote that is
+    #: stopped or stuck must fail a create, not hang the caller (an event loop) for good.
+    TIMEOUT = 10.0
+
     def __init__(self, pid: int, sock: socket.socket, proc: subprocess.Popen[bytes] | None = None) -> None:
         self.pid = pid
+        sock.settimeout(self.TIMEOUT)
         self._sock = sock
         self._proc = proc
         self._ready = proc is None
@@ -92,7 +98,10 @@ class Zygote:
         self._ready = True
 
     def _read(self) -> dict[str, Any]:
-        data = self._sock.recv(MAX_MESSAGE)
+        try:
+            data = self._sock.recv(MAX_MESSAGE)
+        except TimeoutError:
+            return {"error": f"zygote (pid {self.pid}) did not start within {self.TIMEOUT:g} s"}
         if not data:
             return {"error": f"zygote (pid {self.pid}) exited"}
         reply = loads(data)
@@ -108,7 +117,8 @@ class Zygote:
         try:
             send_fds(self._sock, (dumps(head) + "\n" + dumps(body)).encode(), fds)
         except OSError as e:
-            raise SetupError("zygote", f"pid {self.pid}: {e.strerror}") from None
+            why = e.strerror or f"did not take the request within {self.TIMEOUT:g} s"
+            raise SetupError("zygote", f"pid {self.pid}: {why}") from None
 
     def alive(self) -> bool:
         return self._proc is None or self._proc.poll() is None

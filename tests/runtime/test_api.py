@@ -299,3 +299,33 @@ def test_pid1_root_and_cwd_are_the_containers_and_it_holds_no_host_fd(rootfs: Pa
     finally:
         if z is not None:
             z.close()
+
+
+def test_a_stopped_zygote_fails_the_create_within_its_timeout(rootfs: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket buffer holds some tens of requests; past that a stuck zygote must fail the
+    create, not hang the caller (nsinitd's event loop) for good."""
+    from nsruntime.zygote import Zygote
+
+    monkeypatch.setattr(Zygote, "TIMEOUT", 0.5)
+    z = Zygote.start()
+    cfg = nsruntime.load_config(rootfs / "container.json")
+    pending: list[nsruntime.Creating] = []
+    os.kill(z.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(nsruntime.SetupError, match=r"did not take the request within 0\.5 s"):
+            for i in range(300):
+                (tmp_path / f"s{i}").mkdir()
+                t0 = time.monotonic()
+                pending.append(nsruntime.begin_create(cfg, rootfs, ["true"], tmp_path / f"s{i}",
+                                                      die_with_parent=False, stdio=(0, 1, 2), zygote=z))
+        assert time.monotonic() - t0 < 3
+        assert 5 <= len(pending) < 300
+        failed = tmp_path / f"s{len(pending)}"
+        assert not (failed / "pid").exists() and not (failed / "state.json").exists()  # nothing half-made
+    finally:
+        for m in pending:
+            m.abort()
+        os.kill(z.pid, signal.SIGCONT)
+        z.close()
+    assert not os.path.exists(f"/proc/{z.pid}")
