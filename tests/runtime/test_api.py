@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -329,3 +331,22 @@ def test_a_stopped_zygote_fails_the_create_within_its_timeout(rootfs: Path, tmp_
         os.kill(z.pid, signal.SIGCONT)
         z.close()
     assert not os.path.exists(f"/proc/{z.pid}")
+
+
+def _imported(argv: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    # -S: no site, so no .pth file (an editable install's finder imports re, typing...) hides ours
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.run([sys.executable, "-S", "-X", "importtime", *argv], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=60)
+    return p, {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_the_nsinit_launcher_runs_a_container_without_the_heavy_modules(rootfs: Path) -> None:
+    """bin/nsinit (installed as a script, not a pip-generated wrapper) and the exec path import
+    neither re nor ctypes/__init__ nor dataclasses, typing, json, zlib, or the terminal module."""
+    _, startup = _imported(["-c", "pass"], rootfs)  # what the interpreter's own start brings
+    p, mods = _imported([str(Path(__file__).resolve().parents[2] / "bin" / "nsinit"), "exec", "/bin/true"], rootfs)
+    assert p.returncode == 0, p.stderr[-800:]
+    assert {"nsruntime.container", "nsruntime.libc", "_ctypes"} <= mods
+    heavy = {"re", "ctypes", "enum", "dataclasses", "typing", "json", "zlib", "termios", "nsruntime.console"}
+    assert not (mods - startup) & heavy, sorted((mods - startup) & heavy)
