@@ -54,6 +54,26 @@ def file_create_ms(directory: str, n: int = 200) -> float:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def settle(max_wait: float = 15.0, idle_share: float = 0.8, window: float = 0.3) -> float:
+    """Wait (bounded) until the machine is quiet again: the kernel finishes a run's deferred work
+    after it (500 network namespaces to clean up, cgroups to release) and must not bill it to
+    whichever contender runs next. Quiet: at least idle_share of all CPU time idle over window.
+    Returns how long it waited."""
+    def idle_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        return vals[3] + vals[4], sum(vals)  # idle + iowait, all
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_wait:
+        i0, a0 = idle_total()
+        time.sleep(window)
+        i1, a1 = idle_total()
+        if a1 > a0 and (i1 - i0) / (a1 - a0) >= idle_share:
+            break
+    return time.monotonic() - t0
+
+
 def log(msg: str) -> None:
     sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {msg}\n")
     sys.stderr.flush()

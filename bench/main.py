@@ -40,6 +40,7 @@ from .lib import (
     remove_our_cgroups,
     resolve,
     set_subreaper,
+    settle,
     write_json,
     write_nsinit_config,
 )
@@ -211,7 +212,7 @@ def main() -> int:
                               helpers["zombies"], helpers["stamp"]]
         for name, argv in plan.items():
             (work / ("sup" if name == "supervisors" else "ev" if name == "events" else name)).mkdir()
-            log(f"part {name}")
+            log(f"part {name} (after {settle():.1f} s for the machine to settle)")
             res, why = run_part(name, argv, work / f"{name}.json")
             if res is None:
                 results["skipped"][name] = why

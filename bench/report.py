@@ -58,6 +58,10 @@ def cold(r: dict[str, Any], out: list[str]) -> None:
 def supervisors(r: dict[str, Any], out: list[str]) -> None:
     reps = ", ".join(f"{k} at N={n}" for n, k in r.get("reps_at", {}).items()) or str(r["reps"])
     out.append(f"2./3. Supervisors: N `sleep` programs, startsecs 0; medians of interleaved runs ({reps})")
+    if r.get("settled_s"):
+        w = r["settled_s"]
+        out.append(f"   before each run the machine was let settle (>= 80% idle over 0.3 s, 15 s at most): "
+                   f"median {statistics.median(w):.1f} s, longest {max(w):.1f} s")
     out.append(f"   {'contender':26} {'start':>9} {'restart':>9} {'shutdown':>9} {'status':>9} {'ctl cmd':>9}"
                f" {'PSS/prog':>10}  processes added")
     runs = r.get("runs", {})

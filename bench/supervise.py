@@ -41,6 +41,7 @@ from .lib import (
     pss_kib,
     resolve,
     set_subreaper,
+    settle,
     summary,
     wait_for,
     write_json,
@@ -319,7 +320,9 @@ def supervisors(work: Path, out: Path) -> None:
                 d = work / f"run{run_no}"
                 d.mkdir()
                 kids = Children()
-                log(f"supervisors: rep {rep + 1}/{REPS}: {key}")
+                waited = settle()
+                result.setdefault("settled_s", []).append(round(waited, 2))
+                log(f"supervisors: rep {rep + 1}/{REPS}: {key} (after {waited:.1f} s for the machine to settle)")
                 try:
                     if kind == "supervisord":
                         r = Supervisord(d, n, sleep).run(kids)
