@@ -72,7 +72,8 @@ def _exec(root: str, command: list[str]) -> int:
     sdir = StateDir(root)
     if sdir.live_pid() is None:
         try:
-            c = container.create(cfg, os.getcwd(), command, root, die_with_parent=True)
+            # started at once (a terminal still waits for raw mode and its size before start())
+            c = container.create(cfg, os.getcwd(), command, root, die_with_parent=True, start=True)
         except StateError:
             c = None  # somebody made it meanwhile: join theirs
         if c is not None:

@@ -113,7 +113,8 @@ class Container:
     """A created container: PID 1 is up, its root in place, the command waiting for start()."""
 
     def __init__(self, id: str, config: ContainerConfig, rootfs: str, state: StateDir, pid: int, pidfd: int,
-                 cgroups: CgroupSet | None, links: list[str], console: int | None, sock: socket.socket) -> None:
+                 cgroups: CgroupSet | None, links: list[str], console: int | None, sock: socket.socket,
+                 *, started: bool = False, pending: bytes = b"") -> None:
         self.id = id
         self.config = config
         self.rootfs = rootfs
@@ -124,6 +125,8 @@ class Container:
         self.links = links
         self.console = console  # pty master when the command has a terminal
         self._sock = sock
+        self._started = started  # "start" went with "go" (begin_create(start=True))
+        self._pending = pending  # what PID 1 said after "ready", read with it
         self._status: ExitStatus | None = None
         self._destroyed = False
         self._exit_msg: tuple[int, int] | None = None
@@ -132,7 +135,9 @@ class Container:
         return f"Container(id={self.id!r}, pid={self.pid}, rootfs={self.rootfs!r})"
 
     def start(self) -> None:
-        init.send(self._sock, "start")
+        if not self._started:
+            self._started = True
+            init.send(self._sock, "start")
 
     def signal(self, signum: int) -> None:
         """To the command, through PID 1 (which forwards everything but SIGCHLD)."""
@@ -153,7 +158,7 @@ class Container:
     def _read_exit_msg(self) -> None:
         with suppress(OSError):
             self._sock.setblocking(False)
-            data = b""
+            data, self._pending = self._pending, b""
             while True:
                 try:
                     chunk = self._sock.recv(4096)
@@ -299,6 +304,7 @@ def create(
     die_with_parent: bool = True,
     raw_config: Any = None,
     zygote: Zygote | None = None,
+    start: bool = False,
 ) -> Container:
     """Make the container and its PID 1, waiting to start ``command``.
 
@@ -310,7 +316,7 @@ def create(
     An event loop that makes many containers at once drives begin_create() itself instead.
     """
     making = begin_create(cfg, rootfs_dir, command, state_dir, env=env, stdio=stdio, tty=tty,
-                          die_with_parent=die_with_parent, raw_config=raw_config, zygote=zygote)
+                          die_with_parent=die_with_parent, raw_config=raw_config, zygote=zygote, start=start)
     while True:
         left = making.deadline - time.monotonic()
         if left <= 0:
@@ -333,6 +339,7 @@ def begin_create(
     die_with_parent: bool = True,
     raw_config: Any = None,
     zygote: Zygote | None = None,
+    start: bool = False,
 ) -> Creating:
     """create()'s first half: cgroups made, PID 1 on its way; the caller drives the rest.
 
@@ -340,6 +347,10 @@ def begin_create(
     past ``making.deadline`` call ``making.time_out()``. step() and time_out() raise NsRuntimeError
     having released everything; ``abort()`` does the same for a caller that gives up (cancelled).
     The state dir stays locked until then.
+
+    start=True (without a terminal): "start" goes with "go", so the command runs as soon as the
+    root is in place, without waiting for the pid files; the Container comes back started. For a
+    caller that starts at once anyway (`nsinit exec`): one round trip and two file writes less.
     """
     if not command:
         raise NsRuntimeError("command: empty")
@@ -364,7 +375,7 @@ def begin_create(
         layout, planned = cgroups.plan(cfg.cgroups, cid)
         # recorded before anything exists: whoever finds it stale releases what was made
         sdir.write_state({"id": cid, "rootfs": root, "config": raw_config, "cgroups": planned, "links": []})
-        making = Creating(cfg, root, sdir, cid, raw_config, lock)
+        making = Creating(cfg, root, sdir, cid, raw_config, lock, start and not use_tty)
     except BaseException:
         lock.__exit__(None, None, None)
         raise
@@ -385,7 +396,7 @@ class Creating:
     """
 
     def __init__(self, cfg: ContainerConfig, root: str, sdir: StateDir, cid: str, raw_config: Any,
-                 lock: Any) -> None:
+                 lock: Any, start: bool = False) -> None:
         self.cfg = cfg
         self.root = root
         self.sdir = sdir
@@ -402,6 +413,7 @@ class Creating:
         self._buf = b""
         self._fds: list[int] = []
         self._over = False
+        self._start = start
 
     @property
     def fd(self) -> int:
@@ -448,7 +460,7 @@ class Creating:
 
             self.links = list(network.setup(self.cfg, self.id, self.pid).links)
             self._record()
-        init.send(self._sock, "go")
+        init.send(self._sock, "go\nstart" if self._start else "go")
 
     def step(self) -> Container | None:
         """Handle what PID 1 sent; the Container once it is ready, else None (wait for fd again)."""
@@ -496,7 +508,7 @@ class Creating:
             self.sdir.write_pid(self.pid, st)
             console = self._fds.pop(0) if self._fds else None
             c = Container(self.id, self.cfg, self.root, self.sdir, self.pid, self.pidfd, self.cgroups, self.links,
-                          console, self._sock)
+                          console, self._sock, started=self._start, pending=self._buf)
             self._release()
             return c
         raise SetupError("container init", f"unexpected message {msg!r}")
@@ -802,17 +814,27 @@ def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int,
     init.serve(sock, sigfd, cmd, die_with_parent, bool(flags & libc.CLONE_NEWPID))
 
 
+def _read_line(sock: socket.socket, buf: bytearray) -> bytes | None:
+    """The next line from the creator (without its newline), buf keeping what came after it;
+    None at EOF."""
+    while b"\n" not in buf:
+        chunk = sock.recv(64)
+        if not chunk:
+            return None
+        buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return line
+
+
 def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
                     sock: socket.socket, sigfd: int) -> None:
     """The command's process, forked by PID 1: the container's setup, then the command; never returns."""
+    buf = bytearray()
     try:
-        # wait for the host side (network) to be done with our namespaces
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = sock.recv(64)
-            if not chunk:
-                os._exit(EXIT_RUNTIME_FAILED)
-            line += chunk
+        # wait for the host side (network) to be done with our namespaces ("start" may come with it)
+        if _read_line(sock, buf) != b"go":
+            os._exit(EXIT_RUNTIME_FAILED)
         rootfs.prepare(cfg, root)
         rootfs.switch_root(cfg, root)
         if cfg.hostname and "NEWUTS" in cfg.namespaces:
@@ -829,8 +851,7 @@ def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: di
         init.send(sock, "ready", fds)
         for fd in fds:
             os.close(fd)
-        msg = sock.recv(64)
-        if msg != b"start\n":
+        if _read_line(sock, buf) != b"start":
             os._exit(EXIT_RUNTIME_FAILED)  # the creator went away (or changed its mind) before start
     except BaseException as e:
         init.main_fail(sock, e)

@@ -350,3 +350,35 @@ def test_the_nsinit_launcher_runs_a_container_without_the_heavy_modules(rootfs: 
     assert {"nsruntime.container", "nsruntime.libc", "_ctypes"} <= mods
     heavy = {"re", "ctypes", "enum", "dataclasses", "typing", "json", "zlib", "termios", "nsruntime.console"}
     assert not (mods - startup) & heavy, sorted((mods - startup) & heavy)
+
+
+def test_create_with_start_runs_the_command_at_once_and_keeps_its_exit_message(rootfs: Path, tmp_path: Path) -> None:
+    """start=True (nsinit exec): "start" goes with "go". The command may be over before the
+    creator has read "ready": what PID 1 said after it (its exit message, with the signal) is kept."""
+    cfg = nsruntime.load_config(rootfs / "container.json")
+    r, w = os.pipe()
+    (tmp_path / "s").mkdir()
+    c = nsruntime.create(cfg, rootfs, ["sh", "-c", "echo started; kill -TERM $$"], tmp_path / "s",
+                         die_with_parent=False, stdio=(0, w, 2), start=True)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as out:
+            assert out.readline() == b"started\n"  # no start() called
+        c.start()  # a no-op now
+        assert c.wait(10) == nsruntime.ExitStatus(143, signal.SIGTERM, False)
+    finally:
+        c.destroy()
+    # the creator slow to read: "ready" and the exit message come in one read
+    making = nsruntime.begin_create(cfg, rootfs, ["sh", "-c", "kill -KILL $$"], tmp_path / "s",
+                                    die_with_parent=False, stdio=(0, 1, 2), start=True)
+    c = None
+    try:
+        time.sleep(0.5)  # set up, run, killed, PID 1 gone: everything it says is waiting
+        c = making.step()
+        assert c is not None
+        st = c.wait(10)
+        assert st == nsruntime.ExitStatus(137, signal.SIGKILL, False), st
+    finally:
+        making.abort()
+        if c is not None:
+            c.destroy()
