@@ -680,8 +680,8 @@ def _clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
 
 
 def zygote_header(cfg: ContainerConfig, cg: CgroupSet | None, die_with_parent: bool) -> dict[str, Any]:
-    """What the zygote's setup child needs to make PID 1 without decoding the rest (see
-    zygote_child): its clone flags, cgroup directories and network namespace."""
+    """What the zygote reads of a request to make PID 1 without decoding the rest (see
+    zygote_clone): its clone flags, cgroup directories and network namespaces."""
     return {"flags": cfg.clone_flags, "v2": cg.v2_leaf() if cg is not None else None,
             "v1": [d.path for d in cg.leaves if d.version == 1] if cg is not None else [],
             "netns": list(cfg.netns_paths), "die_with_parent": die_with_parent}
@@ -734,8 +734,6 @@ def zygote_clone(data: bytes, fds: list[int], sigfd: int) -> int:
 def zygote_child(data: bytes, stdio: tuple[int, int, int], sock: socket.socket) -> None:
     """The setup child the zygote forks where zygote_clone can't make PID 1: decodes the whole
     request and takes _setup_child's way (the user namespace's id maps, unshare, fork)."""
-    from .config import parse
-
     try:
         head_bytes, _, body = data.partition(b"\n")
         head = loads(head_bytes)
@@ -749,8 +747,6 @@ def zygote_child(data: bytes, stdio: tuple[int, int, int], sock: socket.socket) 
 
 
 def _decode_then_setup(body: bytes, sock: socket.socket, sigfd: int) -> None:
-    from .config import parse
-
     try:
         req = loads(body)
         cfg = parse(req["source"])
@@ -766,15 +762,12 @@ def _fork_inside(cg: CgroupSet | None) -> int:
     path = cg.v2_leaf() if cg is not None else None
     if path is None:
         return os.fork()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return libc.clone3(0, fd)
+        return _clone_into(0, path)
     except SyscallError:
         assert cg is not None
         cg.join_self()
         return os.fork()
-    finally:
-        os.close(fd)
 
 
 def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,

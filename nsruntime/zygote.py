@@ -108,8 +108,8 @@ class Zygote:
         return reply if isinstance(reply, dict) else {"error": "bad reply"}
 
     def spawn(self, head: dict[str, Any], body: dict[str, Any], fds: list[int]) -> None:
-        """Have the zygote fork a setup child with these arguments and descriptors (no waiting:
-        the setup child reports over the control socket among fds). head is what the setup child
+        """Have the zygote make PID 1 with these arguments and descriptors (no waiting: PID 1, or
+        the setup child, reports over the control socket among fds). head is what the zygote
         reads (container.zygote_header), body what the container's own process decodes."""
         from .errors import SetupError
 
@@ -149,8 +149,7 @@ def serve(sock: socket.socket) -> None:
     """
     import gc
 
-    from . import container, init, libc
-    from .config import parse  # noqa: F401  (imported here: shared with every PID 1, not loaded by each)
+    from . import container, init, libc  # (container imports config, rootfs...: shared with every PID 1)
 
     os.setsid()  # PID 1s inherit these three (container.zygote_clone)
     init.block_signals()

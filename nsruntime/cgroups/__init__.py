@@ -126,6 +126,13 @@ def _make(h: Hierarchy, rel: list[str], parents: list[str]) -> str:
     raise SetupError("cgroups: mkdir", f"mkdir {os.path.join(h.base, *rel)}: ENOENT: its parent keeps disappearing")
 
 
+def _detect() -> Layout:
+    try:
+        return detect_layout()
+    except OSError as e:
+        raise SetupError("cgroups: detect", f"{e.filename}: {describe(e)}") from None
+
+
 def _targets(layout: Layout) -> list[Hierarchy]:
     return [h for h in layout.hierarchies if h.version == 2 or h.controllers]
 
@@ -147,10 +154,7 @@ def plan(cfg: Cgroups, container_id: str) -> tuple[Layout, list[str]]:
     if _layout_cache is not None and now - _layout_cache[0] < _LAYOUT_TTL:
         layout = _layout_cache[1]
     else:
-        try:
-            layout = detect_layout()
-        except OSError as e:
-            raise SetupError("cgroups: detect", f"{e.filename}: {describe(e)}") from None
+        layout = _detect()
         _layout_cache = (now, layout)
     rel = _rel(cfg, container_id)
     parents: list[str] = []
@@ -174,10 +178,7 @@ def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> C
     if not container_id or container_id.strip(_ID_CHARS) or container_id in (".", ".."):
         raise SetupError("cgroups", f"container id {container_id!r} is not a cgroup name of [A-Za-z0-9_.:@-]")
     if layout is None:
-        try:
-            layout = detect_layout()
-        except OSError as e:
-            raise SetupError("cgroups: detect", f"{e.filename}: {describe(e)}") from None
+        layout = _detect()
     targets = _targets(layout)
     if not targets:
         raise SetupError("cgroups: detect", "no cgroup hierarchy is mounted (see /proc/self/mountinfo)")
