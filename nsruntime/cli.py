@@ -99,10 +99,11 @@ def _parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", metavar="DIR", help="read container.json from DIR and keep the records there")
     p.add_argument("--version", action="version", version=f"nsinit {_version()}")
-    verbs = p.add_subparsers(dest="verb", metavar="VERB", title="verbs", required=True)
+    # the verbs are described in DESCRIPTION already: not a second time as a positional argument
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True, help=argparse.SUPPRESS)
     e = sub("exec", "nsinit [--root DIR] exec [--] CMD [ARG...]",
-            "Run CMD in the container, made from the current directory unless it is already running "
-            "there (then CMD joins it).\nWhat follows CMD is CMD's; put -- before a CMD that starts with -.")
+            "Run CMD in the container made from the current directory, or join the one running there.\n"
+            "What follows CMD is CMD's; put -- before a CMD that starts with -.")
     e.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD [ARG...]", help=argparse.SUPPRESS)
     sub("state", "nsinit [--root DIR] state", "Print the container's state as JSON; exit 1 when it does not run.")
     k = sub("kill", "nsinit [--root DIR] kill [SIGNAL]",
@@ -192,9 +193,8 @@ def _exec(rootfs: str, args: Args) -> int:
     if rootfs == "/":
         return _err("the rootfs is the current directory (/), the host's root: cd to the container's root "
                     "directory (the one holding its /bin, /etc...) and run nsinit from there")
-    config_dir = os.path.realpath(args.root) if args.root is not None else rootfs
-    cfg = load(os.path.join(config_dir, "container.json"))
     sdir = _records(rootfs, args.root)
+    cfg = load(os.path.join(sdir.path if args.root is not None else rootfs, "container.json"))
     # blocked from here on and read from a signalfd: nothing sent to us is lost or kills us halfway
     init.block_signals()
     sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
