@@ -263,7 +263,6 @@ def _delete(sdir: StateDir, force: bool) -> int:
         finally:
             os.close(pidfd)
     released = container.cleanup_stale(sdir)
-    sdir.release()
     print(dumps(released))
     return 0
 

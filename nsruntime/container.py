@@ -916,6 +916,7 @@ def cleanup_stale(sdir: StateDir) -> dict[str, list[str]]:
     if errors:
         raise TeardownError(f"{sdir.path}: stale container: " + "; ".join(errors))
     released["files"] = sdir.remove()
+    sdir.release()  # (kept while a creator holds its lock: begin_create, which calls this, does)
     return released
 
 

@@ -297,7 +297,7 @@ class StateDir:
         return removed
 
     def release(self, *, locked: bool = False) -> None:
-        """With remove_dir, remove the directory if it holds nothing (no records).
+        """With remove_dir, remove the directory if it holds nothing (destroy and cleanup_stale call this).
 
         Under its lock, so that a creator never writes into a removed directory: with locked the
         caller holds it; otherwise it is taken without waiting, and a creator holding it keeps

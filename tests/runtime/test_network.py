@@ -579,8 +579,9 @@ def test_e2e_link_gone_when_nsinit_itself_is_killed(host: Host, container_dir: P
         from nsruntime.container import cleanup_stale
         from nsruntime.state import StateDir
 
-        released = host.call(lambda: cleanup_stale(StateDir(records(container_dir))))
+        released = host.call(lambda: cleanup_stale(StateDir(records(container_dir), remove_dir=True)))
         for f in (first.stdout, first.stderr):
             if f:
                 f.close()
     assert released["links"] == []  # already gone, checked again
+    assert not records(container_dir).exists()
