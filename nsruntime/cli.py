@@ -1,18 +1,28 @@
-"""``nsinit``: run a command in a new container made from the current directory, or join it.
+"""nsinit: run a command in a new container made from the current directory, or join it.
 
     nsinit [--root DIR] exec [--] CMD [ARG...]   run CMD in the container (join it if it lives)
     nsinit [--root DIR] state                    print the container's state as JSON
     nsinit [--root DIR] kill [SIGNAL]            signal the container's command (TERM by default)
     nsinit [--root DIR] delete [--force]         release what a dead container left (cgroups, links,
-                                                 pid files); --force kills a live one first
+                                                 records); --force kills a live one first
+    nsinit --help | --version
 
-The rootfs is the current directory; container.json and the pid/start/state.json files are in
-the current directory too, or in DIR with --root.
+The rootfs is the current directory. Its container.json is read from it, or from DIR with
+--root. The container's records (pid, start time, state.json) are kept where the container
+cannot rewrite them: in DIR with --root (DIR must not be inside the rootfs), else in
+$NSINIT_STATE_ROOT/ID (/run/nsinit-exec/ID when the variable is unset), ID derived from the
+rootfs's real path; that directory goes when the container is deleted. A copy of the pid is
+written to ./pid when there is no --root, for users: nsinit never reads it.
 
-Exit status: the command's (128+N when killed by signal N); 125 when nsinit failed (bad
-container.json, setup failure: one line on stderr names the field, step, path or call); 126 when
-the command is not executable; 127 when it is not found; 1 for state/kill with no live container
-and for delete of a live one without --force.
+Exit status: the command's (128+N when killed by signal N); 0 for state, kill and delete when
+done; 1 for state and kill with no live container and for delete of a live one without --force;
+2 for a usage error (a usage line and "nsinit: error: ..." on stderr); 125 when nsinit failed
+(bad container.json, setup failure: one line on stderr names the field, step, path or call);
+126 when the command is not executable; 127 when it is not found.
+
+The command line of ``exec`` is parsed by hand (argparse imports re and gettext: a few ms on
+every start); everything else, and every error, goes through argparse, which gives the same
+answer for what the fast path takes (tests/runtime/test_cli.py checks both).
 """
 
 from __future__ import annotations
@@ -20,14 +30,50 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import time
 
 from . import init, libc
 from .errors import EXIT_RUNTIME_FAILED, NsRuntimeError, StateError
 from .lean import dumps, suppress
-from .state import StateDir
+from .state import PID_FILE, StateDir, derive_id, is_within, state_root
 
-USAGE = "usage: nsinit [--root DIR] {exec [--] CMD [ARG...] | state | kill [SIGNAL] | delete [--force]}"
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+
+EXIT_USAGE = 2
+USAGE = """nsinit [--root DIR] exec [--] CMD [ARG...]
+       nsinit [--root DIR] state
+       nsinit [--root DIR] kill [SIGNAL]
+       nsinit [--root DIR] delete [--force]
+       nsinit --help | --version"""
+DESCRIPTION = """\
+Run a command in a container made from the current directory (its rootfs), or in the
+container already running there.
+
+verbs:
+  exec CMD [ARG...]  run CMD in the container; joins it when it is already running
+                     (what follows CMD is CMD's; put -- before a CMD that starts with -)
+  state              print the container's state as JSON (the OCI state verb's shape)
+  kill [SIGNAL]      send SIGNAL to the container's command: a name (TERM, SIGUSR1) or a
+                     number; TERM by default
+  delete [--force]   release what a dead container left behind (cgroups, links, records);
+                     --force kills a running one first"""
+EPILOG = """\
+where things are:
+  container.json is read from the current directory, or from DIR with --root. The container's
+  records (pid, start time, state.json) are kept where the container cannot rewrite them: in
+  DIR with --root (DIR must not be inside the current directory), else in
+  $NSINIT_STATE_ROOT/ID (/run/nsinit-exec/ID by default), ID derived from the rootfs's path.
+  Without --root, ./pid holds PID 1's host pid for convenience; nsinit never reads it.
+
+exit status:
+  N     exec: the command's exit status; 128+N when signal N killed it
+  0     state, kill, delete: done
+  1     state, kill: no running container; delete: the container runs (use --force)
+  2     usage error
+  125   nsinit failed (bad container.json, setup failure): one line on stderr says what
+  126   exec: the command is not executable
+  127   exec: the command was not found"""
 
 
 def _err(msg: str, code: int = EXIT_RUNTIME_FAILED) -> int:
@@ -35,46 +81,131 @@ def _err(msg: str, code: int = EXIT_RUNTIME_FAILED) -> int:
     return code
 
 
-def _parse(argv: list[str]) -> tuple[str | None, str, list[str]]:
-    # a hand-made parser: exec's arguments belong to the command, whatever they look like
+def _version() -> str:
+    from supervisor import __version__  # the package's one version string (nsinit and nsinitd ship together)
+
+    return __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    import argparse
+
+    def sub(name: str, usage: str, description: str) -> argparse.ArgumentParser:
+        # prog "nsinit": errors read "nsinit: error: ..." whatever the verb
+        return verbs.add_parser(name, prog="nsinit", usage=usage, description=description, add_help=True,
+                                allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = argparse.ArgumentParser(prog="nsinit", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
+                                allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", metavar="DIR", help="read container.json from DIR and keep the records there")
+    p.add_argument("--version", action="version", version=f"nsinit {_version()}")
+    # the verbs are described in DESCRIPTION already: not a second time as a positional argument
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True, help=argparse.SUPPRESS)
+    e = sub("exec", "nsinit [--root DIR] exec [--] CMD [ARG...]",
+            "Run CMD in the container made from the current directory, or join the one running there.\n"
+            "What follows CMD is CMD's; put -- before a CMD that starts with -.")
+    e.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD [ARG...]", help=argparse.SUPPRESS)
+    sub("state", "nsinit [--root DIR] state", "Print the container's state as JSON; exit 1 when it does not run.")
+    k = sub("kill", "nsinit [--root DIR] kill [SIGNAL]",
+            "Send SIGNAL (a name such as TERM or SIGUSR1, or a number; TERM by default) to the container's "
+            "command.")
+    k.add_argument("signal", nargs="?", default="TERM", metavar="SIGNAL", help=argparse.SUPPRESS)
+    d = sub("delete", "nsinit [--root DIR] delete [--force]",
+            "Release what a dead container left behind: its cgroups, host links and records.")
+    d.add_argument("--force", action="store_true", help="kill a running container first")
+    return p
+
+
+class Args:
+    """What the command line asks for."""
+
+    def __init__(self, root: str | None, verb: str, command: list[str], signal: str = "TERM",
+                 force: bool = False) -> None:
+        self.root = root
+        self.verb = verb
+        self.command = command
+        self.signal = signal
+        self.force = force
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Args) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"Args({vars(self)!r})"
+
+
+def parse_fast(argv: list[str]) -> Args | None:
+    """``[--root DIR] exec [--] CMD [ARG...]`` without argparse; None for anything else (parse
+    that with parse_full, which gives the same Args for whatever this takes)."""
     root = None
     i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--root" and i + 1 < len(argv):
-            root = argv[i + 1]
-            i += 2
-        elif a.startswith("--root="):
-            root = a.split("=", 1)[1]
-            i += 1
-        elif a in ("-h", "--help"):
-            raise SystemExit(print(__doc__) or 0)
-        else:
-            break
-    if i >= len(argv):
-        raise ValueError("no verb")
-    verb, rest = argv[i], argv[i + 1 :]
-    if verb == "exec" and rest[:1] == ["--"]:
-        rest = rest[1:]
-    return root, verb, rest
+    if argv[:1] == ["--root"] and len(argv) > 1 and argv[1] and not argv[1].startswith("-"):
+        root, i = argv[1], 2
+    elif argv[:1] and argv[0].startswith("--root=") and len(argv[0]) > len("--root="):
+        root, i = argv[0][len("--root=") :], 1
+    if argv[i : i + 1] != ["exec"]:
+        return None
+    command = argv[i + 1 :]
+    if command[:1] == ["--"]:
+        command = command[1:]
+    elif command[:1] and command[0].startswith("-"):
+        return None
+    if not command:
+        return None
+    return Args(root, "exec", command)
 
 
-def _exec(root: str, command: list[str]) -> int:
+def parse_full(argv: list[str]) -> Args:
+    """argparse's reading of argv; SystemExit (0 after --help/--version, 2 on a usage error)."""
+    p = _parser()
+    ns = p.parse_args(argv)
+    if ns.root == "":
+        p.error("argument --root: expected a directory, got an empty string")
+    if ns.verb != "exec":
+        return Args(ns.root, ns.verb, [], signal=getattr(ns, "signal", "TERM"), force=getattr(ns, "force", False))
+    command = list(ns.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    elif command[:1] and command[0].startswith("-"):
+        p.error(f"exec: unrecognized option {command[0]} (put -- before a command that starts with -)")
+    if not command:
+        p.error("exec: no command given")
+    return Args(ns.root, "exec", command)
+
+
+def _records(rootfs: str, root_opt: str | None) -> StateDir:
+    """Where the container's records are: DIR of --root, else nsinit's own directory for this rootfs."""
+    if root_opt is not None:
+        path = os.path.realpath(root_opt)
+        if is_within(path, rootfs):
+            raise StateError(f"--root {path} is inside the rootfs {rootfs} (the current directory), where the "
+                             "container could rewrite its records: use a directory outside it")
+        return StateDir(path)
+    base = state_root()
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return StateDir(os.path.join(base, derive_id(rootfs)), remove_dir=True)
+
+
+def _exec(rootfs: str, args: Args) -> int:
     from . import container
     from .config import load
 
-    if not command:
-        return _err("exec: no command given")
-    cfg = load(os.path.join(root, "container.json"))
+    if rootfs == "/":
+        return _err("the rootfs is the current directory (/), the host's root: cd to the container's root "
+                    "directory (the one holding its /bin, /etc...) and run nsinit from there")
+    sdir = _records(rootfs, args.root)
+    cfg = load(os.path.join(sdir.path if args.root is not None else rootfs, "container.json"))
     # blocked from here on and read from a signalfd: nothing sent to us is lost or kills us halfway
     init.block_signals()
     sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
-    sdir = StateDir(root)
     if sdir.live_pid() is None:
         try:
             # started at once (a terminal still waits for raw mode and its size before start())
-            c = container.create(cfg, os.getcwd(), command, root, die_with_parent=True, start=True)
+            c = container.create(cfg, rootfs, args.command, sdir, die_with_parent=True, start=True,
+                                 pid_file=None if args.root is not None else os.path.join(rootfs, PID_FILE))
         except StateError:
+            if sdir.live_pid() is None:
+                raise
             c = None  # somebody made it meanwhile: join theirs
         if c is not None:
             try:
@@ -94,25 +225,43 @@ def _exec(root: str, command: list[str]) -> int:
             assert status is not None
             return status.exit_code
     os.close(sigfd)
-    return container.join(root, command)
+    return container.join(sdir, args.command)
 
 
-def _delete(root: str, force: bool) -> int:
+def _kill(sdir: StateDir, sig: str) -> int:
+    import signal
+
+    try:
+        signum = int(sig) if sig.isdigit() else signal.Signals["SIG" + sig.upper().removeprefix("SIG")]
+    except KeyError:
+        return _err(f'kill: unknown signal "{sig}"')
+    live = sdir.open_live()
+    if live is None:
+        return _err(f"{sdir.path}: no live container", 1)
+    pid, pidfd = live
+    try:
+        if not libc.pidfd_send_signal(pidfd, signum):
+            return _err(f"{sdir.path}: no live container (pid {pid} exited)", 1)
+    finally:
+        os.close(pidfd)
+    return 0
+
+
+def _delete(sdir: StateDir, force: bool) -> int:
     from . import container
 
-    sdir = StateDir(root)
-    pid = sdir.live_pid()
-    if pid is not None:
-        if not force:
-            return _err(f"{root}: the container is running (pid {pid}); use delete --force", 1)
-        with suppress(ProcessLookupError):
-            os.kill(pid, 9)  # SIGKILL to PID 1: the kernel takes the whole pid namespace with it
-        for _ in range(500):
-            if sdir.live_pid() is None:
-                break
-            time.sleep(0.01)
-        else:
-            return _err(f"{root}: pid {pid} is {container.proc_state(pid)} after SIGKILL")
+    live = sdir.open_live()
+    if live is not None:
+        pid, pidfd = live
+        try:
+            if not force:
+                return _err(f"{sdir.path}: the container is running (pid {pid}); use delete --force", 1)
+            # SIGKILL to PID 1: the kernel takes the whole pid namespace with it
+            libc.pidfd_send_signal(pidfd, 9)
+            if not container.wait_readable(pidfd, 5.0):
+                return _err(f"{sdir.path}: pid {pid} is {container.proc_state(pid)} 5 s after SIGKILL")
+        finally:
+            os.close(pidfd)
     released = container.cleanup_stale(sdir)
     print(dumps(released))
     return 0
@@ -131,38 +280,30 @@ def main(argv: list[str] | None = None) -> int:
     return _main(argv)
 
 
-def _main(args: list[str]) -> int:
+def _main(argv: list[str]) -> int:
+    args = parse_fast(argv)
+    if args is None:
+        try:
+            args = parse_full(argv)
+        except SystemExit as e:  # --help, --version (0) or a usage error (2), already printed
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
-        root_opt, verb, rest = _parse(args)
-    except ValueError:
-        return _err(USAGE)
-    root = os.path.realpath(root_opt or os.getcwd())
-    try:
-        if verb == "exec":
-            return _exec(root, rest)
-        if verb == "state":
+        rootfs = os.path.realpath(os.getcwd())
+        if args.verb == "exec":
+            return _exec(rootfs, args)
+        sdir = _records(rootfs, args.root)
+        if args.verb == "state":
             import json
 
             from .container import describe
 
-            print(json.dumps(describe(root), indent=1))
-            return 0 if StateDir(root).live_pid() else 1
-        if verb == "kill":
-            import signal
-
-            sig = rest[0] if rest else "TERM"
-            try:
-                signum = int(sig) if sig.isdigit() else signal.Signals["SIG" + sig.upper().removeprefix("SIG")]
-            except KeyError:
-                return _err(f'kill: unknown signal "{sig}"')
-            pid = StateDir(root).live_pid()
-            if pid is None:
-                return _err(f"{root}: no live container", 1)
-            os.kill(pid, signum)
-            return 0
-        if verb == "delete":
-            return _delete(root, force=rest == ["--force"])
-        return _err(f'unknown verb "{verb}"\n{USAGE}')
+            state = describe(sdir)
+            print(json.dumps(state, indent=1))
+            return 0 if state["status"] == "running" else 1
+        if args.verb == "kill":
+            return _kill(sdir, args.signal)
+        assert args.verb == "delete"
+        return _delete(sdir, args.force)
     except NsRuntimeError as e:
         return _err(str(e))
     except OSError as e:

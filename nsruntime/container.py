@@ -38,7 +38,7 @@ from .cgroups.base import write as write_cgroup_file
 from .config import NAMESPACE_FILES, ContainerConfig, parse
 from .errors import EXIT_RUNTIME_FAILED, NsRuntimeError, SetupError, StateError, SyscallError, TeardownError
 from .lean import frozen, loads, recv_fds, signal_name, suppress
-from .state import StateDir, start_time
+from .state import StateDir, cgroup_line, derive_id, is_within, namespace_inodes, start_time, write_courtesy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -70,15 +70,8 @@ class ExitStatus:
 
 
 def container_id(rootfs: str, state_dir: str) -> str:
-    # FNV-1a, 64 bits, in Python: hashlib loads OpenSSL (~10 ms), zlib is one more .so (~0.3 ms)
-    h = 0xCBF29CE484222325
-    for byte in f"{rootfs}\0{state_dir}".encode():
-        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 33  # then a finalizer (murmur3's): the last bytes reach the top bits too
-    h = (h * 0xFF51AFD7ED558CCD) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 33
-    base = "".join(c if c.isalnum() or c in "-_." else "-" for c in os.path.basename(rootfs))[:32] or "root"
-    return f"{base}-{h:016x}"[: len(base) + 13]
+    """The id of the container of rootfs whose records are in state_dir: names its cgroups."""
+    return derive_id(rootfs, state_dir)
 
 
 def _recv_line(sock: socket.socket, deadline: float, what: str) -> tuple[str, list[int]]:
@@ -256,6 +249,7 @@ class Container:
         if errors:
             raise TeardownError("; ".join(errors))
         released["files"] = self.state.remove()
+        self.state.release()
         if self.console is not None:
             with suppress(OSError):
                 os.close(self.console)
@@ -296,7 +290,7 @@ def create(
     cfg: ContainerConfig,
     rootfs_dir: str | PathLike[str],
     command: Sequence[str],
-    state_dir: str | PathLike[str],
+    state_dir: str | PathLike[str] | StateDir,
     *,
     env: dict[str, str] | None = None,
     stdio: tuple[int, int, int] | None = None,
@@ -305,6 +299,8 @@ def create(
     raw_config: Any = None,
     zygote: Zygote | None = None,
     start: bool = False,
+    wait_lock: bool = True,
+    pid_file: str | None = None,
 ) -> Container:
     """Make the container and its PID 1, waiting to start ``command``.
 
@@ -316,7 +312,8 @@ def create(
     An event loop that makes many containers at once drives begin_create() itself instead.
     """
     making = begin_create(cfg, rootfs_dir, command, state_dir, env=env, stdio=stdio, tty=tty,
-                          die_with_parent=die_with_parent, raw_config=raw_config, zygote=zygote, start=start)
+                          die_with_parent=die_with_parent, raw_config=raw_config, zygote=zygote, start=start,
+                          wait_lock=wait_lock, pid_file=pid_file)
     while True:
         left = making.deadline - time.monotonic()
         if left <= 0:
@@ -331,7 +328,7 @@ def begin_create(
     cfg: ContainerConfig,
     rootfs_dir: str | PathLike[str],
     command: Sequence[str],
-    state_dir: str | PathLike[str],
+    state_dir: str | PathLike[str] | StateDir,
     *,
     env: dict[str, str] | None = None,
     stdio: tuple[int, int, int] | None = None,
@@ -340,6 +337,8 @@ def begin_create(
     raw_config: Any = None,
     zygote: Zygote | None = None,
     start: bool = False,
+    wait_lock: bool = True,
+    pid_file: str | None = None,
 ) -> Creating:
     """create()'s first half: cgroups made, PID 1 on its way; the caller drives the rest.
 
@@ -351,14 +350,25 @@ def begin_create(
     start=True (without a terminal): "start" goes with "go", so the command runs as soon as the
     root is in place, without waiting for the pid files; the Container comes back started. For a
     caller that starts at once anyway (`nsinit exec`): one round trip and two file writes less.
+
+    state_dir holds the container's records (see nsruntime.state): it must not be the rootfs or
+    inside it, where the container could rewrite them (refused with StateError). Its lock is
+    waited for; with wait_lock=False a held lock raises StateError at once (an event loop must
+    never block on it). pid_file: also write PID 1's host pid there once the root is in place, a
+    copy for users that nsinit never reads (removed with the records).
     """
     if not command:
         raise NsRuntimeError("command: empty")
     root = os.path.realpath(rootfs_dir)
     if not os.path.isdir(root):
         raise SetupError("rootfs", f"{root}: not a directory")
-    sdir = StateDir(os.path.realpath(state_dir))
-    os.makedirs(sdir.path, mode=0o755, exist_ok=True)  # never world-writable, whatever the umask
+    if root == "/":
+        raise SetupError("rootfs", "/ is the host's root: a container needs a directory of its own")
+    sdir = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+    sdir = StateDir(os.path.realpath(sdir.path), remove_dir=sdir.remove_dir)
+    if is_within(sdir.path, root):
+        raise StateError(f"state dir {sdir.path} is inside the rootfs {root}: the container could rewrite its "
+                         "records; keep them outside")
     use_tty = cfg.tty if tty is None else tty
     cid = container_id(root, sdir.path)
     if cfg.apparmor_profile:
@@ -366,17 +376,20 @@ def begin_create(
     if raw_config is None:
         raw_config = cfg.source
     libc.set_subreaper()
-    lock = sdir.locked()
+    lock = sdir.locked(wait_lock)  # (makes the directory, 0700)
     lock.__enter__()
     try:
-        if sdir.live_pid() is not None:
-            raise StateError(f"{sdir.path}: a container is already running here (pid {sdir.live_pid()})")
+        live = sdir.open_live()
+        if live is not None:
+            os.close(live[1])
+            raise StateError(f"{sdir.path}: a container is already running here (pid {live[0]})")
         cleanup_stale(sdir)
         layout, planned = cgroups.plan(cfg.cgroups, cid)
+        making = Creating(cfg, root, sdir, cid, raw_config, lock, start and not use_tty, pid_file)
         # recorded before anything exists: whoever finds it stale releases what was made
-        sdir.write_state({"id": cid, "rootfs": root, "config": raw_config, "cgroups": planned, "links": []})
-        making = Creating(cfg, root, sdir, cid, raw_config, lock, start and not use_tty)
+        making._record(planned)
     except BaseException:
+        sdir.release(locked=True)
         lock.__exit__(None, None, None)
         raise
     try:
@@ -396,7 +409,7 @@ class Creating:
     """
 
     def __init__(self, cfg: ContainerConfig, root: str, sdir: StateDir, cid: str, raw_config: Any,
-                 lock: Any, start: bool = False) -> None:
+                 lock: Any, start: bool = False, pid_file: str | None = None) -> None:
         self.cfg = cfg
         self.root = root
         self.sdir = sdir
@@ -414,15 +427,21 @@ class Creating:
         self._fds: list[int] = []
         self._over = False
         self._start = start
+        self._pid_file = pid_file
+        self._identity: dict[str, Any] = {}
 
     @property
     def fd(self) -> int:
         """Readable when step() has something to do."""
         return self._sock.fileno()
 
-    def _record(self) -> None:
-        self.sdir.write_state({"id": self.id, "rootfs": self.root, "config": self.raw_config,
-                               "cgroups": list(self.cgroups.paths) if self.cgroups else [], "links": self.links})
+    def _record(self, planned: list[str] | None = None) -> None:
+        paths = planned if planned is not None else list(self.cgroups.paths) if self.cgroups else []
+        state = {"id": self.id, "rootfs": self.root, "config": self.raw_config, "cgroups": paths,
+                 "links": self.links, **self._identity}
+        if self._pid_file is not None:
+            state["pid_file"] = self._pid_file
+        self.sdir.write_state(state)
 
     def _launch(self, layout: Any, planned: list[str], command: list[str], env: dict[str, str] | None,
                 stdio: tuple[int, int, int] | None, use_tty: bool, die_with_parent: bool,
@@ -504,8 +523,19 @@ class Creating:
             st = start_time(self.pid)
             if st is None:
                 raise SetupError("container init", f"pid {self.pid} vanished during setup")
+            # what tells this PID 1 from any process that may take its pid later (state.open_live)
+            try:
+                self._identity = {"namespaces": namespace_inodes(self.pid, list(NAMESPACE_FILES.values())),
+                                  "pid1_cgroup": cgroup_line(self.pid)}
+            except OSError:  # a command started with "go" may be done already: PID 1 is a zombie
+                self._identity = {}
+            self._record()
             # the pid file appears only now that the root is in place: a join can never land on the host's root
             self.sdir.write_pid(self.pid, st)
+            if self._pid_file is not None:
+                with suppress(OSError):  # a copy for users, in the container's reach: it may refuse it
+                    write_courtesy(os.path.dirname(self._pid_file), os.path.basename(self._pid_file),
+                                   f"{self.pid}\n")
             console = self._fds.pop(0) if self._fds else None
             c = Container(self.id, self.cfg, self.root, self.sdir, self.pid, self.pidfd, self.cgroups, self.links,
                           console, self._sock, started=self._start, pending=self._buf)
@@ -576,11 +606,12 @@ def _abort(pid: int, pidfd: int, cg: Any, links: list[str], sdir: StateDir, sock
         with suppress(NsRuntimeError, OSError):
             network.teardown(links)
     sdir.remove()
+    sdir.release(locked=True)  # (the creator holds the lock until it is done)
     sock.close()
 
 
 def _child_prologue(stdio: tuple[int, int, int] | None, sock: socket.socket,
-                    parent_end: socket.socket | None) -> tuple[socket.socket, int]:
+                    parent_end: socket.socket | None, keep: Sequence[int] = ()) -> tuple[socket.socket, int]:
     """The first steps of a freshly forked helper child (setup or join); returns its socket and signalfd.
 
     Signals are blocked before anything else: PID 1 inherits the mask, so nothing sent to it is
@@ -600,7 +631,7 @@ def _child_prologue(stdio: tuple[int, int, int] | None, sock: socket.socket,
             os.dup2(fd, n)
             os.close(fd)
     sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
-    _keep_only_fds([sock.fileno(), sigfd])
+    _keep_only_fds([sock.fileno(), sigfd, *keep])
     return sock, sigfd
 
 
@@ -856,10 +887,15 @@ def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: di
 def cleanup_stale(sdir: StateDir) -> dict[str, list[str]]:
     """Release what a dead container recorded in its state dir (its PID 1 is gone, or not ours).
 
-    Raises TeardownError naming what would not go, and then keeps the files that record it.
+    Reads only the records in sdir, never anything in the rootfs. Raises TeardownError naming
+    what would not go, and then keeps the files that record it.
     """
     released: dict[str, list[str]] = {"cgroups": [], "links": [], "files": []}
-    if not sdir.has_files() or sdir.live_pid() is not None:
+    if not sdir.has_files():
+        return released
+    live = sdir.open_live()
+    if live is not None:
+        os.close(live[1])
         return released
     st = sdir.read_state()
     errors: list[str] = []
@@ -880,6 +916,7 @@ def cleanup_stale(sdir: StateDir) -> dict[str, list[str]]:
     if errors:
         raise TeardownError(f"{sdir.path}: stale container: " + "; ".join(errors))
     released["files"] = sdir.remove()
+    sdir.release()  # (kept while a creator holds its lock: begin_create, which calls this, does)
     return released
 
 
@@ -917,23 +954,33 @@ def load_state_config(sdir: StateDir) -> tuple[ContainerConfig, dict[str, Any]]:
     return parse(raw), st
 
 
-def open_join(state_dir: str | PathLike[str], command: Sequence[str], *, stdio: tuple[int, int, int] | None = None,
-              tty: bool | None = None, env: dict[str, str] | None = None) -> Joined:
-    """Start ``command`` inside the live container whose pid file stands in state_dir."""
-    sdir = StateDir(os.path.realpath(state_dir))
-    pid = sdir.live_pid()
-    if pid is None:
+def _state_dir(state_dir: str | PathLike[str] | StateDir) -> StateDir:
+    sdir = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+    return StateDir(os.path.realpath(sdir.path), remove_dir=sdir.remove_dir)
+
+
+def open_join(state_dir: str | PathLike[str] | StateDir, command: Sequence[str], *,
+              stdio: tuple[int, int, int] | None = None, tty: bool | None = None,
+              env: dict[str, str] | None = None) -> Joined:
+    """Start ``command`` inside the live container whose records are in state_dir."""
+    sdir = _state_dir(state_dir)
+    live = sdir.open_live()
+    if live is None:
         raise StateError(f"{sdir.path}: no live container")
-    cfg, st = load_state_config(sdir)
-    use_tty = cfg.tty if tty is None else tty
-    full_env = cfg.env_dict()
-    if env:
-        full_env.update(env)
-    cg = cgroups.from_paths(st["cgroups"]) if st.get("cgroups") else None
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    helper = os.fork()
-    if helper == 0:
-        _join_child(cfg, pid, list(command), full_env, stdio, use_tty, cg, child_sock, parent_sock)
+    pid, pidfd = live
+    try:
+        cfg, st = load_state_config(sdir)
+        use_tty = cfg.tty if tty is None else tty
+        full_env = cfg.env_dict()
+        if env:
+            full_env.update(env)
+        cg = cgroups.from_paths(st["cgroups"]) if st.get("cgroups") else None
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        helper = os.fork()
+        if helper == 0:
+            _join_child(cfg, pid, pidfd, list(command), full_env, stdio, use_tty, cg, child_sock, parent_sock)
+    finally:
+        os.close(pidfd)
     child_sock.close()
     try:
         msg, fds = _recv_line(parent_sock, time.monotonic() + SETUP_TIMEOUT, "join")
@@ -948,12 +995,12 @@ def open_join(state_dir: str | PathLike[str], command: Sequence[str], *, stdio: 
         raise
 
 
-def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[str, str],
+def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], env: dict[str, str],
                 stdio: tuple[int, int, int] | None, use_tty: bool, cg: Any, sock: socket.socket,
                 parent_end: socket.socket) -> None:
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        sock, sigfd = _child_prologue(stdio, sock, parent_end)
+        sock, sigfd = _child_prologue(stdio, sock, parent_end, keep=[pidfd])
         if cg is not None:
             cg.join_self()  # before setns and fork: the command counts against the pids limit
         nsfds = []
@@ -965,6 +1012,10 @@ def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[st
                 continue
             nsfds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), path))
         rootfd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # pidfd names the PID 1 that was checked: alive now, it still held pid when we opened its files
+        if _pidfd_readable(pidfd):
+            raise StateError(f"pid {pid} (the container's PID 1) exited while joining it")
+        os.close(pidfd)
         for fd, path in nsfds:
             libc.setns(fd, 0, path)
             os.close(fd)
@@ -1010,9 +1061,9 @@ def _join_child(cfg: ContainerConfig, pid: int, command: list[str], env: dict[st
     os._exit(code)
 
 
-def describe(state_dir: str | PathLike[str]) -> dict[str, Any]:
+def describe(state_dir: str | PathLike[str] | StateDir) -> dict[str, Any]:
     """The state of the container in state_dir, in the shape of the OCI ``state`` verb."""
-    sdir = StateDir(os.path.realpath(state_dir))
+    sdir = _state_dir(state_dir)
     pid = sdir.live_pid()
     st = sdir.read_state()
     return {
@@ -1026,7 +1077,7 @@ def describe(state_dir: str | PathLike[str]) -> dict[str, Any]:
     }
 
 
-def join(state_dir: str | PathLike[str], command: Sequence[str], *, tty: bool | None = None,
+def join(state_dir: str | PathLike[str] | StateDir, command: Sequence[str], *, tty: bool | None = None,
          env: dict[str, str] | None = None) -> int:
     """Run ``command`` in the live container of state_dir with this process's stdio; its exit status.
 

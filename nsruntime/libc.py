@@ -338,3 +338,22 @@ def set_subreaper() -> None:
 PR_CAP_AMBIENT_IS_SET = 1
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_LOWER = 3
+
+
+def pidfd_send_signal(pidfd: int, signum: int) -> bool:
+    """Signal the process a pidfd names: never another one that took its pid meanwhile.
+
+    True when the signal went, False when the process has exited (ESRCH); SyscallError otherwise.
+    """
+    if TYPE_CHECKING:
+        import signal
+    else:  # the C module: signal.py builds enums at import (see lean.py)
+        import _signal as signal
+
+    try:
+        signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        return False
+    except OSError as e:
+        raise SyscallError(f"pidfd_send_signal({pidfd}, {signum})", e.errno or 0) from None
+    return True

@@ -493,7 +493,8 @@ class Program:
             if begin is None:
                 c = rt.create(*args, **kwargs)
             else:
-                making = begin(*args, **kwargs)
+                # on the event loop: a lock held elsewhere is refused at once, never waited for
+                making = begin(*args, **kwargs, wait_lock=False)
         if begin is not None:
             c = await _finish_create(making)
         self.ctx.reaper.own(c.pid)

@@ -197,7 +197,17 @@ def wait_for(pred, timeout: float = 10.0, what: str = "condition"):  # type: ign
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def records(root: Path) -> Path:
+    """Where `nsinit exec` (without --root) keeps the records (pid, start, state.json) of the
+    container of rootfs root: outside it, in $NSINIT_STATE_ROOT/ID."""
+    from nsruntime.state import derive_id, state_root
+
+    return Path(state_root()) / derive_id(os.path.realpath(root))
+
+
 def live_pid(root: Path) -> int | None:
+    """PID 1 of the container whose pid file (the courtesy copy in a rootfs, or the record in a
+    --root directory) names a live process."""
     try:
         pid = int((root / "pid").read_text())
     except (FileNotFoundError, ValueError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_busybox_rootfs, nsinit
+from tests.conftest import make_busybox_rootfs, nsinit, records
 from tests.reliability.conftest import Daemon, alive, proc_start_time
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -61,10 +61,10 @@ def test_nsinitd_neither_kills_nor_adopts_a_stranger(tmp_path: Path, nsinitd: Ca
 
 def test_nsinit_exec_neither_kills_nor_joins_a_stranger(busybox_rootfs: Path,
                                                         stranger: subprocess.Popen[bytes]) -> None:
-    _plant(busybox_rootfs, stranger.pid)
+    _plant(records(busybox_rootfs), stranger.pid)  # stale records, where nsinit keeps them
     r = nsinit(busybox_rootfs, "exec", "sh", "-c", "cat /proc/1/comm; hostname")
     assert r.returncode == 0, r.stderr
     # a new container (our init as PID 1, its own host name), not a join into the stranger's namespaces
     assert r.stdout.split() == ["nsinit-init", "koye"]
     assert stranger.poll() is None and alive(stranger.pid)
-    assert not (busybox_rootfs / "pid").exists() and not (busybox_rootfs / "start").exists()
+    assert not (busybox_rootfs / "pid").exists() and not records(busybox_rootfs).exists()

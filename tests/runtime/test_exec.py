@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NSINIT, REPO, live_pid, nsinit, nsinit_bg, wait_for, write_config
+from tests.conftest import NSINIT, REPO, live_pid, nsinit, nsinit_bg, records, wait_for, write_config
 
 pytestmark = pytest.mark.privileged
 
@@ -123,16 +123,20 @@ def test_signals_forwarded_to_command(busybox_rootfs: Path, sig: signal.Signals)
 def test_pid_files_while_alive_and_gone_after(busybox_rootfs: Path) -> None:
     p = _start_long(busybox_rootfs, "echo ready; sleep 30")
     pid = int((busybox_rootfs / "pid").read_text())
-    start = int((busybox_rootfs / "start").read_text())
+    rec = records(busybox_rootfs)
+    assert int((rec / "pid").read_text()) == pid
+    start = int((rec / "start").read_text())
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     assert int(data[data.rindex(b")") + 2 :].split()[19]) == start
-    assert (busybox_rootfs / "state.json").exists()
+    assert (rec / "state.json").exists()
+    assert os.stat(rec).st_mode & 0o777 == 0o700
+    assert not (busybox_rootfs / "start").exists() and not (busybox_rootfs / "state.json").exists()
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=10)
     assert p.returncode == 143
-    for name in ("pid", "start", "state.json"):
-        assert not (busybox_rootfs / name).exists()
+    assert not (busybox_rootfs / "pid").exists()
+    assert not rec.exists()
 
 
 def test_root_option_keeps_state_elsewhere(busybox_rootfs: Path, tmp_path: Path) -> None:
@@ -184,19 +188,20 @@ def test_pid1_death_kills_everything_including_joined(busybox_rootfs: Path) -> N
     assert p.returncode == 137
     joined.communicate(timeout=10)
     assert joined.returncode == 137
-    for name in ("pid", "start", "state.json"):
-        assert not (busybox_rootfs / name).exists()
+    assert not (busybox_rootfs / "pid").exists() and not records(busybox_rootfs).exists()
 
 
 def test_stale_pid_file_is_replaced(busybox_rootfs: Path) -> None:
     # a pid that exists (ours) but with another start time, and a pid that doesn't exist at all
+    rec = records(busybox_rootfs)
     for pid, start in ((os.getpid(), 1), (2**22 - 7, 5)):
-        (busybox_rootfs / "pid").write_text(f"{pid}\n")
-        (busybox_rootfs / "start").write_text(f"{start}\n")
+        rec.mkdir(mode=0o700, parents=True)
+        (rec / "pid").write_text(f"{pid}\n")
+        (rec / "start").write_text(f"{start}\n")
         r = nsinit(busybox_rootfs, "exec", "sh", "-c", "cat /proc/1/comm")
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "nsinit-init"
-        assert not (busybox_rootfs / "pid").exists()
+        assert not (busybox_rootfs / "pid").exists() and not rec.exists()
 
 
 def test_nsinit_killed_takes_its_container_down(busybox_rootfs: Path) -> None:
@@ -240,6 +245,7 @@ def test_bad_config_is_one_line_125(busybox_rootfs: Path, content: str, message:
     assert r.returncode == 125
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (busybox_rootfs / "pid").exists() and not (busybox_rootfs / "proc").exists()
+    assert not records(busybox_rootfs).exists()
 
 
 def test_missing_config(tmp_path: Path) -> None:
@@ -271,7 +277,7 @@ def test_missing_bind_source_is_125_and_leaves_nothing(busybox_rootfs: Path) -> 
     r = nsinit(busybox_rootfs, "exec", "true")
     assert r.returncode == 125
     assert "/no/such/dir" in r.stderr and r.stderr.count("\n") == 1
-    assert not (busybox_rootfs / "pid").exists() and not (busybox_rootfs / "state.json").exists()
+    assert not (busybox_rootfs / "pid").exists() and not records(busybox_rootfs).exists()
 
 
 def test_user_and_working_dir(busybox_rootfs: Path) -> None:
@@ -388,7 +394,7 @@ def test_delete_releases_what_a_killed_nsinit_left(busybox_rootfs: Path) -> None
     p = _start_long(busybox_rootfs, "sleep 300")
     pid = live_pid(busybox_rootfs)
     assert pid
-    state = json.loads((busybox_rootfs / "state.json").read_text())
+    state = json.loads((records(busybox_rootfs) / "state.json").read_text())
     cgroups = [d for d in state["cgroups"] if d.endswith("/" + state["id"])]  # the leaves, not the parents
     assert len(cgroups) >= 2 and all(os.path.isdir(d) for d in cgroups)
     r = nsinit(busybox_rootfs, "delete")
@@ -401,7 +407,7 @@ def test_delete_releases_what_a_killed_nsinit_left(busybox_rootfs: Path) -> None
     assert r.returncode == 0, r.stderr
     assert set(cgroups) <= set(json.loads(r.stdout)["cgroups"])
     assert not any(os.path.isdir(d) for d in cgroups)
-    assert not (busybox_rootfs / "pid").exists() and not (busybox_rootfs / "state.json").exists()
+    assert not (busybox_rootfs / "pid").exists() and not records(busybox_rootfs).exists()
 
 
 def test_delete_force_kills_a_live_container(busybox_rootfs: Path) -> None:
@@ -410,4 +416,4 @@ def test_delete_force_kills_a_live_container(busybox_rootfs: Path) -> None:
     assert r.returncode == 0, r.stderr
     p.communicate(timeout=10)
     assert p.returncode == 137
-    assert not (busybox_rootfs / "pid").exists()
+    assert not (busybox_rootfs / "pid").exists() and not records(busybox_rootfs).exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nsruntime import capabilities
-from tests.conftest import NSINIT, REPO, nsinit, write_config
+from tests.conftest import NSINIT, REPO, nsinit, records, write_config
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -84,7 +84,7 @@ def _bg(root: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 def _state(root: Path) -> dict[str, object]:
-    return json.loads((root / "state.json").read_text())  # type: ignore[no-any-return]
+    return json.loads((records(root) / "state.json").read_text())  # type: ignore[no-any-return]
 
 
 def _file(paths: list[str], name: str) -> str:

@@ -24,7 +24,7 @@ import pytest
 from nsruntime import config, network
 from nsruntime.errors import ConfigError, SetupError, TeardownError
 from nsruntime.lean import replace
-from tests.conftest import live_pid, wait_for
+from tests.conftest import live_pid, records, wait_for
 from tests.runtime.netutil import NET4, NET6, Host, StandIn, children, in_netns, new_netns, stop
 
 pytestmark = [
@@ -568,7 +568,7 @@ def test_e2e_link_gone_when_nsinit_itself_is_killed(host: Host, container_dir: P
         links = host.veths()
         assert len(links) == 1
         # the state file names the host side, for whoever cleans up after a crash
-        assert json.loads((container_dir / "state.json").read_text())["links"] == links
+        assert json.loads((records(container_dir) / "state.json").read_text())["links"] == links
         first.kill()  # no teardown code of ours runs: the container must still end and take its link along
         first.wait(10)
         wait_until(lambda: live_pid(container_dir) is None, "the container to end with nsinit")
@@ -579,8 +579,9 @@ def test_e2e_link_gone_when_nsinit_itself_is_killed(host: Host, container_dir: P
         from nsruntime.container import cleanup_stale
         from nsruntime.state import StateDir
 
-        released = host.call(lambda: cleanup_stale(StateDir(container_dir)))
+        released = host.call(lambda: cleanup_stale(StateDir(records(container_dir), remove_dir=True)))
         for f in (first.stdout, first.stderr):
             if f:
                 f.close()
     assert released["links"] == []  # already gone, checked again
+    assert not records(container_dir).exists()
