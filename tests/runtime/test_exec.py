@@ -238,7 +238,7 @@ def test_config_error_leaves_nothing(busybox_rootfs: Path) -> None:
         ('{"tty": "yes"}', "tty: expected a boolean, got string"),
         ('{"hostnme": "x"}', "hostnme: unknown field"),
         ('{"mounts": [{"source": "rel", "destination": "/x"}]}', 'mounts[0].source: "rel" is not an absolute path'),
-        ('{"cgroups": {"memory": -5}}', "cgroups.memory: -5 out of range"),
+        ('{"cgroups": {"memory": -5}}', "cgroups.memory: -5 is below the 4194304 bytes (4 MiB) nsinit needs"),
         ('{"capabilities_mask": ["CAP_NOPE"]}', 'capabilities_mask[0]: unknown capability "CAP_NOPE"'),
         ("[]", "expected an object, got list"),
     ],
