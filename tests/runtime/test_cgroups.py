@@ -628,3 +628,34 @@ class TestKernel:
             cgroups.from_paths([str(tmp_path)])
         with pytest.raises(StateError, match="not absolute"):
             cgroups.from_paths(["nsinit/x"])
+
+
+# ------------------------------------------------------------------ limits that end the setup
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(not ROOT, reason="needs root and mounted cgroups")
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (Cgroups(memory=4096),
+         "cgroups.memory: 4096 bytes: the container's setup process was OOM-killed during setup: raise it"),
+        (Cgroups(memory=1 << 20),
+         "cgroups.memory: 1048576 bytes: the container's setup process was OOM-killed during setup: raise it"),
+        (Cgroups(pids_limit=1),
+         "cgroups.pids_limit: 1: a fork was refused during setup (PID 1 and the command are 2 processes): raise it"),
+    ],
+)
+def test_a_limit_that_ends_the_setup_is_named_by_its_field(tmp_path: Path, limits: Cgroups, message: str) -> None:
+    """Past the parse-time floors (a config built in Python): what the counters tell when the
+    setup dies in its cgroups, instead of ECONNRESET or EAGAIN."""
+    import nsruntime
+    from nsruntime.config import ContainerConfig
+    from tests.conftest import make_busybox_rootfs
+
+    root = make_busybox_rootfs(tmp_path / "bb")
+    cfg = ContainerConfig(hostname="koye", cgroups=limits)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(SetupError) as e:
+        nsruntime.create(cfg, root, ["true"], tmp_path / "s", die_with_parent=False, stdio=(0, 1, 2))
+    assert str(e.value) == message

@@ -239,6 +239,8 @@ def test_config_error_leaves_nothing(busybox_rootfs: Path) -> None:
         ('{"hostnme": "x"}', "hostnme: unknown field"),
         ('{"mounts": [{"source": "rel", "destination": "/x"}]}', 'mounts[0].source: "rel" is not an absolute path'),
         ('{"cgroups": {"memory": -5}}', "cgroups.memory: -5 is below the 4194304 bytes (4 MiB) nsinit needs"),
+        ('{"cgroups": {"memory": 4096}}', "cgroups.memory: 4096 is below the 4194304 bytes (4 MiB) nsinit needs"),
+        ('{"cgroups": {"pids_limit": 1}}', "cgroups.pids_limit: 1 is too low: PID 1 and the command need 2"),
         ('{"capabilities_mask": ["CAP_NOPE"]}', 'capabilities_mask[0]: unknown capability "CAP_NOPE"'),
         ("[]", "expected an object, got list"),
     ],
