@@ -131,9 +131,9 @@ def _remount_at(root: str, dest: str, flags: int) -> None:
     _mount_at(root, dest, None, None, None, flags)
 
 
-def _mount_in(dirfd: int, name: str, source: str | None, fstype: str | None, flags: int,
+def _mount_in_dev(dirfd: int, name: str, source: str | None, fstype: str | None, flags: int,
               data: str | None = None) -> None:
-    """Mount onto the entry ``name`` of the directory dirfd, never following a symlink there."""
+    """Mount onto the entry ``name`` of /dev, open as dirfd, never following a symlink there."""
     fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     try:
         _mount_fd(fd, f"/dev/{name}", source, fstype, flags, data)
@@ -167,14 +167,14 @@ def _setup_dev(root: str, tty: bool) -> None:
             # bind the host's nodes: works in a user namespace too, where mknod is refused
             flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
             os.close(os.open(name, flags, 0o666, dir_fd=dev))
-            _mount_in(dev, name, f"/dev/{name}", None, libc.MS_BIND)
+            _mount_in_dev(dev, name, f"/dev/{name}", None, libc.MS_BIND)
         for sub in ("pts", "shm", "mqueue"):
             os.mkdir(sub, 0o755, dir_fd=dev)
-        _mount_in(dev, "pts", "devpts", "devpts", nosuid | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+        _mount_in_dev(dev, "pts", "devpts", "devpts", nosuid | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
         os.symlink("pts/ptmx", "ptmx", dir_fd=dev)
-        _mount_in(dev, "shm", "shm", "tmpfs", nosuid | libc.MS_NODEV | libc.MS_NOEXEC, "mode=1777,size=65536k")
+        _mount_in_dev(dev, "shm", "shm", "tmpfs", nosuid | libc.MS_NODEV | libc.MS_NOEXEC, "mode=1777,size=65536k")
         with suppress(SyscallError):  # mqueue needs NEWIPC; without it the dir stays empty
-            _mount_in(dev, "mqueue", "mqueue", "mqueue", nosuid | libc.MS_NODEV | libc.MS_NOEXEC)
+            _mount_in_dev(dev, "mqueue", "mqueue", "mqueue", nosuid | libc.MS_NODEV | libc.MS_NOEXEC)
         for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                              ("stderr", "/proc/self/fd/2")):
             os.symlink(target, name, dir_fd=dev)
