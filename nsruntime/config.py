@@ -59,6 +59,23 @@ def _made_of(s: str, chars: str) -> bool:
     return bool(s) and not s.strip(chars)
 
 
+_SHOWN = 40  # characters of a value echoed in an error: a 100,000-character hostname is not repeated whole
+
+
+def _cap(s: str, *, quote: bool = False) -> str:
+    """s as an error shows it: on one line (JSON escapes for what is not printable), its first
+    40 characters, then how long it really was."""
+    if not s.isprintable():
+        s = dumps(s)[1:-1]
+    head = f'"{s[:_SHOWN]}"' if quote else s[:_SHOWN]
+    return f"{head}... ({len(s)} characters)" if len(s) > _SHOWN else head
+
+
+def _q(s: str) -> str:
+    """s quoted for an error message (see _cap)."""
+    return _cap(s, quote=True)
+
+
 def _is_hostname(s: str) -> bool:
     # labels of letters, digits and '-', each starting with a letter or digit, at most 63 long
     return all(1 <= len(label) <= 63 and label[0] in _ALNUM and _made_of(label, _ALNUM + "-")
@@ -213,7 +230,7 @@ def _obj(path: str, value: object, known: set[str]) -> dict[str, Any]:
     d = _expect(path, value, dict, "an object")
     for key in d:
         if key not in known:
-            shown = key if key.isprintable() and key.strip() == key and key else dumps(key)  # one line, visible
+            shown = _cap(key) if key.isprintable() and key.strip() == key and key else _cap(dumps(key))  # one line
             raise ConfigError(f"{path}.{shown}" if path else shown, "unknown field")
     return d
 
@@ -235,7 +252,7 @@ def _int(path: str, value: object, lo: int | None = None, hi: int | None = None)
     n = _expect(path, value, int, "an integer")
     if (lo is not None and n < lo) or (hi is not None and n > hi):
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ConfigError(path, f"{n} out of range ({rng})")
+        raise ConfigError(path, f"{_cap(str(n))} out of range ({rng})")
     return n
 
 
@@ -246,7 +263,7 @@ def _list(path: str, value: object) -> list[Any]:
 def _abs_path(path: str, value: object) -> str:
     s = _str(path, value)
     if not s.startswith("/"):
-        raise ConfigError(path, f'"{s}" is not an absolute path')
+        raise ConfigError(path, f'{_q(s)} is not an absolute path')
     return s
 
 
@@ -262,14 +279,14 @@ def _environment(path: str, value: object) -> tuple[tuple[str, str], ...]:
     if items is not None:
         for k, v in items:
             if not k or "=" in k or "\x00" in k:
-                raise ConfigError(f"{path}.{dumps(k)}", "bad variable name")
-            out.append((k, _str(f"{path}.{k}", v, empty=True)))
+                raise ConfigError(f"{path}.{_cap(dumps(k))}", "bad variable name")
+            out.append((k, _str(f"{path}.{_cap(k)}", v, empty=True)))
         return tuple(out)
     for i, item in enumerate(_list(path, value)):
         s = _str(f"{path}[{i}]", item)
         name, sep, val = s.partition("=")
         if not sep or not name:
-            raise ConfigError(f"{path}[{i}]", f'"{s}" is not NAME=VALUE')
+            raise ConfigError(f"{path}[{i}]", f'{_q(s)} is not NAME=VALUE')
         out.append((name, val))
     return tuple(out)
 
@@ -279,16 +296,16 @@ def _namespaces(path: str, value: object) -> tuple[str, ...]:
     if isinstance(value, dict):  # later libcontainer: {"NEWNET": true, ...}
         for k, v in value.items():
             if k not in NAMESPACE_FLAGS:
-                raise ConfigError(f"{path}.{k}", f'unknown namespace "{k}"')
+                raise ConfigError(f"{path}.{_cap(k)}", f"unknown namespace {_q(k)}")
             if _bool(f"{path}.{k}", v):
                 names.append(k)
     else:
         for i, item in enumerate(_list(path, value)):
             s = _str(f"{path}[{i}]", item)
             if s not in NAMESPACE_FLAGS:
-                raise ConfigError(f"{path}[{i}]", f'unknown namespace "{s}"')
+                raise ConfigError(f"{path}[{i}]", f'unknown namespace {_q(s)}')
             if s in names:
-                raise ConfigError(f"{path}[{i}]", f'namespace "{s}" listed twice')
+                raise ConfigError(f"{path}[{i}]", f'namespace {_q(s)} listed twice')
             names.append(s)
     if "NEWNS" not in names:
         raise ConfigError(path, "NEWNS is required (the container's root is set up in its own mount namespace)")
@@ -301,7 +318,7 @@ def _capabilities(path: str, value: object) -> frozenset[int]:
         s = _str(f"{path}[{i}]", item)
         n = capabilities.number(s)
         if n is None:
-            raise ConfigError(f"{path}[{i}]", f'unknown capability "{s}" (this kernel knows up to '
+            raise ConfigError(f"{path}[{i}]", f'unknown capability {_q(s)} (this kernel knows up to '
                               f"{capabilities.NAMES[capabilities.last_cap()]})")
         nums.add(n)
     return frozenset(nums)
@@ -314,7 +331,7 @@ def _mounts(path: str, value: object) -> tuple[Mount, ...]:
         d = _obj(p, item, {"type", "source", "destination", "writable", "private", "readonly", "optional"})
         kind = _opt(d, "type", p, _str, "bind")
         if kind not in ("bind", "tmpfs"):
-            raise ConfigError(f"{p}.type", f'unsupported mount type "{kind}" (bind, tmpfs)')
+            raise ConfigError(f"{p}.type", f'unsupported mount type {_q(kind)} (bind, tmpfs)')
         for req in ("source", "destination") if kind == "bind" else ("destination",):
             if req not in d:
                 raise ConfigError(f"{p}.{req}", "missing")
@@ -336,9 +353,9 @@ def _cidr(path: str, value: object) -> str:
     try:
         ipaddress.ip_interface(s)
     except ValueError:
-        raise ConfigError(path, f'"{s}" is not an address in CIDR form (198.18.0.2/24, fd00::2/64)') from None
+        raise ConfigError(path, f'{_q(s)} is not an address in CIDR form (198.18.0.2/24, fd00::2/64)') from None
     if "/" not in s:
-        raise ConfigError(path, f'"{s}" has no prefix length (198.18.0.2/24)')
+        raise ConfigError(path, f'{_q(s)} has no prefix length (198.18.0.2/24)')
     return s
 
 
@@ -348,14 +365,14 @@ def _ip(path: str, value: object) -> str:
     try:
         ipaddress.ip_address(s)
     except ValueError:
-        raise ConfigError(path, f'"{s}" is not an IP address') from None
+        raise ConfigError(path, f'{_q(s)} is not an IP address') from None
     return s
 
 
 def _ifname_prefix(path: str, value: object) -> str:
     s = _str(path, value)
     if len(s) > 7 or not _made_of(s, _ALNUM + "_-"):
-        raise ConfigError(path, f'"{s}" must be 1..7 characters of [A-Za-z0-9_-] (a unique suffix is added)')
+        raise ConfigError(path, f'{_q(s)} must be 1..7 characters of [A-Za-z0-9_-] (a unique suffix is added)')
     return s
 
 
@@ -369,7 +386,7 @@ def _networks(path: str, value: object) -> tuple[Network, ...]:
             raise ConfigError(f"{p}.type", "missing")
         kind = _str(f"{p}.type", d["type"])
         if kind not in ("loopback", "veth", "netns"):
-            raise ConfigError(f"{p}.type", f'unknown network type "{kind}" (loopback, veth, netns)')
+            raise ConfigError(f"{p}.type", f'unknown network type {_q(kind)} (loopback, veth, netns)')
         ctx = _obj(f"{p}.context", d.get("context") or {}, {"bridge", "prefix", "path"})
         mtu = _opt(d, "mtu", p, lambda q, v: _int(q, v, 68, 65535), None)
         if kind == "loopback":
@@ -387,16 +404,16 @@ def _networks(path: str, value: object) -> tuple[Network, ...]:
         addr = _opt(d, "address", p, _cidr, None)
         gw = _opt(d, "gateway", p, _ip, None)
         if addr and gw and ipaddress.ip_interface(addr).version != ipaddress.ip_address(gw).version:
-            raise ConfigError(f"{p}.gateway", f'"{gw}" is not of the same IP version as address "{addr}"')
+            raise ConfigError(f"{p}.gateway", f'{_q(gw)} is not of the same IP version as address {_q(addr)}')
         if gw and not addr:
-            raise ConfigError(f"{p}.gateway", f'"{gw}" needs an address to reach it from')
+            raise ConfigError(f"{p}.gateway", f'{_q(gw)} needs an address to reach it from')
         if addr and gw:
             iface = ipaddress.ip_interface(addr)
             if ipaddress.ip_address(gw) not in iface.network or ipaddress.ip_address(gw) == iface.ip:
-                raise ConfigError(f"{p}.gateway", f'"{gw}" is not another host on {iface.network} '
-                                  f'(the network of address "{addr}")')
+                raise ConfigError(f"{p}.gateway", f'{_q(gw)} is not another host on {iface.network} '
+                                  f'(the network of address {_q(addr)})')
         if addr and mtu is not None and mtu < 1280 and ipaddress.ip_interface(addr).version == 6:
-            raise ConfigError(f"{p}.mtu", f"{mtu} is below IPv6's minimum of 1280 (address \"{addr}\")")
+            raise ConfigError(f"{p}.mtu", f"{mtu} is below IPv6's minimum of 1280 (address {_q(addr)})")
         out.append(Network("veth", addr, gw, mtu, _str(f"{p}.context.bridge", ctx["bridge"]),
                            _opt(ctx, "prefix", f"{p}.context", _ifname_prefix, "veth")))
     if sum(1 for n in out if n.type == "netns") > 1:
@@ -425,7 +442,7 @@ def _routes(path: str, value: object) -> tuple[Route, ...]:
             raise ConfigError(p, "mixes IPv4 and IPv6 (" + ", ".join(f"{k} IPv{v}" for k, v in versions.items())
                               + ")")
         if route.interface_name is not None and len(route.interface_name.encode()) > 15:
-            raise ConfigError(f"{p}.interface_name", f'"{route.interface_name}" is longer than 15 bytes')
+            raise ConfigError(f"{p}.interface_name", f'{_q(route.interface_name)} is longer than 15 bytes')
         out.append(route)
     return tuple(out)
 
@@ -437,10 +454,10 @@ def _devices(path: str, value: object) -> tuple[DeviceRule, ...]:
         d = _obj(p, item, {"allow", "type", "major", "minor", "access"})
         kind = _opt(d, "type", p, _str, "a")
         if kind not in ("a", "b", "c"):
-            raise ConfigError(f"{p}.type", f'"{kind}" is not one of a, b, c')
+            raise ConfigError(f"{p}.type", f'{_q(kind)} is not one of a, b, c')
         access = _opt(d, "access", p, _str, "rwm")
         if not access or set(access) - set("rwm"):
-            raise ConfigError(f"{p}.access", f'"{access}" is not made of r, w, m')
+            raise ConfigError(f"{p}.access", f'{_q(access)} is not made of r, w, m')
         if kind == "a":  # "a" means every device: a number would be ignored by the kernel, so refuse it
             for num in ("major", "minor"):
                 if d.get(num) is not None:
@@ -455,28 +472,62 @@ def _cgroup_name(path: str, value: object) -> str:
     s = _str(path, value)
     parts = s.strip("/").split("/")
     if any(part in ("", ".", "..") for part in parts) or not _made_of(s, _ALNUM + "_.:/@-"):
-        raise ConfigError(path, f'"{s}" is not a relative cgroup path of [A-Za-z0-9_.:@-] names')
+        raise ConfigError(path, f'{_q(s)} is not a relative cgroup path of [A-Za-z0-9_.:@-] names')
     return s.strip("/")
+
+
+# The least memory limit a container can be set up in: nsinit's own setup process (forked from
+# the caller, a Python process) runs in the container's cgroup and writes pages of its own there
+# before the command exists. `nsinit exec true` in a busybox rootfs needs 2 MiB here (at 1.5 MiB
+# the setup is OOM-killed); twice that, for margin.
+MIN_MEMORY = 4 << 20
+# The kernel keeps a memory limit as a count of pages up to LONG_MAX bytes: above that a value
+# is clamped to "no limit", and above 2**64 it wraps (1e29 bytes became 7.9 EB).
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+MAX_MEMORY = (2**63 - 1) // _PAGE * _PAGE - _PAGE
+# PID 1 and the command's process; with NEWUSER, the setup child that makes PID 1 as well.
+MIN_PIDS = 2
+MIN_PIDS_NEWUSER = 3
+MAX_PIDS = 4194304  # PID_MAX_LIMIT: pids.max refuses more
+MAX_CPU_QUOTA = 2**44 - 1  # microseconds: cpu.cfs_quota_us refuses more
+
+
+def _memory(path: str, value: object) -> int:
+    n = _expect(path, value, int, "an integer (bytes)")
+    if n < MIN_MEMORY:
+        raise ConfigError(path, f"{_cap(str(n))} is below the {MIN_MEMORY} bytes (4 MiB) nsinit needs to set the "
+                          "container up (its own setup process runs in the container's cgroup)")
+    if n > MAX_MEMORY:
+        raise ConfigError(path, f"{_cap(str(n))} is more than the kernel can hold as a limit (at most "
+                          f"{MAX_MEMORY}; leave the field out for no limit)")
+    return n
+
+
+def _pids_limit(path: str, value: object) -> int:
+    n = _int(path, value, -1, MAX_PIDS)
+    if 0 <= n < MIN_PIDS:
+        raise ConfigError(path, f"{n} is too low: PID 1 and the command need {MIN_PIDS} (-1 for no limit)")
+    return n
 
 
 def _cgroups(path: str, value: object) -> Cgroups:
     d = _obj(path, value, {"name", "parent", "memory", "memory_swap", "cpu_shares", "cpu_quota", "cpu_period",
                            "cpuset_cpus", "pids_limit", "blkio_weight", "allow_all_devices", "devices"})
-    mem = _opt(d, "memory", path, lambda q, v: _int(q, v, 4096), None)
-    swap = _opt(d, "memory_swap", path, lambda q, v: _int(q, v, -1), None)
+    mem = _opt(d, "memory", path, _memory, None)
+    swap = _opt(d, "memory_swap", path, lambda q, v: _int(q, v, -1, MAX_MEMORY), None)
     if swap is not None and swap != -1 and (mem is None or swap < mem):
         raise ConfigError(f"{path}.memory_swap", "must be -1 or at least memory (memory + swap)")
 
     def cpuset(q: str, v: object) -> str:
         s = _str(q, v)
         if not _is_cpu_list(s):
-            raise ConfigError(q, f'"{s}" is not a cpu list like "0-1,3"')
+            raise ConfigError(q, f'{_q(s)} is not a cpu list like "0-1,3"')
         return s
 
     def cpu_quota(q: str, v: object) -> int:
-        n = _int(q, v, -1)
+        n = _int(q, v, -1, MAX_CPU_QUOTA)
         if 0 <= n < 1000:  # the kernel's minimum quota is 1 ms
-            raise ConfigError(q, f"{n} out of range (-1 for no quota, or >= 1000 microseconds)")
+            raise ConfigError(q, f"{_cap(str(n))} out of range (-1 for no quota, or >= 1000 microseconds)")
         return n
 
     return Cgroups(
@@ -488,7 +539,7 @@ def _cgroups(path: str, value: object) -> Cgroups:
         cpu_quota=_opt(d, "cpu_quota", path, cpu_quota, None),
         cpu_period=_opt(d, "cpu_period", path, lambda q, v: _int(q, v, 1000, 1000000), None),
         cpuset_cpus=_opt(d, "cpuset_cpus", path, cpuset, None),
-        pids_limit=_opt(d, "pids_limit", path, lambda q, v: _int(q, v, -1), None),
+        pids_limit=_opt(d, "pids_limit", path, _pids_limit, None),
         blkio_weight=_opt(d, "blkio_weight", path, lambda q, v: _int(q, v, 10, 1000), None),
         allow_all_devices=_opt(d, "allow_all_devices", path, _bool, False),
         devices=_opt(d, "devices", path, _devices, ()),
@@ -512,14 +563,14 @@ def _idmaps(path: str, value: object) -> tuple[IdMap, ...]:
 def _user(path: str, value: object) -> str:
     s = _str(path, value)
     if not _is_user(s):
-        raise ConfigError(path, f'"{s}" is not uid[:gid] or a user name')
+        raise ConfigError(path, f'{_q(s)} is not uid[:gid] or a user name')
     return s
 
 
 def _hostname(path: str, value: object) -> str:
     s = _str(path, value)
     if len(s) > 64 or not _is_hostname(s):
-        raise ConfigError(path, f'"{s}" is not a valid host name')
+        raise ConfigError(path, f'{_q(s)} is not a valid host name')
     return s
 
 
@@ -549,6 +600,14 @@ def parse(data: object) -> ContainerConfig:
         raise ConfigError("uid_mappings", "required with NEWUSER (who is root inside?)")
     if (uid_maps or gid_maps) and "NEWUSER" not in namespaces:
         raise ConfigError("uid_mappings", "only meaningful with the NEWUSER namespace")
+    if "NEWUSER" in namespaces and "NEWPID" not in namespaces:
+        # proc may be mounted only by a user namespace that owns the pid namespace it shows
+        raise ConfigError("namespaces", "NEWUSER needs NEWPID too: in a user namespace, /proc can be mounted only "
+                          "for a pid namespace of its own")
+    cgroups = _opt(d, "cgroups", "", _cgroups, Cgroups())
+    if "NEWUSER" in namespaces and cgroups.pids_limit is not None and 0 <= cgroups.pids_limit < MIN_PIDS_NEWUSER:
+        raise ConfigError("cgroups.pids_limit", f"{cgroups.pids_limit} is too low with NEWUSER: PID 1, the command "
+                          f"and the setup process that makes them need {MIN_PIDS_NEWUSER} (-1 for no limit)")
     wd = _opt(d, "working_dir", "", _abs_path, "/")
     return ContainerConfig(
         hostname=_opt(d, "hostname", "", _hostname, None),
@@ -559,7 +618,7 @@ def parse(data: object) -> ContainerConfig:
         mounts=_opt(d, "mounts", "", _mounts, ()),
         networks=networks,
         routes=_opt(d, "routes", "", _routes, ()),
-        cgroups=_opt(d, "cgroups", "", _cgroups, Cgroups()),
+        cgroups=cgroups,
         apparmor_profile=_opt(ctx, "apparmor_profile", "context", _str, None),
         user=_opt(d, "user", "", _user, None),
         working_dir=wd,

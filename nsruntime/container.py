@@ -485,9 +485,24 @@ class Creating:
         """Handle what PID 1 sent; the Container once it is ready, else None (wait for fd again)."""
         try:
             return self._step()
+        except (NsRuntimeError, OSError) as e:
+            limit = self._limit_error()
+            self.abort()
+            if limit is not None:
+                raise limit from e
+            raise
         except BaseException:
             self.abort()
             raise
+
+    def _limit_error(self) -> SetupError | None:
+        """The cgroup limit that ended the setup, if a counter says one did (see setup_limit_error)."""
+        if self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.setup_limit_error(self.cfg.cgroups)
+        except (NsRuntimeError, OSError):
+            return None
 
     def _step(self) -> Container | None:
         try:

@@ -1,8 +1,14 @@
 """The container's filesystem: runs in the container's PID 1, inside its new mount namespace.
 
 Order matters and is the kernel's, not ours: propagation private first (or every mount below
-reaches the host), the rootfs bound onto itself (pivot_root wants a mount point), binds and
-special filesystems under it, then pivot_root, then masks and read-only remounts from inside.
+reaches the host), the rootfs bound onto itself (pivot_root wants a mount point), /proc, /sys,
+/dev, then the config's mounts (on top of those three, not hidden below them), then pivot_root,
+then masks and read-only remounts from inside.
+
+Everything under the rootfs is the container's to replace by a symlink, even while we set it up
+(its earlier run, or another container on the same rootfs). So no path below the rootfs is ever
+used as a string before pivot_root: each is looked up inside the root (openat2 RESOLVE_IN_ROOT)
+to an fd, and mounted on through /proc/self/fd/N or filled with *at() calls on that fd.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
-def _step(step: str, path: str, err: OSError) -> SetupError:
+def _step(step: str, err: OSError) -> SetupError:
+    """One line: the step (naming its path) and the failed call."""
     if isinstance(err, SyscallError):
         return SetupError(step, str(err))
     name = errno.errorcode.get(err.errno or 0, str(err.errno))
-    return SetupError(step, f"{path}: {name} ({err.strerror})")
+    call = f"{err.filename}: " if err.filename else ""
+    return SetupError(step, f"{call}{name} ({err.strerror})")
 
 
 def resolve_in_root(root: str, dest: str, *, make: str | None) -> int:
@@ -96,15 +104,39 @@ def _make_in_root(rootfd: int, dest: str, make: str) -> None:
         parts.extend(reversed(target.split("/")))
 
 
-def _mount_at(root: str, dest: str, make: str, source: str | None, fstype: str | None, flags: int,
-              data: str | None = None) -> str:
-    """Mount onto dest resolved inside root; returns the host-side path actually mounted on."""
+def _mount_fd(fd: int, dest: str, source: str | None, fstype: str | None, flags: int,
+              data: str | None = None) -> None:
+    """mount(2) onto what fd names (through /proc/self/fd); a failure names dest, not the fd."""
+    try:
+        libc.mount(source, f"/proc/self/fd/{fd}", fstype, flags, data)
+    except SyscallError as e:
+        what = f"{source!r} -> {dest!r}" if source else repr(dest)
+        raise SyscallError(f"mount({what}, type={fstype}, flags={flags:#x})", e.errno or 0) from None
+
+
+def _mount_at(root: str, dest: str, make: str | None, source: str | None, fstype: str | None, flags: int,
+              data: str | None = None) -> None:
+    """Mount onto dest resolved inside root: through the fd, so a symlink swapped in after the
+    lookup changes nothing."""
     fd = resolve_in_root(root, dest, make=make)
     try:
-        target = f"/proc/self/fd/{fd}"
-        real = os.readlink(target)
-        libc.mount(source, target, fstype, flags, data)
-        return real
+        _mount_fd(fd, dest, source, fstype, flags, data)
+    finally:
+        os.close(fd)
+
+
+def _remount_at(root: str, dest: str, flags: int) -> None:
+    """Change the flags of the mount now on top of dest, looked up inside root again: the fd a
+    mount was made through names the directory underneath it, not the new mount."""
+    _mount_at(root, dest, None, None, None, flags)
+
+
+def _mount_in_dev(dirfd: int, name: str, source: str | None, fstype: str | None, flags: int,
+              data: str | None = None) -> None:
+    """Mount onto the entry ``name`` of /dev, open as dirfd, never following a symlink there."""
+    fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        _mount_fd(fd, f"/dev/{name}", source, fstype, flags, data)
     finally:
         os.close(fd)
 
@@ -118,67 +150,79 @@ def _bind(root: str, m: Mount) -> None:
             return
         raise SetupError("bind mount", f"{m.source}: no such file or directory (mounts: source)") from None
     make = "dir" if stat.S_ISDIR(st.st_mode) else "file"
-    real = _mount_at(root, m.destination, make, m.source, None, libc.MS_BIND | libc.MS_REC)
-    libc.mount(None, real, None, libc.MS_PRIVATE if m.private else libc.MS_SLAVE)
+    _mount_at(root, m.destination, make, m.source, None, libc.MS_BIND | libc.MS_REC)
+    _remount_at(root, m.destination, libc.MS_PRIVATE if m.private else libc.MS_SLAVE)
     if not m.writable:
-        libc.mount(None, real, None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
+        _remount_at(root, m.destination, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
 
 
 def _setup_dev(root: str, tty: bool) -> None:
+    """A fresh tmpfs on /dev, filled through an fd of it: every node, directory and link is made
+    with *at() calls relative to that fd, never by a path a symlink in the rootfs could redirect."""
     nosuid = libc.MS_NOSUID
     _mount_at(root, "/dev", "dir", "tmpfs", "tmpfs", nosuid | libc.MS_NOEXEC, "mode=755,size=65536k")
-    dev = os.path.join(root, "dev")
-    for name in _DEV_NODES:
-        # bind the host's nodes: works in a user namespace too, where mknod is refused
-        path = os.path.join(dev, name)
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
-        libc.mount(f"/dev/{name}", path, None, libc.MS_BIND)
-    for sub in ("pts", "shm", "mqueue"):
-        os.mkdir(os.path.join(dev, sub), 0o755)
-    libc.mount("devpts", os.path.join(dev, "pts"), "devpts", nosuid | libc.MS_NOEXEC,
-               "newinstance,ptmxmode=0666,mode=0620")
-    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
-    libc.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid | libc.MS_NODEV | libc.MS_NOEXEC,
-               "mode=1777,size=65536k")
-    with suppress(SyscallError):  # mqueue needs NEWIPC; without it the dir stays empty
-        libc.mount("mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid | libc.MS_NODEV | libc.MS_NOEXEC)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, os.path.join(dev, name))
+    dev = resolve_in_root(root, "/dev", make=None)
+    try:
+        for name in _DEV_NODES:
+            # bind the host's nodes: works in a user namespace too, where mknod is refused
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            os.close(os.open(name, flags, 0o666, dir_fd=dev))
+            _mount_in_dev(dev, name, f"/dev/{name}", None, libc.MS_BIND)
+        for sub in ("pts", "shm", "mqueue"):
+            os.mkdir(sub, 0o755, dir_fd=dev)
+        _mount_in_dev(dev, "pts", "devpts", "devpts", nosuid | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+        os.symlink("pts/ptmx", "ptmx", dir_fd=dev)
+        _mount_in_dev(dev, "shm", "shm", "tmpfs", nosuid | libc.MS_NODEV | libc.MS_NOEXEC, "mode=1777,size=65536k")
+        with suppress(SyscallError):  # mqueue needs NEWIPC; without it the dir stays empty
+            _mount_in_dev(dev, "mqueue", "mqueue", "mqueue", nosuid | libc.MS_NODEV | libc.MS_NOEXEC)
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                             ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, name, dir_fd=dev)
+    finally:
+        os.close(dev)
+
+
+_SPECIAL = ("/proc", "/sys", "/dev")
+
+
+def _below_special(dest: str) -> bool:
+    return any(os.path.normpath(dest).startswith(d + "/") for d in _SPECIAL)
 
 
 def make_mount_points(cfg: ContainerConfig, rootfs: str) -> None:
     """Create every mount point while still root of the host's user namespace.
 
     Root of a new user namespace is an unprivileged id on the host and may not write into a
-    rootfs owned by the host's root: with NEWUSER this runs before the unshare.
+    rootfs owned by the host's root: with NEWUSER this runs before the unshare. Destinations
+    below /proc, /sys and /dev are looked up once those are mounted (/dev's tmpfs is the new
+    root's to write; in /proc and /sys they must exist).
     """
+    step = "mount points"
     try:
-        for m in cfg.mounts:
-            if m.type == "bind" and m.source and not os.path.exists(m.source):
+        for d in _SPECIAL:
+            step = f"mount {d}"
+            os.close(resolve_in_root(rootfs, d, make="dir"))
+        for i, m in enumerate(cfg.mounts):
+            if (m.type == "bind" and m.source and not os.path.exists(m.source)) or _below_special(m.destination):
                 continue
+            step = f"mounts[{i}] ({m.destination})"
             make = "dir" if m.type == "tmpfs" or (m.source and os.path.isdir(m.source)) else "file"
             os.close(resolve_in_root(rootfs, m.destination, make=make))
-        for d in ("/proc", "/sys", "/dev"):
-            os.close(resolve_in_root(rootfs, d, make="dir"))
     except OSError as e:
-        raise _step("mount points", rootfs, e) from None
+        raise _step(step, e) from None
 
 
 def prepare(cfg: ContainerConfig, rootfs: str) -> None:
-    """Everything up to (not including) the switch of root. ``rootfs`` is an absolute host path."""
+    """Everything up to (not including) the switch of root. ``rootfs`` is an absolute host path.
+
+    /proc, /sys and /dev before the config's mounts: a mount below one of them (/proc/sys/kernel,
+    /dev/fuse) lands on top of it instead of on the rootfs's directory underneath, hidden.
+    """
     step = "make / private"
     try:
         libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
         step = "bind rootfs"
         libc.mount(rootfs, rootfs, None, libc.MS_BIND | libc.MS_REC)
-        for i, m in enumerate(cfg.mounts):
-            step = f"mounts[{i}] ({m.destination})"
-            if m.type == "tmpfs":
-                _mount_at(rootfs, m.destination, "dir", "tmpfs", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV,
-                          "mode=1777")
-            else:
-                _bind(rootfs, m)
         step = "mount /proc"
         _mount_at(rootfs, "/proc", "dir", "proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
         step = "mount /sys"
@@ -186,14 +230,21 @@ def prepare(cfg: ContainerConfig, rootfs: str) -> None:
         if "NEWNET" in cfg.namespaces:
             _mount_at(rootfs, "/sys", "dir", "sysfs", "sysfs", ro)
         else:  # sysfs belongs to the network namespace: without our own, show the host's read-only
-            real = _mount_at(rootfs, "/sys", "dir", "/sys", None, libc.MS_BIND | libc.MS_REC)
-            libc.mount(None, real, None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
+            _mount_at(rootfs, "/sys", "dir", "/sys", None, libc.MS_BIND | libc.MS_REC)
+            _remount_at(rootfs, "/sys", libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
         step = "mount /dev"
         _setup_dev(rootfs, cfg.tty)
+        for i, m in enumerate(cfg.mounts):
+            step = f"mounts[{i}] ({m.destination})"
+            if m.type == "tmpfs":
+                _mount_at(rootfs, m.destination, "dir", "tmpfs", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV,
+                          "mode=1777")
+            else:
+                _bind(rootfs, m)
     except SetupError:
         raise
     except OSError as e:
-        raise _step(step, rootfs, e) from None
+        raise _step(step, e) from None
 
 
 def switch_root(cfg: ContainerConfig, rootfs: str) -> None:
@@ -208,27 +259,48 @@ def switch_root(cfg: ContainerConfig, rootfs: str) -> None:
             libc.umount2(".", libc.MNT_DETACH)
         os.chdir("/")
     except OSError as e:
-        raise _step("pivot_root" if not cfg.no_pivot_root else "chroot", rootfs, e) from None
+        raise _step("pivot_root" if not cfg.no_pivot_root else "chroot", e) from None
+
+
+def _open_existing(path: str) -> int | None:
+    """An O_PATH fd of path (symlinks followed: we are inside the container's root now), or None."""
+    try:
+        return os.open(path, _O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
 
 
 def finish(cfg: ContainerConfig) -> None:
-    """Masks and read-only parts, from inside the new root."""
+    """Masks and read-only parts, from inside the new root: through an fd each, so what is
+    looked at is what gets mounted on."""
     path = "/"
     try:
         for path in cfg.masked_paths:
-            if not os.path.lexists(path):
+            fd = _open_existing(path)
+            if fd is None:
                 continue  # mask only what exists (this kernel has no /proc/kcore)
-            if os.path.isdir(path):
-                libc.mount("tmpfs", path, "tmpfs", libc.MS_RDONLY, "size=0")
-            else:
-                libc.mount("/dev/null", path, None, libc.MS_BIND)
+            try:
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    _mount_fd(fd, path, "tmpfs", "tmpfs", libc.MS_RDONLY, "size=0")
+                else:
+                    _mount_fd(fd, path, "/dev/null", None, libc.MS_BIND)
+            finally:
+                os.close(fd)
         for path in cfg.readonly_paths:
-            if not os.path.lexists(path):
+            fd = _open_existing(path)
+            if fd is None:
                 continue
-            libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
-            libc.mount(None, path, None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
+            try:
+                _mount_fd(fd, path, f"/proc/self/fd/{fd}", None, libc.MS_BIND | libc.MS_REC)
+            finally:
+                os.close(fd)
+            fd = os.open(path, _O_PATH | os.O_CLOEXEC)  # the bind just made, on top of what fd named
+            try:
+                _mount_fd(fd, path, None, None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
+            finally:
+                os.close(fd)
         if cfg.readonly_fs:
             path = "/"
             libc.mount(None, "/", None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY)
     except OSError as e:
-        raise _step("mask/readonly paths", path, e) from None
+        raise _step(f"mask/readonly paths ({path})", e) from None

@@ -28,7 +28,7 @@ import time
 
 from ..errors import SetupError, StateError
 from .base import STAT_KEYS, CgroupDir, CgroupSet, describe
-from .detect import Hierarchy, Layout, hierarchy_of
+from .detect import Hierarchy, Layout, hierarchy_of, why_no_hierarchy
 from .detect import detect as detect_layout
 from .v1 import V1Dir, prepare
 from .v2 import V2Dir, enable
@@ -181,7 +181,7 @@ def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> C
         layout = _detect()
     targets = _targets(layout)
     if not targets:
-        raise SetupError("cgroups: detect", "no cgroup hierarchy is mounted (see /proc/self/mountinfo)")
+        raise SetupError("cgroups: detect", why_no_hierarchy())
     plan = _plan(cfg, layout)
     devices_h = layout.v1("devices")
     rel = _rel(cfg, container_id)

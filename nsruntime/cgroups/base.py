@@ -279,6 +279,26 @@ class CgroupSet:
                 return n
         return 0
 
+    def pids_refused(self) -> int:
+        """Forks the pids limit refused (pids.events ``max``), 0 where no directory counts them."""
+        for d in self.leaves:
+            if "pids" in d.limits:
+                return read_keyed(d.file("pids.events")).get("max", 0)
+        return 0
+
+    def setup_limit_error(self, cfg: Cgroups) -> SetupError | None:
+        """The limit of cfg that killed or starved the container's setup, as an error naming the
+        field; None when no counter says so. Read it before destroy(): the counters go with the
+        directories. nsinit's own setup process runs in these cgroups before the command exists,
+        so a limit too small for it ends the setup with a bare ECONNRESET or EAGAIN otherwise."""
+        if cfg.memory is not None and self.oom_kills() > 0:
+            return SetupError("cgroups.memory", f"{cfg.memory} bytes: the container's setup process was "
+                              "OOM-killed during setup: raise it")
+        if cfg.pids_limit is not None and self.pids_refused() > 0:
+            return SetupError("cgroups.pids_limit", f"{cfg.pids_limit}: a fork was refused during setup "
+                              "(PID 1 and the command are 2 processes): raise it")
+        return None
+
     def destroy(self, timeout: float = 5.0) -> list[str]:
         """Remove every directory, once the last process is gone; returns those removed now.
 

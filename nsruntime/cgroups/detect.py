@@ -21,6 +21,7 @@ from ..lean import frozen
 
 MOUNTINFO = "/proc/self/mountinfo"
 PROC_CGROUP = "/proc/self/cgroup"
+NETNS_DIR = "/run/netns"
 
 
 @frozen
@@ -170,6 +171,34 @@ def detect(mountinfo_path: str = MOUNTINFO, proc_cgroup_path: str = PROC_CGROUP)
     with open(proc_cgroup_path) as f:
         proc_cgroup = f.read()
     return parse(mountinfo, proc_cgroup)
+
+
+def named_netns(netns_dir: str = NETNS_DIR) -> str | None:
+    """The name under /run/netns of the network namespace this process is in, if it has one."""
+    try:
+        own = os.stat("/proc/self/ns/net")
+        names = sorted(os.listdir(netns_dir))
+    except OSError:
+        return None
+    for name in names:
+        try:
+            st = os.stat(os.path.join(netns_dir, name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            return name
+    return None
+
+
+def why_no_hierarchy() -> str:
+    """What to tell when no cgroup hierarchy is mounted. The usual cause: `ip netns exec` runs its
+    command in a mount namespace of its own with /sys remounted for the network namespace, and
+    the cgroup mounts below /sys/fs/cgroup go with the old /sys."""
+    name = named_netns()
+    if name is None:
+        return "no cgroup hierarchy is mounted (see /proc/self/mountinfo)"
+    return (f"no cgroup hierarchy is mounted: /sys was remounted for network namespace {name} (as `ip netns exec` "
+            f"does), hiding /sys/fs/cgroup; run `nsenter --net=/run/netns/{name} nsinit ...` instead")
 
 
 def hierarchy_of(path: str, mountinfo_path: str = MOUNTINFO) -> tuple[int, frozenset[str]] | None:

@@ -7,6 +7,7 @@ name it anyway).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -645,3 +646,62 @@ class TestKernel:
             cgroups.from_paths([str(tmp_path)])
         with pytest.raises(StateError, match="not absolute"):
             cgroups.from_paths(["nsinit/x"])
+
+
+# ------------------------------------------------------------------ limits that end the setup
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(not ROOT, reason="needs root and mounted cgroups")
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (Cgroups(memory=4096),
+         "cgroups.memory: 4096 bytes: the container's setup process was OOM-killed during setup: raise it"),
+        (Cgroups(memory=1 << 20),
+         "cgroups.memory: 1048576 bytes: the container's setup process was OOM-killed during setup: raise it"),
+        (Cgroups(pids_limit=1),
+         "cgroups.pids_limit: 1: a fork was refused during setup (PID 1 and the command are 2 processes): raise it"),
+    ],
+)
+def test_a_limit_that_ends_the_setup_is_named_by_its_field(tmp_path: Path, limits: Cgroups, message: str) -> None:
+    """Past the parse-time floors (a config built in Python): what the counters tell when the
+    setup dies in its cgroups, instead of ECONNRESET or EAGAIN."""
+    import nsruntime
+    from nsruntime.config import ContainerConfig
+    from tests.conftest import make_busybox_rootfs
+
+    root = make_busybox_rootfs(tmp_path / "bb")
+    cfg = ContainerConfig(hostname="koye", cgroups=limits)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(SetupError) as e:
+        nsruntime.create(cfg, root, ["true"], tmp_path / "s", die_with_parent=False, stdio=(0, 1, 2))
+    assert str(e.value) == message
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(not ROOT, reason="needs root and mounted cgroups")
+def test_under_ip_netns_exec_nsinit_says_to_use_nsenter(tmp_path: Path) -> None:
+    """`ip netns exec` remounts /sys for the network namespace, and /sys/fs/cgroup goes with the
+    old one. The named netns is made in a private mount namespace (unshare -m), so that its
+    mounts, and /run/netns's, never reach the host; `ip netns del` removes it and its file."""
+    from tests.conftest import NSINIT, REPO, make_busybox_rootfs
+
+    root = make_busybox_rootfs(tmp_path / "bb")
+    name = f"nsinit-t-{uuid.uuid4().hex[:8]}"
+    had_dir = os.path.isdir("/run/netns")
+    nsinit = " ".join([*NSINIT, "exec", "true"])
+    script = (f"ip netns add {name} || exit 90; ip netns exec {name} {nsinit}; rc=$?; "
+              f"ip netns del {name}; exit $rc")
+    try:
+        r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=root,
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        if not had_dir:
+            with contextlib.suppress(OSError):  # left as found, unless another user's netns is in it now
+                os.rmdir("/run/netns")
+    assert (r.returncode, r.stderr) == (125, (
+        "nsinit: cgroups: detect: no cgroup hierarchy is mounted: /sys was remounted for network namespace "
+        f"{name} (as `ip netns exec` does), hiding /sys/fs/cgroup; run `nsenter --net=/run/netns/{name} "
+        "nsinit ...` instead\n"))
+    assert not os.path.exists(f"/run/netns/{name}")

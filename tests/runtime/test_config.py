@@ -76,6 +76,43 @@ def test_bad_values_name_their_field(data: dict[str, Any], message: str) -> None
     assert "\n" not in str(e.value)
 
 
+_USERNS = {"namespaces": ["NEWUSER", "NEWNS", "NEWPID"], "uid_mappings": [{"container_id": 0, "host_id": 1, "size": 1}]}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"hostname": "a" * 100_000},
+         f'hostname: "{"a" * 40}"... (100000 characters) is not a valid host name'),
+        ({"hostname": "two\nlines"}, 'hostname: "two\\nlines" is not a valid host name'),
+        ({"environment": {"B" * 50: 7}},
+         f"environment.{'B' * 40}... (50 characters): expected a string, got integer"),
+        ({"cgroups": {"memory": 4096}}, "cgroups.memory: 4096 is below the 4194304 bytes (4 MiB) nsinit needs to "
+                                        "set the container up (its own setup process runs in the container's cgroup)"),
+        ({"cgroups": {"memory": 10**29}}, "cgroups.memory: 100000000000000000000000000000 is more than the kernel can "
+                                          "hold as a limit (at most 9223372036854767616; leave the field out for no "
+                                          "limit)"),
+        ({"cgroups": {"memory": 1e29}}, "cgroups.memory: expected an integer (bytes), got number"),
+        ({"cgroups": {"memory": 64 << 20, "memory_swap": 2**64}},
+         "cgroups.memory_swap: 18446744073709551616 out of range (-1..9223372036854767616)"),
+        ({"cgroups": {"pids_limit": 1}}, "cgroups.pids_limit: 1 is too low: PID 1 and the command need 2 "
+                                         "(-1 for no limit)"),
+        ({"cgroups": {"pids_limit": 5_000_000}}, "cgroups.pids_limit: 5000000 out of range (-1..4194304)"),
+        ({**_USERNS, "cgroups": {"pids_limit": 2}},
+         "cgroups.pids_limit: 2 is too low with NEWUSER: PID 1, the command and the setup process that makes them "
+         "need 3 (-1 for no limit)"),
+        ({"cgroups": {"cpu_quota": 2**44}}, "cgroups.cpu_quota: 17592186044416 out of range (-1..17592186044415)"),
+        ({**_USERNS, "namespaces": ["NEWUSER", "NEWNS"]},
+         "namespaces: NEWUSER needs NEWPID too: in a user namespace, /proc can be mounted only for a pid namespace "
+         "of its own"),
+    ],
+)
+def test_errors_are_one_line_naming_the_field_and_capping_the_value(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(data)
+    assert str(e.value) == message
+
+
 def test_load_errors(tmp_path: Path) -> None:
     p = tmp_path / "container.json"
     with pytest.raises(ConfigError, match="no such file"):

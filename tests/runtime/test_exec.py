@@ -74,6 +74,15 @@ def test_mounts_seen_inside(busybox_rootfs: Path) -> None:
     assert {m for m in mounts if not m.startswith(("/dev/", "/proc/", "/sys/"))} == {"/", "/proc", "/sys", "/dev"}
 
 
+@pytest.mark.parametrize("dest", ["/proc/sys/kernel", "/dev/extra", "/sys/kernel"])
+def test_a_mount_below_proc_dev_or_sys_is_on_top_of_it_not_hidden_below(busybox_rootfs: Path, dest: str) -> None:
+    write_config(busybox_rootfs, mounts=[{"type": "tmpfs", "destination": dest}])
+    r = nsinit(busybox_rootfs, "exec", "sh", "-c", f"touch {dest}/mine && ls {dest}; stat -f -c %T {dest}")
+    assert (r.returncode, r.stderr, r.stdout) == (0, "", "mine\ntmpfs\n")
+    # nothing made in the rootfs's own directory underneath
+    assert not (busybox_rootfs / dest.lstrip("/")).exists()
+
+
 def test_dev_is_minimal(busybox_rootfs: Path) -> None:
     r = nsinit(busybox_rootfs, "exec", "sh", "-c", "ls /dev; echo x > /dev/null; head -c 4 /dev/zero | wc -c;"
                "readlink /dev/ptmx")
@@ -234,7 +243,9 @@ def test_config_error_leaves_nothing(busybox_rootfs: Path) -> None:
         ('{"tty": "yes"}', "tty: expected a boolean, got string"),
         ('{"hostnme": "x"}', "hostnme: unknown field"),
         ('{"mounts": [{"source": "rel", "destination": "/x"}]}', 'mounts[0].source: "rel" is not an absolute path'),
-        ('{"cgroups": {"memory": -5}}', "cgroups.memory: -5 out of range"),
+        ('{"cgroups": {"memory": -5}}', "cgroups.memory: -5 is below the 4194304 bytes (4 MiB) nsinit needs"),
+        ('{"cgroups": {"memory": 4096}}', "cgroups.memory: 4096 is below the 4194304 bytes (4 MiB) nsinit needs"),
+        ('{"cgroups": {"pids_limit": 1}}', "cgroups.pids_limit: 1 is too low: PID 1 and the command need 2"),
         ('{"capabilities_mask": ["CAP_NOPE"]}', 'capabilities_mask[0]: unknown capability "CAP_NOPE"'),
         ("[]", "expected an object, got list"),
     ],
