@@ -11,18 +11,26 @@ are reparented to it) and reaps every child no program owns, which is also what 
 Under systemd (``NOTIFY_SOCKET`` set) it sends READY=1 once the autostart programs have left
 STARTING, and STOPPING=1 when the shutdown begins.
 
+One nsinitd per state_dir: it holds a lock on ``<state_dir>/.nsinitd.lock`` for as long as it
+lives; a second one on the same state_dir (``--no-socket``, or a copy of the config with another
+socket) exits 1 before it creates, reclaims or starts anything.
+
 Exit status:
     0  ordered shutdown (signal or ``nsinitctl shutdown``)
-    1  could not run: state/log directory, control socket in use, internal error
+    1  could not run: state_dir held by another nsinitd, state/log directory, control socket in
+       use, internal error
     2  bad command line or bad config (nothing was started); the message names table and key
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +64,54 @@ def sd_notify(message: str) -> None:
             s.sendall(message.encode())
     except OSError:
         pass
+
+
+#: In the state_dir; program names can't start with a dot, so no program's directory is named so.
+LOCK_NAME = ".nsinitd.lock"
+
+
+class StateDirBusy(Exception):
+    """Another live nsinitd holds the state_dir; ``str()`` is the one line nsinitd prints."""
+
+    def __init__(self, state_dir: Path, holder: int | None) -> None:
+        who = f"nsinitd pid {holder}" if holder else "another nsinitd"
+        super().__init__(f"state_dir {state_dir} is in use by {who} (one nsinitd per state_dir)")
+        self.holder = holder
+
+
+# struct flock on 64-bit Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+_FLOCK = "hhqqi4x"
+
+
+def hold_state_dir(state_dir: Path) -> int:
+    """Take the state_dir for this process; return the descriptor that holds it (keep it open).
+
+    A classic POSIX record lock (F_SETLK), not flock or an OFD lock: it belongs to this process
+    and is not inherited by fork, so the zygote, plain programs and container PID 1s, which
+    outlive a SIGKILLed nsinitd, never keep the state_dir held after nsinitd is gone. Beware:
+    closing *any* descriptor of the lock file in this process drops the lock, so nothing else
+    opens it. Raises StateDirBusy naming the holder's pid (F_GETLK), or OSError.
+    """
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        for _ in range(10):  # the holder may exit between our attempt and the question who it is
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+                l_type, _, _, _, holder = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+                if l_type != fcntl.F_UNLCK:
+                    raise StateDirBusy(state_dir, holder) from None
+                continue
+            os.ftruncate(fd, 0)  # for the curious: who holds it (the lock, not this text, is the truth)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        raise StateDirBusy(state_dir, None)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _owner_alive(pid: int, d: Path) -> bool:
@@ -120,14 +176,38 @@ class Daemon:
         self._lock = trio.Lock()
         self.ready = trio.Event()
         self.exit_code = EXIT_OK
+        self._state_lock = -1
 
     # -- the main task ----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        sup = self.config.supervisor
         try:
-            for d, mode in ((sup.state_dir, 0o700), (sup.log_dir, 0o750)):
-                d.mkdir(parents=True, exist_ok=True, mode=mode)
+            return await self._run()
+        finally:
+            if self._state_lock >= 0:  # last: the state_dir is ours until everything is released
+                os.close(self._state_lock)
+                self._state_lock = -1
+
+    def _take_state_dir(self) -> bool:
+        """Make and hold the state_dir, before anything else is made, reclaimed or started."""
+        state_dir = self.config.supervisor.state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._state_lock = hold_state_dir(state_dir)
+        except StateDirBusy as e:
+            print(f"nsinitd: {e}", file=sys.stderr)
+            return False
+        except OSError as e:
+            print(f"nsinitd: state_dir {state_dir}: {e.strerror or e}", file=sys.stderr)
+            return False
+        return True
+
+    async def _run(self) -> int:
+        sup = self.config.supervisor
+        if not self._take_state_dir():
+            return EXIT_FAILED  # nothing happened: no event, not even supervisor.stopped
+        try:
+            sup.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as e:
             print(f"nsinitd: cannot create {e.filename}: {e.strerror}", file=sys.stderr)
             return EXIT_FAILED

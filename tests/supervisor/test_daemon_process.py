@@ -356,3 +356,51 @@ def test_plain_options_skip_argparse_and_the_rest_still_gets_it(tmp_path: Path) 
     bad = subprocess.run([*run, "-c", str(tmp_path / "missing.toml"), "--check"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2 and "missing.toml" in bad.stderr
+
+
+TWO_DAEMONS = """
+    [programs.box]
+    container = "{rootfs}"
+    command = ["sleep", "300"]
+    startsecs = 0.2
+    [programs.plain]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a container")
+@pytest.mark.parametrize("second", ["--no-socket", "another socket"])
+async def test_a_second_nsinitd_on_the_same_state_dir_is_refused_and_touches_nothing(  # type: ignore[no-untyped-def]
+        cfg: ConfigWriter, nsinitd, host_rootfs: Path, second: str) -> None:
+    conf = cfg.write(TWO_DAEMONS.format(rootfs=host_rootfs))
+    first = await nsinitd(conf)
+    started = await first.wait_for("supervisor.started")
+    box = await first.wait_for("program.running", "box")
+    plain = await first.wait_for("program.running", "plain")
+    if second == "--no-socket":
+        argv = ["-c", str(conf), "--no-socket"]
+    else:  # a copy of the config that differs only in its socket: same state_dir
+        copy = cfg.root / "copy.toml"
+        copy.write_text(conf.read_text().replace('socket = "nsinitd.sock"', 'socket = "other.sock"'))
+        argv = ["-c", str(copy)]
+    with trio.fail_after(20):
+        result = await trio.run_process([sys.executable, "-m", "supervisor.nsinitd", *argv],
+                                        capture_stdout=True, capture_stderr=True, check=False)
+    state_dir = cfg.root / "state"
+    assert result.stderr.decode() == (f"nsinitd: state_dir {state_dir} is in use by nsinitd pid {started['pid']} "
+                                      f"(one nsinitd per state_dir)\n")
+    assert result.returncode == 1
+    assert result.stdout == b""  # refused before it started, reclaimed or created anything
+    assert not (cfg.root / "other.sock").exists()
+    # the first one's programs were left alone: same pids, alive, nothing exited
+    for pid in (box["pid"], plain["pid"]):
+        assert not _gone(pid)
+    assert [e for e in first.events if e["event"] in ("program.exited", "container.reclaimed")] == []
+    with trio.fail_after(15):  # and the first one still obeys SIGTERM: nothing blocks its loop
+        first.proc.send_signal(signal.SIGTERM)
+        assert await first.finish() == 0
+    exits = {e["program"]: e["pid"] for e in first.events if e["event"] == "program.exited"}
+    assert exits == {"box": box["pid"], "plain": plain["pid"]}
