@@ -43,7 +43,7 @@ from . import machine
 from .api import ControlError, ProgramStatus
 from .config import Config, ConfigError
 from .events import EventBus
-from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, set_child_subreaper
+from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, proc_start_time, set_child_subreaper
 from .program import Context, Program
 from .states import SIGNALLABLE_STATES, ProcessState
 
@@ -114,31 +114,33 @@ def hold_state_dir(state_dir: Path) -> int:
         raise
 
 
-def _owner_alive(pid: int, d: Path) -> bool:
-    """Does the nsinitd that made ``d`` (nsinitd-<pid>) still live? A process that merely reuses
-    its pid started after the directory last changed (the owner started before making it)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        ticks = int(data[data.rindex(b")") + 2 :].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        started = btime + ticks / os.sysconf("SC_CLK_TCK")
-        return started <= d.stat().st_ctime + 1.0  # btime is whole seconds: err towards "alive"
-    except (OSError, ValueError, StopIteration):
-        return False
+def cgroup_root_name(pid: int, ticks: int) -> str:
+    """The cgroup2 directory of the nsinitd with this pid and start time (clock ticks since boot):
+    the pair names one process for the life of the machine, whatever pid reuse happens."""
+    return f"nsinitd-{pid}-{ticks}"
+
+
+def _owner_alive(name: str) -> bool:
+    """Does the nsinitd that made the directory ``name`` (``nsinitd-<pid>-<ticks>``) still live?
+    A process that merely reuses its pid has other start ticks. A name without them (made by an
+    older nsinitd) counts as alive while its pid exists: only a kept directory is at stake."""
+    pid_text, _, ticks_text = name.removeprefix("nsinitd-").partition("-")
+    if not pid_text.isdigit() or not (ticks_text.isdigit() or ticks_text == ""):
+        return True  # not one of ours: leave it alone
+    if not ticks_text:
+        return os.path.exists(f"/proc/{pid_text}")
+    return proc_start_time(int(pid_text)) == int(ticks_text)
 
 
 async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
-    """Kill and remove what a crashed nsinitd left under ``parent/nsinitd-<pid>`` (its plain
-    programs and their children), so a restarted nsinitd runs exactly one instance of each."""
+    """Kill and remove what a crashed nsinitd left under ``parent/nsinitd-<pid>-<ticks>`` (its
+    plain programs and their children), so a restarted nsinitd runs exactly one instance of each."""
     try:
         dirs = list(parent.glob("nsinitd-*"))
     except OSError:
         return
     for d in dirs:
-        suffix = d.name.removeprefix("nsinitd-")
-        if not suffix.isdigit() or int(suffix) == os.getpid() or _owner_alive(int(suffix), d):
+        if _owner_alive(d.name):
             continue
         try:
             subs = [p for p in d.iterdir() if p.is_dir()]
@@ -275,7 +277,9 @@ class Daemon:
         try:
             parent = own_cgroup2(mount)
             await _clean_stale_cgroups(parent, self.reaper)
-            root = parent / f"nsinitd-{os.getpid()}"
+            ticks = proc_start_time(os.getpid())
+            assert ticks is not None  # our own /proc entry
+            root = parent / cgroup_root_name(os.getpid(), ticks)
             root.mkdir(exist_ok=True)
             return root
         except OSError as e:

@@ -69,7 +69,7 @@ class Context:
     reaper: Reaper
     log_dir: Path
     state_dir: Path
-    cgroup_root: Path | None = None  # nsinitd-<pid>/ in the cgroup2 tree, or None
+    cgroup_root: Path | None = None  # nsinitd-<pid>-<ticks>/ in the cgroup2 tree, or None
     runtime: Any = None  # the nsruntime module (or a fake in tests); loaded on first use
     base_env: dict[str, str] = field(default_factory=lambda: inherited_env())
     #: Held around every transition and around the synchronous part of each spawn (the fork, or

@@ -17,9 +17,17 @@ import pytest
 import trio
 
 from supervisor.events import validate
-from supervisor.process import cgroup2_mount, own_cgroup2
+from supervisor.daemon import cgroup_root_name
+from supervisor.process import cgroup2_mount, own_cgroup2, proc_start_time
 
 ConfigWriter = Any
+
+
+def _cgroup_root_name(pid: int) -> str:
+    """The cgroup2 directory of the live nsinitd with this pid."""
+    ticks = proc_start_time(pid)
+    assert ticks is not None, f"nsinitd {pid} is gone"
+    return cgroup_root_name(pid, ticks)
 
 
 async def wait_for_output(path: Path, text: str, timeout: float = 10) -> None:
@@ -117,7 +125,7 @@ async def test_sigterm_stops_everything_and_exits_0(cfg: ConfigWriter, nsinitd) 
     await d.wait_for("program.backoff", "crash")
     await wait_for_output(cfg.root / "logs" / "stubborn.out", "ready")
     mount = cgroup2_mount()
-    cgroot = own_cgroup2(mount) / f"nsinitd-{started['pid']}" if mount else None
+    cgroot = own_cgroup2(mount) / _cgroup_root_name(started["pid"]) if mount else None
     grandchildren = [int(p) for p in (cgroot / "web" / "cgroup.procs").read_text().split()] if cgroot else []
     d.proc.send_signal(signal.SIGTERM)
     assert await d.finish() == 0
@@ -264,7 +272,7 @@ async def test_restart_after_sigkill_leaves_one_instance_of_each(cfg: ConfigWrit
         box1 = await first.wait_for("program.running", "box")
         await first.wait_for("program.running", "plain")
         mount = cgroup2_mount()
-        old_cg = own_cgroup2(mount) / f"nsinitd-{started['pid']}" if mount else None
+        old_cg = own_cgroup2(mount) / _cgroup_root_name(started["pid"]) if mount else None
         old_plain = [int(p) for p in (old_cg / "plain" / "cgroup.procs").read_text().split()] if old_cg else []
         first.proc.kill()
         with trio.fail_after(5):
@@ -289,28 +297,23 @@ async def test_restart_after_sigkill_leaves_one_instance_of_each(cfg: ConfigWrit
         _set_subreaper(was)
 
 
-def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive(tmp_path: Path) -> None:
-    import time
+def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive() -> None:
+    from supervisor.daemon import _owner_alive, cgroup_root_name
 
-    from supervisor.daemon import _owner_alive
-
-    older = subprocess.Popen(["sleep", "30"])
+    owner = subprocess.Popen(["sleep", "30"])
     try:
-        time.sleep(1.2)
-        d = tmp_path / f"nsinitd-{older.pid}"
-        d.mkdir()  # made by a live nsinitd: it started before its directory
-        assert _owner_alive(older.pid, d)
-        time.sleep(1.2)
-        newer = subprocess.Popen(["sleep", "30"])  # a process that merely reuses a dead one's pid
-        try:
-            assert not _owner_alive(newer.pid, d)
-        finally:
-            newer.kill()
-            newer.wait()
+        ticks = proc_start_time(owner.pid)
+        assert ticks is not None
+        assert _owner_alive(cgroup_root_name(owner.pid, ticks))
+        # the same pid with other start ticks: a process that merely reuses a dead nsinitd's pid,
+        # however close in time (whole-second clocks could not tell these apart)
+        assert not _owner_alive(cgroup_root_name(owner.pid, ticks - 1))
+        assert not _owner_alive(cgroup_root_name(owner.pid, ticks + 1))
     finally:
-        older.kill()
-        older.wait()
-    assert not _owner_alive(older.pid, d)
+        owner.kill()
+        owner.wait()
+    assert not _owner_alive(cgroup_root_name(owner.pid, ticks))
+    assert _owner_alive("nsinitd-test-1")  # not a name nsinitd makes: never removed
 
 
 def test_the_nsinitd_entry_starts_a_zygote_early_only_for_containers(tmp_path: Path) -> None:
