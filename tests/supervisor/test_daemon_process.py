@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import trio
 
-from supervisor.events import validate
 from supervisor.daemon import cgroup_root_name
+from supervisor.events import validate
 from supervisor.process import cgroup2_mount, own_cgroup2, proc_start_time
 
 ConfigWriter = Any
