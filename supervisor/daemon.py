@@ -74,8 +74,8 @@ class StateDirBusy(Exception):
     """Another live nsinitd holds the state_dir; ``str()`` is the one line nsinitd prints."""
 
     def __init__(self, state_dir: Path, holder: int | None) -> None:
-        who = f"nsinitd pid {holder}" if holder else "another nsinitd"
-        super().__init__(f"state_dir {state_dir} is in use by {who} (one nsinitd per state_dir)")
+        who = f" (pid {holder})" if holder else ""
+        super().__init__(f"state_dir {state_dir} is in use by a live nsinitd{who}: one nsinitd per state_dir")
         self.holder = holder
 
 

@@ -393,8 +393,8 @@ async def test_a_second_nsinitd_on_the_same_state_dir_is_refused_and_touches_not
         result = await trio.run_process([sys.executable, "-m", "supervisor.nsinitd", *argv],
                                         capture_stdout=True, capture_stderr=True, check=False)
     state_dir = cfg.root / "state"
-    assert result.stderr.decode() == (f"nsinitd: state_dir {state_dir} is in use by nsinitd pid {started['pid']} "
-                                      f"(one nsinitd per state_dir)\n")
+    assert result.stderr.decode() == (f"nsinitd: state_dir {state_dir} is in use by a live nsinitd "
+                                      f"(pid {started['pid']}): one nsinitd per state_dir\n")
     assert result.returncode == 1
     assert result.stdout == b""  # refused before it started, reclaimed or created anything
     assert not (cfg.root / "other.sock").exists()
