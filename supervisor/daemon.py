@@ -1,6 +1,6 @@
 """``nsinitd``: the supervisor daemon, in the foreground, on one trio event loop.
 
-    nsinitd -c FILE [--no-socket] [--check]
+    nsinitd -c FILE [--no-socket] [--check] [--log-format text|json]
 
 Signals: TERM and INT stop every program in descending priority (stopsignal, SIGKILL after
 stopwaitsecs, containers torn down) and exit 0; HUP rereads the config and applies additions,
@@ -38,16 +38,16 @@ from typing import Any, TextIO
 
 import trio
 
+from . import __version__, machine
 from . import config as config_mod
-from . import machine
 from .api import ControlError, ProgramStatus
 from .config import Config, ConfigError
 from .events import EventBus
+from .nsinitd import Options, parse_args
 from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, proc_start_time, set_child_subreaper
 from .program import Context, Program
 from .states import SIGNALLABLE_STATES, ProcessState
 
-VERSION = "0.1.0"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
@@ -157,13 +157,14 @@ class Daemon:
     """The supervisor; implements :class:`supervisor.api.SupervisorAPI` for the control server."""
 
     def __init__(self, config: Config, *, stream: TextIO | None = None, use_socket: bool = True,
-                 runtime: Any = None, subreaper: bool = True, zygote: Any = None) -> None:
+                 runtime: Any = None, subreaper: bool = True, zygote: Any = None,
+                 log_format: str = "json") -> None:
         self.config = config
         self.stream = stream if stream is not None else sys.stdout
         self.use_socket = use_socket
         self.subreaper = subreaper
         sup = config.supervisor
-        self.bus = EventBus(self.stream, sup.event_log)
+        self.bus = EventBus(self.stream, sup.event_log, stream_format=log_format)
         self.reaper = Reaper()
         self.ctx = Context(self.bus, self.reaper, sup.log_dir, sup.state_dir, runtime=runtime)
         if zygote is not None:  # launched by supervisor.nsinitd before the heavy imports
@@ -232,7 +233,7 @@ class Daemon:
                     root.cancel_scope.cancel()
                     return self.exit_code
                 self.bus.emit("supervisor.started", pid=os.getpid(), config=str(self.config.path),
-                              version=VERSION)
+                              version=__version__)
                 async with trio.open_nursery() as programs:
                     self._programs_nursery = programs
                     for pcfg in self.config.by_priority():
@@ -523,59 +524,24 @@ class Daemon:
         self.bus.emit(event, program, **fields)
 
 
-def _simple_args(argv: Sequence[str]) -> tuple[str, bool, bool] | None:
-    """(config, no_socket, check) when argv is only those options, spelled plainly; else None,
-    and argparse (8 ms to import) does the parsing, the help, the version and the usage errors."""
-    config: str | None = None
-    no_socket = check = False
-    it = iter(argv)
-    for a in it:
-        if a in ("-c", "--config"):
-            config = next(it, None)
-            if config is None or config.startswith("-"):
-                return None
-        elif a.startswith("--config="):
-            config = a.split("=", 1)[1]
-        elif a == "--no-socket":
-            no_socket = True
-        elif a == "--check":
-            check = True
-        else:
-            return None
-    return (config, no_socket, check) if config else None
-
-
-def _parse_args(argv: Sequence[str]) -> tuple[str, bool, bool]:
-    simple = _simple_args(argv)
-    if simple is not None:
-        return simple
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="nsinitd", description="nsinit process and container supervisor (foreground; events on stdout)",
-        epilog="signals: TERM/INT stop every program and exit, HUP reload the config, USR2 reopen logs. "
-               "exit status: 0 ordered shutdown, 1 could not run, 2 bad config or usage.")
-    parser.add_argument("-c", "--config", required=True, help="supervisor config file (TOML)")
-    parser.add_argument("--no-socket", action="store_true", help="do not open the control socket")
-    parser.add_argument("--check", action="store_true", help="validate the config and exit")
-    parser.add_argument("--version", action="version", version=f"nsinitd {VERSION}")
-    args = parser.parse_args(argv)
-    return args.config, args.no_socket, args.check
-
-
-def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
-    config_path, no_socket, check = _parse_args(sys.argv[1:] if argv is None else argv)
+def run_main(opts: Options, *, zygote: Any = None) -> None:
+    """nsinitd once its command line is read (supervisor.nsinitd); exits with its status."""
     try:
-        cfg = config_mod.load(config_path)
+        cfg = config_mod.load(opts.config)
     except ConfigError as e:
         print(f"nsinitd: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    if check:
+    if opts.check:
         print(f"nsinitd: {cfg.path}: ok, {len(cfg.programs)} programs")
         sys.exit(EXIT_OK)
     os.umask(os.umask(0) | 0o002)  # nothing nsinitd makes may be world-writable, whatever umask it got
-    daemon = Daemon(cfg, use_socket=not no_socket, zygote=zygote)
+    log_format = opts.log_format or ("text" if sys.stdout.isatty() else "json")
+    daemon = Daemon(cfg, use_socket=not opts.no_socket, zygote=zygote, log_format=log_format)
     sys.exit(trio.run(daemon.run))
+
+
+def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
+    run_main(parse_args(sys.argv[1:] if argv is None else argv), zygote=zygote)
 
 
 if __name__ == "__main__":
