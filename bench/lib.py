@@ -299,7 +299,7 @@ def host_diff(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict
 
 
 def note_daemon(pid: int) -> None:
-    """Record an nsinitd we started: killed at a time bound, it would leave its nsinitd-PID cgroup."""
+    """Record an nsinitd we started: killed at a time bound, it would leave its nsinitd-PID-TICKS cgroup."""
     work = os.environ.get("BENCH_WORK")
     if work:
         with open(Path(work) / "daemons", "a") as f:
@@ -311,7 +311,7 @@ def remove_our_cgroups(before: list[str], daemons: Iterable[int] = ()) -> list[s
     are ours by name (a runtime that failed halfway may leave some); deepest first, bounded."""
     import re
 
-    names = [re.escape(PREFIX) + "[^/]*", "nsinit-bench-[^/]*", *(f"nsinitd-{int(p)}" for p in daemons)]
+    names = [re.escape(PREFIX) + "[^/]*", "nsinit-bench-[^/]*", *(f"nsinitd-{int(p)}-[0-9]+" for p in daemons)]
     ours = re.compile(rf"/({'|'.join(names)})(/|$)")
     old = set(before)
     dirs = [d for d in host_state()["cgroups"] if d not in old and ours.search(d)]

@@ -194,10 +194,35 @@ def serve(sock: socket.socket) -> None:
                 os.close(fd)
 
 
+PID1_TITLE = b"nsinit-init"
+
+
+def _retitle(title: bytes) -> None:
+    """Make /proc/self/cmdline (what ps and top show) read ``title``, not the interpreter's path
+    and ``-m nsruntime.zygote FD``: every container PID 1 is a fork of this process and inherits
+    it. PR_SET_MM_ARG_START would need CAP_SYS_RESOURCE; the argv area itself is ours to write.
+    Its last byte is left non-NUL, so the kernel reads the title up to its NUL (as for
+    setproctitle) instead of the whole area with NUL padding."""
+    import ctypes
+
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
+    size = end - start
+    if size < len(title) + 2:
+        return
+    ctypes.memmove(start, title + b"\0" + b" " * (size - len(title) - 1), size)
+
+
 def main() -> None:
     from . import libc
+    from .errors import NsRuntimeError
 
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    with suppress(OSError, ValueError, IndexError):
+        _retitle(PID1_TITLE)
+    with suppress(NsRuntimeError):
+        libc.set_process_name("nsinit-zygote")  # comm; each PID 1 names itself nsinit-init
     sock = socket.socket(fileno=int(sys.argv[1]))
     if os.getppid() == 1:
         os._exit(0)  # the caller died before the death signal was armed

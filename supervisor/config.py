@@ -11,6 +11,7 @@ relative to the directory of the config file, so a config and its containers can
 from __future__ import annotations
 
 import grp
+import os
 import re
 import signal as _signal
 import tomllib
@@ -30,6 +31,8 @@ _SIZE_UNITS = {None: 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 DEFAULT_SOCKET = "/run/nsinit/nsinitd.sock"
 DEFAULT_LOG_DIR = "/var/log/nsinit"
 DEFAULT_STATE_DIR = "/run/nsinit"
+#: sun_path is 108 bytes, one of them the terminating NUL
+MAX_SOCKET_PATH = 107
 
 
 class ConfigError(Exception):
@@ -215,11 +218,19 @@ _PROGRAM_KEYS = {
 _BACKOFF_KEYS = {"initial", "factor", "max"}
 
 
+def _socket(key: str, v: object, base: Path) -> Path:
+    p = _path(key, v, base)
+    size = len(os.fsencode(p))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(key, f"{p} is {size} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}")
+    return p
+
+
 def _supervisor(t: Mapping[str, Any], base: Path) -> SupervisorConfig:
     k = "supervisor"
     _no_unknown(k, t, _SUPERVISOR_KEYS)
     return SupervisorConfig(
-        socket=_path(f"{k}.socket", t.get("socket", DEFAULT_SOCKET), base),
+        socket=_socket(f"{k}.socket", t.get("socket", DEFAULT_SOCKET), base),
         log_dir=_path(f"{k}.log_dir", t.get("log_dir", DEFAULT_LOG_DIR), base),
         state_dir=_path(f"{k}.state_dir", t.get("state_dir", DEFAULT_STATE_DIR), base),
         event_log=_path(f"{k}.event_log", t["event_log"], base) if "event_log" in t else None,
@@ -299,7 +310,39 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
             raise ConfigError(f"programs.{name}",
                               "program names are 1-64 of A-Z a-z 0-9 _ . - (not starting with . or -)")
         progs[name] = _program(name, _table(f"programs.{name}", t), base)
+    _check_containers(sup, progs)
     return Config(path=path, supervisor=sup, programs=progs)
+
+
+def _check_containers(sup: SupervisorConfig, progs: Mapping[str, ProgramConfig]) -> None:
+    """What can only be seen across programs, or inside their container.json: a container that
+    could never start, two containers in one cgroup, and a state_dir a container could write."""
+    containers = [p for p in progs.values() if p.container is not None]
+    if not containers:
+        return
+    from nsruntime import config as container_config  # only when there are containers: a few ms
+    from nsruntime.errors import ConfigError as ContainerConfigError
+
+    state_dir = os.path.realpath(sup.state_dir)
+    cgroups: dict[tuple[str, str], str] = {}
+    for p in containers:
+        assert p.container is not None
+        key = f"programs.{p.name}.container"
+        rootfs = os.path.realpath(p.container)
+        if os.path.commonpath([state_dir, rootfs]) == rootfs:
+            raise ConfigError("supervisor.state_dir", f"{sup.state_dir} is inside programs.{p.name}'s rootfs "
+                                                      f"{p.container}: a container could forge nsinitd's records there")
+        file = p.container / "container.json"
+        try:
+            cc = container_config.load(file)
+        except ContainerConfigError as e:  # the file's own problems name it; a field's doesn't
+            raise ConfigError(key, str(e) if e.path == str(file) else f"{file}: {e}") from None
+        if cc.cgroups.name is not None:  # unset: a name of its own, derived from the container
+            fixed = (cc.cgroups.parent, cc.cgroups.name)
+            if fixed in cgroups:
+                raise ConfigError(key, f'cgroups.name "{"/".join(fixed)}" is programs.{cgroups[fixed]}\'s too: '
+                                       "two containers cannot share one cgroup")
+            cgroups[fixed] = p.name
 
 
 def loads(text: str, path: Path) -> Config:

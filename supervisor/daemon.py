@@ -1,6 +1,6 @@
 """``nsinitd``: the supervisor daemon, in the foreground, on one trio event loop.
 
-    nsinitd -c FILE [--no-socket] [--check]
+    nsinitd -c FILE [--no-socket] [--check] [--log-format text|json]
 
 Signals: TERM and INT stop every program in descending priority (stopsignal, SIGKILL after
 stopwaitsecs, containers torn down) and exit 0; HUP rereads the config and applies additions,
@@ -11,18 +11,26 @@ are reparented to it) and reaps every child no program owns, which is also what 
 Under systemd (``NOTIFY_SOCKET`` set) it sends READY=1 once the autostart programs have left
 STARTING, and STOPPING=1 when the shutdown begins.
 
+One nsinitd per state_dir: it holds a lock on ``<state_dir>/.nsinitd.lock`` for as long as it
+lives; a second one on the same state_dir (``--no-socket``, or a copy of the config with another
+socket) exits 1 before it creates, reclaims or starts anything.
+
 Exit status:
     0  ordered shutdown (signal or ``nsinitctl shutdown``)
-    1  could not run: state/log directory, control socket in use, internal error
+    1  could not run: state_dir held by another nsinitd, state/log directory, control socket in
+       use, internal error
     2  bad command line or bad config (nothing was started); the message names table and key
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,16 +38,16 @@ from typing import Any, TextIO
 
 import trio
 
+from . import __version__, machine
 from . import config as config_mod
-from . import machine
 from .api import ControlError, ProgramStatus
 from .config import Config, ConfigError
 from .events import EventBus
-from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, set_child_subreaper
+from .nsinitd import Options, parse_args
+from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, proc_start_time, set_child_subreaper
 from .program import Context, Program
 from .states import SIGNALLABLE_STATES, ProcessState
 
-VERSION = "0.1.0"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
@@ -58,31 +66,81 @@ def sd_notify(message: str) -> None:
         pass
 
 
-def _owner_alive(pid: int, d: Path) -> bool:
-    """Does the nsinitd that made ``d`` (nsinitd-<pid>) still live? A process that merely reuses
-    its pid started after the directory last changed (the owner started before making it)."""
+#: In the state_dir; program names can't start with a dot, so no program's directory is named so.
+LOCK_NAME = ".nsinitd.lock"
+
+
+class StateDirBusy(Exception):
+    """Another live nsinitd holds the state_dir; ``str()`` is the one line nsinitd prints."""
+
+    def __init__(self, state_dir: Path, holder: int | None) -> None:
+        who = f" (pid {holder})" if holder else ""
+        super().__init__(f"state_dir {state_dir} is in use by a live nsinitd{who}: one nsinitd per state_dir")
+        self.holder = holder
+
+
+# struct flock on 64-bit Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+_FLOCK = "hhqqi4x"
+
+
+def hold_state_dir(state_dir: Path) -> int:
+    """Take the state_dir for this process; return the descriptor that holds it (keep it open).
+
+    A classic POSIX record lock (F_SETLK), not flock or an OFD lock: it belongs to this process
+    and is not inherited by fork, so the zygote, plain programs and container PID 1s, which
+    outlive a SIGKILLed nsinitd, never keep the state_dir held after nsinitd is gone. Beware:
+    closing *any* descriptor of the lock file in this process drops the lock, so nothing else
+    opens it. Raises StateDirBusy naming the holder's pid (F_GETLK), or OSError.
+    """
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        ticks = int(data[data.rindex(b")") + 2 :].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        started = btime + ticks / os.sysconf("SC_CLK_TCK")
-        return started <= d.stat().st_ctime + 1.0  # btime is whole seconds: err towards "alive"
-    except (OSError, ValueError, StopIteration):
-        return False
+        for _ in range(10):  # the holder may exit between our attempt and the question who it is
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+                l_type, _, _, _, holder = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+                if l_type != fcntl.F_UNLCK:
+                    raise StateDirBusy(state_dir, holder) from None
+                continue
+            os.ftruncate(fd, 0)  # for the curious: who holds it (the lock, not this text, is the truth)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        raise StateDirBusy(state_dir, None)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def cgroup_root_name(pid: int, ticks: int) -> str:
+    """The cgroup2 directory of the nsinitd with this pid and start time (clock ticks since boot):
+    the pair names one process for the life of the machine, whatever pid reuse happens."""
+    return f"nsinitd-{pid}-{ticks}"
+
+
+def _owner_alive(name: str) -> bool:
+    """Does the nsinitd that made the directory ``name`` (``nsinitd-<pid>-<ticks>``) still live?
+    A process that merely reuses its pid has other start ticks. A name without them (made by an
+    older nsinitd) counts as alive while its pid exists: only a kept directory is at stake."""
+    pid_text, _, ticks_text = name.removeprefix("nsinitd-").partition("-")
+    if not pid_text.isdigit() or not (ticks_text.isdigit() or ticks_text == ""):
+        return True  # not one of ours: leave it alone
+    if not ticks_text:
+        return os.path.exists(f"/proc/{pid_text}")
+    return proc_start_time(int(pid_text)) == int(ticks_text)
 
 
 async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
-    """Kill and remove what a crashed nsinitd left under ``parent/nsinitd-<pid>`` (its plain
-    programs and their children), so a restarted nsinitd runs exactly one instance of each."""
+    """Kill and remove what a crashed nsinitd left under ``parent/nsinitd-<pid>-<ticks>`` (its
+    plain programs and their children), so a restarted nsinitd runs exactly one instance of each."""
     try:
         dirs = list(parent.glob("nsinitd-*"))
     except OSError:
         return
     for d in dirs:
-        suffix = d.name.removeprefix("nsinitd-")
-        if not suffix.isdigit() or int(suffix) == os.getpid() or _owner_alive(int(suffix), d):
+        if _owner_alive(d.name):
             continue
         try:
             subs = [p for p in d.iterdir() if p.is_dir()]
@@ -99,13 +157,14 @@ class Daemon:
     """The supervisor; implements :class:`supervisor.api.SupervisorAPI` for the control server."""
 
     def __init__(self, config: Config, *, stream: TextIO | None = None, use_socket: bool = True,
-                 runtime: Any = None, subreaper: bool = True, zygote: Any = None) -> None:
+                 runtime: Any = None, subreaper: bool = True, zygote: Any = None,
+                 log_format: str = "json") -> None:
         self.config = config
         self.stream = stream if stream is not None else sys.stdout
         self.use_socket = use_socket
         self.subreaper = subreaper
         sup = config.supervisor
-        self.bus = EventBus(self.stream, sup.event_log)
+        self.bus = EventBus(self.stream, sup.event_log, stream_format=log_format)
         self.reaper = Reaper()
         self.ctx = Context(self.bus, self.reaper, sup.log_dir, sup.state_dir, runtime=runtime)
         if zygote is not None:  # launched by supervisor.nsinitd before the heavy imports
@@ -120,14 +179,38 @@ class Daemon:
         self._lock = trio.Lock()
         self.ready = trio.Event()
         self.exit_code = EXIT_OK
+        self._state_lock = -1
 
     # -- the main task ----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        sup = self.config.supervisor
         try:
-            for d, mode in ((sup.state_dir, 0o700), (sup.log_dir, 0o750)):
-                d.mkdir(parents=True, exist_ok=True, mode=mode)
+            return await self._run()
+        finally:
+            if self._state_lock >= 0:  # last: the state_dir is ours until everything is released
+                os.close(self._state_lock)
+                self._state_lock = -1
+
+    def _take_state_dir(self) -> bool:
+        """Make and hold the state_dir, before anything else is made, reclaimed or started."""
+        state_dir = self.config.supervisor.state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._state_lock = hold_state_dir(state_dir)
+        except StateDirBusy as e:
+            print(f"nsinitd: {e}", file=sys.stderr)
+            return False
+        except OSError as e:
+            print(f"nsinitd: state_dir {state_dir}: {e.strerror or e}", file=sys.stderr)
+            return False
+        return True
+
+    async def _run(self) -> int:
+        sup = self.config.supervisor
+        if not self._take_state_dir():
+            return EXIT_FAILED  # nothing happened: no event, not even supervisor.stopped
+        try:
+            sup.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as e:
             print(f"nsinitd: cannot create {e.filename}: {e.strerror}", file=sys.stderr)
             return EXIT_FAILED
@@ -150,7 +233,7 @@ class Daemon:
                     root.cancel_scope.cancel()
                     return self.exit_code
                 self.bus.emit("supervisor.started", pid=os.getpid(), config=str(self.config.path),
-                              version=VERSION)
+                              version=__version__)
                 async with trio.open_nursery() as programs:
                     self._programs_nursery = programs
                     for pcfg in self.config.by_priority():
@@ -195,7 +278,9 @@ class Daemon:
         try:
             parent = own_cgroup2(mount)
             await _clean_stale_cgroups(parent, self.reaper)
-            root = parent / f"nsinitd-{os.getpid()}"
+            ticks = proc_start_time(os.getpid())
+            assert ticks is not None  # our own /proc entry
+            root = parent / cgroup_root_name(os.getpid(), ticks)
             root.mkdir(exist_ok=True)
             return root
         except OSError as e:
@@ -439,59 +524,24 @@ class Daemon:
         self.bus.emit(event, program, **fields)
 
 
-def _simple_args(argv: Sequence[str]) -> tuple[str, bool, bool] | None:
-    """(config, no_socket, check) when argv is only those options, spelled plainly; else None,
-    and argparse (8 ms to import) does the parsing, the help, the version and the usage errors."""
-    config: str | None = None
-    no_socket = check = False
-    it = iter(argv)
-    for a in it:
-        if a in ("-c", "--config"):
-            config = next(it, None)
-            if config is None or config.startswith("-"):
-                return None
-        elif a.startswith("--config="):
-            config = a.split("=", 1)[1]
-        elif a == "--no-socket":
-            no_socket = True
-        elif a == "--check":
-            check = True
-        else:
-            return None
-    return (config, no_socket, check) if config else None
-
-
-def _parse_args(argv: Sequence[str]) -> tuple[str, bool, bool]:
-    simple = _simple_args(argv)
-    if simple is not None:
-        return simple
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="nsinitd", description="nsinit process and container supervisor (foreground; events on stdout)",
-        epilog="signals: TERM/INT stop every program and exit, HUP reload the config, USR2 reopen logs. "
-               "exit status: 0 ordered shutdown, 1 could not run, 2 bad config or usage.")
-    parser.add_argument("-c", "--config", required=True, help="supervisor config file (TOML)")
-    parser.add_argument("--no-socket", action="store_true", help="do not open the control socket")
-    parser.add_argument("--check", action="store_true", help="validate the config and exit")
-    parser.add_argument("--version", action="version", version=f"nsinitd {VERSION}")
-    args = parser.parse_args(argv)
-    return args.config, args.no_socket, args.check
-
-
-def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
-    config_path, no_socket, check = _parse_args(sys.argv[1:] if argv is None else argv)
+def run_main(opts: Options, *, zygote: Any = None) -> None:
+    """nsinitd once its command line is read (supervisor.nsinitd); exits with its status."""
     try:
-        cfg = config_mod.load(config_path)
+        cfg = config_mod.load(opts.config)
     except ConfigError as e:
         print(f"nsinitd: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    if check:
+    if opts.check:
         print(f"nsinitd: {cfg.path}: ok, {len(cfg.programs)} programs")
         sys.exit(EXIT_OK)
     os.umask(os.umask(0) | 0o002)  # nothing nsinitd makes may be world-writable, whatever umask it got
-    daemon = Daemon(cfg, use_socket=not no_socket, zygote=zygote)
+    log_format = opts.log_format or ("text" if sys.stdout.isatty() else "json")
+    daemon = Daemon(cfg, use_socket=not opts.no_socket, zygote=zygote, log_format=log_format)
     sys.exit(trio.run(daemon.run))
+
+
+def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
+    run_main(parse_args(sys.argv[1:] if argv is None else argv), zygote=zygote)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ An :class:`Event` is a value (name, program, facts, time). :func:`render` is the
 turns it into a JSON object, through structlog: ``{"ts": "...Z", "event": ..., "program": ...,
 facts...}`` with ``ts`` in RFC 3339, UTC, microseconds. :class:`EventBus` sends each line to
 
-* a text stream (nsinitd's stdout),
+* a text stream (nsinitd's stdout): the same JSON lines, or with ``--log-format text`` one
+  readable line per event (:func:`render_text`),
 * the event log file (appended; a failing write, e.g. a full disk, is reported on stderr once per
   failure streak, kept in a bounded backlog and retried on the next event or tick; supervision and
   the live stream carry on meanwhile),
@@ -171,6 +172,49 @@ def render(ev: Event) -> str:
     return line
 
 
+def _text_value(v: Any) -> str:
+    if isinstance(v, str):
+        return v if v and all(ch.isprintable() and not ch.isspace() and ch not in '"=' for ch in v) else json.dumps(v)
+    if isinstance(v, list):
+        return ",".join(_text_value(x) for x in v) or "-"
+    return json.dumps(v, default=str, separators=(",", ":"))
+
+
+def _released_text(released: Mapping[str, Any]) -> dict[str, Any]:
+    """What a teardown released, without the noise: one cgroup path per hierarchy (each under its
+    own mount point, ~9 of them) says one fact, the container's cgroup, and how many there were."""
+    out: dict[str, Any] = {}
+    cgroups = [Path(p).parts for p in released.get("cgroups") or []]
+    if cgroups:
+        common: list[str] = []
+        for part in zip(*(reversed(c) for c in cgroups), strict=False):
+            if len(set(part)) != 1:
+                break
+            common.insert(0, part[0])
+        name = "/".join(common) if common else ",".join("/".join(c) for c in cgroups)
+        out["cgroup"] = f"{name} ({len(cgroups)} hierarchies)" if len(cgroups) > 1 else name
+    if released.get("links"):
+        out["links"] = released["links"]
+    if released.get("files"):
+        out["files"] = [Path(f).name for f in released["files"]]
+    for k, v in released.items():
+        if k not in ("cgroups", "links", "files"):
+            out[k] = v  # error, and whatever else a runtime reports: facts, kept whole
+    return out
+
+
+def render_text(ev: Event) -> str:
+    """One readable line for a terminal: local time, event, program, then the facts as key=value
+    (unknown ones skipped, strings quoted only when they must be). Not for machines: the JSON
+    line (:func:`render`) is the format with a schema."""
+    when = _dt.datetime.fromtimestamp(ev.ts).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    facts = dict(ev.facts)
+    if ev.name == "container.destroyed" and isinstance(facts.get("released"), dict):
+        facts = {**{k: v for k, v in facts.items() if k != "released"}, **_released_text(facts["released"])}
+    details = " ".join(f"{k}={_text_value(v)}" for k, v in facts.items() if v is not None)
+    return f"{when}  {ev.name:<20} {ev.program or '-':<12} {details}".rstrip()
+
+
 # -- the bus --------------------------------------------------------------------------------------
 
 
@@ -329,8 +373,10 @@ class EventBus:
     """Fan-out of events to a stream, an event log and subscribers. Call from the trio thread."""
 
     def __init__(self, stream: TextIO | None = None, event_log: Path | None = None,
-                 stderr: TextIO | None = None) -> None:
+                 stderr: TextIO | None = None, stream_format: str = "json") -> None:
         self.stderr = stderr or sys.stderr
+        #: "json" or "text" (render_text) for the stream; the event log is always JSON
+        self.stream_format = stream_format
         self.stream = _StreamSink(stream, self.stderr) if stream is not None else None
         self.log = _EventLog(event_log, self.stderr) if event_log else None
         self.subscribers: list[_Subscriber] = []
@@ -347,7 +393,7 @@ class EventBus:
         line = render(ev)
         obj = json.loads(line)
         if self.stream is not None:
-            self.stream.write(line)
+            self.stream.write(render_text(ev) if self.stream_format == "text" else line)
         if self.log is not None:
             self.log.write(line)
         for tap in self.taps:

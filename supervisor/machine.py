@@ -80,6 +80,8 @@ class Started(Event):
 @frozen
 class SpawnFailed(Event):
     reason: str = ""
+    #: a config error (a container.json that can't be parsed): no retry can mend it
+    fatal: bool = False
 
 
 @frozen
@@ -176,6 +178,8 @@ def _stop_again(st: Status, ev: Stop, p: Policy) -> Result:
 
 def _failed_start(st: Status, ev: Exited | SpawnFailed, p: Policy) -> Result:
     attempt = st.attempt + 1
+    if isinstance(ev, SpawnFailed) and ev.fatal:  # at once: retrying a bad config only repeats it
+        return (Status(S.FATAL, Wanted.DOWN, attempt), [Emit("program.fatal", {"reason": ev.reason})])
     if attempt > p.startretries:
         reason = f"exited too quickly {attempt} times (startretries={p.startretries})"
         if isinstance(ev, SpawnFailed) and ev.reason:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import select
 import signal as _signal
 import sys
 import time
@@ -49,7 +48,7 @@ from .states import STOPPED_STATES, ProcessState, Wanted
 
 #: Bound on the teardown of one incarnation (cgroup emptying, container destroy).
 TEARDOWN_TIMEOUT = 10.0
-#: Bound on waiting for a previous run's container to die (blocking, at spawn).
+#: Bound on waiting for a previous run's container to die (at spawn).
 KILL_WAIT = 5.0
 
 
@@ -70,7 +69,7 @@ class Context:
     reaper: Reaper
     log_dir: Path
     state_dir: Path
-    cgroup_root: Path | None = None  # nsinitd-<pid>/ in the cgroup2 tree, or None
+    cgroup_root: Path | None = None  # nsinitd-<pid>-<ticks>/ in the cgroup2 tree, or None
     runtime: Any = None  # the nsruntime module (or a fake in tests); loaded on first use
     base_env: dict[str, str] = field(default_factory=lambda: inherited_env())
     #: Held around every transition and around the synchronous part of each spawn (the fork, or
@@ -121,6 +120,10 @@ class Context:
             self.zygote.close()
             self.reaper.disown(self.zygote.pid)
             self.zygote = None
+
+
+class ContainerConfigError(Exception):
+    """The container's container.json is unreadable or invalid: FATAL at once, not retried."""
 
 
 class ContainerChild:
@@ -427,16 +430,19 @@ class Program:
             self._spawn_due = False
             if not self._by_operator:
                 self.restarts += 1
+            fatal = False
             try:
                 child = await self._spawn_child()
                 failure = None
             except SpawnError as e:
                 failure = str(e)
+            except ContainerConfigError as e:
+                failure, fatal = str(e), True
             except Exception as e:  # the runtime's errors (NsRuntimeError ...), one line each
                 failure = f"{type(e).__name__}: {e}"
             async with self.ctx.spawn_lock:
                 if failure is not None:
-                    self._apply(machine.SpawnFailed(reason=failure))
+                    self._apply(machine.SpawnFailed(reason=failure, fatal=fatal))
                     continue
                 self.child = child
                 self._watch(child)
@@ -483,9 +489,12 @@ class Program:
         assert self.cfg.container is not None
         rt = self.ctx.load_runtime()
         begin = getattr(rt, "begin_create", None)  # a fake runtime in tests may have create() only
-        async with self.ctx.spawn_lock:
+        try:  # checked when nsinitd read its config too, but the file may have changed since
             cfg = rt.load_config(self.cfg.container / "container.json")
-            self._reclaim_stale(rt)
+        except Exception as e:
+            raise ContainerConfigError(f"{type(e).__name__}: {e}") from None
+        await self._reclaim_stale(rt)
+        async with self.ctx.spawn_lock:
             # rootfs, command and state_dir positionally: the runtime names the first one rootfs_dir
             zygote = self.ctx.zygote_for(rt)
             args = (cfg, self.cfg.container, list(self.cfg.command), self.state_dir)
@@ -510,7 +519,7 @@ class Program:
                    namespaces=_namespaces(cfg))
         return child
 
-    def _reclaim_stale(self, rt: Any) -> None:
+    async def _reclaim_stale(self, rt: Any) -> None:
         """Kill a live container a previous nsinitd (killed with SIGKILL) left in our state dir.
 
         ``describe`` reports a pid only if the pid file's start time still matches, so a reused
@@ -532,7 +541,8 @@ class Program:
             if describe(self.state_dir).get("pid") != pid:
                 return
             _signal.pidfd_send_signal(pidfd, _signal.SIGKILL)  # PID 1: the whole pid namespace goes
-            select.select([pidfd], [], [], KILL_WAIT)  # rare and bounded: block the loop briefly
+            with trio.move_on_after(KILL_WAIT):  # on the loop's time: other programs carry on
+                await trio.lowlevel.wait_readable(pidfd)
         finally:
             os.close(pidfd)
         self._emit("container.reclaimed", host_pid=pid, action="killed",

@@ -19,9 +19,9 @@ import pytest
 import trio
 
 from supervisor import config as config_mod
-from supervisor.daemon import Daemon
+from supervisor.daemon import Daemon, cgroup_root_name
 from supervisor.events import validate
-from supervisor.process import cgroup2_mount, children, own_cgroup2
+from supervisor.process import cgroup2_mount, children, own_cgroup2, proc_start_time
 
 # -- a fake nsruntime: containers whose "PID 1" is a pipe we make readable ------------------------
 
@@ -276,5 +276,5 @@ def no_leaks() -> Iterator[None]:
     assert not left, f"child processes left behind (running or zombie): {sorted(left)}"
     mount = cgroup2_mount()
     if mount is not None:
-        mine = own_cgroup2(mount) / f"nsinitd-{os.getpid()}"
+        mine = own_cgroup2(mount) / cgroup_root_name(os.getpid(), proc_start_time(os.getpid()) or 0)
         assert not mine.exists(), f"cgroup left behind: {mine}"

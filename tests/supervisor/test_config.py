@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,75 @@ async def test_nsinitd_exits_2_on_a_bad_config_before_starting_anything(tmp_path
     assert b"programs.b.autorestart: expected one of always, on-failure, never" in proc.stderr
     assert proc.stdout == b""
     assert not marker.exists() and not (tmp_path / "state").exists()
+
+
+# -- configs that could never start: --check says so, one line naming program and field ----------
+
+
+def check(conf: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor.nsinitd", "-c", str(conf), "--check"],
+                          capture_output=True, text=True, timeout=30)
+
+
+def box(root: Path, name: str, text: str) -> Path:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "container.json").write_text(text)
+    return root / name
+
+
+def test_check_refuses_a_container_json_that_is_not_json(tmp_path: Path) -> None:
+    web = box(tmp_path, "web", '{"hostname": "web",}')
+    conf = tmp_path / "n.toml"
+    conf.write_text('[programs.web]\ncontainer = "web"\ncommand = ["sh"]\n')
+    result = check(conf)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"nsinitd: programs.web.container: {web}/container.json: malformed JSON: "
+                             f"Expecting property name enclosed in double quotes at line 1 column 20\n")
+
+
+def test_check_refuses_a_container_json_with_a_bad_field(tmp_path: Path) -> None:
+    web = box(tmp_path, "web", '{"cgroups": {"name": 3}}')
+    conf = tmp_path / "n.toml"
+    conf.write_text('[programs.web]\ncontainer = "web"\ncommand = ["sh"]\n')
+    result = check(conf)
+    assert result.returncode == 2
+    assert result.stderr == (f"nsinitd: programs.web.container: {web}/container.json: cgroups.name: "
+                             f"expected a string, got integer\n")
+
+
+def test_check_refuses_two_programs_with_one_fixed_cgroup_name(tmp_path: Path) -> None:
+    box(tmp_path, "a", '{"cgroups": {"name": "shared"}}')
+    box(tmp_path, "b", '{"cgroups": {"name": "shared"}}')
+    box(tmp_path, "c", '{"cgroups": {"name": "shared", "parent": "elsewhere"}}')  # another cgroup: fine
+    conf = tmp_path / "n.toml"
+    conf.write_text("".join(f'[programs.{n}]\ncontainer = "{n}"\ncommand = ["sh"]\n' for n in "abc"))
+    result = check(conf)
+    assert result.returncode == 2
+    assert result.stderr == ('nsinitd: programs.b.container: cgroups.name "nsinit/shared" is programs.a\'s too: '
+                             "two containers cannot share one cgroup\n")
+
+
+def test_a_socket_path_too_long_for_a_unix_socket_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    conf = tmp_path / "n.toml"
+    sock = tmp_path / ("s" * 100 + ".sock")
+    conf.write_text(f'[supervisor]\nsocket = "{sock.name}"\nlog_dir = "logs"\nstate_dir = "state"\n'
+                    '[programs.p]\ncommand = ["true"]\n')
+    result = check(conf)
+    message = (f"nsinitd: supervisor.socket: {sock} is {len(str(sock))} bytes long; "
+               f"a unix socket path holds at most 107\n")
+    assert (result.returncode, result.stderr) == (2, message)
+    run = subprocess.run([sys.executable, "-m", "supervisor.nsinitd", "-c", str(conf)],
+                         capture_output=True, text=True, timeout=30)
+    assert (run.returncode, run.stderr) == (2, message)
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "state").exists()
+
+
+def test_check_refuses_a_state_dir_inside_a_programs_rootfs(tmp_path: Path) -> None:
+    web = box(tmp_path, "web", "{}")
+    conf = tmp_path / "n.toml"
+    conf.write_text('[supervisor]\nstate_dir = "web/run/nsinit"\n'
+                    '[programs.web]\ncontainer = "web"\ncommand = ["sh"]\n')
+    result = check(conf)
+    assert result.returncode == 2
+    assert result.stderr == (f"nsinitd: supervisor.state_dir: {web}/run/nsinit is inside programs.web's rootfs "
+                             f"{web}: a container could forge nsinitd's records there\n")

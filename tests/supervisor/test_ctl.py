@@ -82,6 +82,29 @@ async def run_real(*argv: str, timeout: float = 20, user: int | None = None) -> 
                                       cwd=REPO)
 
 
+#: How long a follower (a fresh interpreter importing nsinitctl, then connecting) may take to come
+#: up: a full suite on two loaded CPUs has taken more than 5 s. Only its start is bounded so
+#: loosely; each event after it gets the usual bound.
+STARTUP = 30.0
+
+
+async def until_read_to(pid: int, path: Path, offset: int, timeout: float = 10) -> None:
+    """Until process pid has read the file at path up to offset (its descriptor's pos in fdinfo):
+    the follower has seen what was written, no clock guessing how long that takes."""
+    with trio.fail_after(timeout):
+        while True:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") != str(path):
+                        continue
+                    info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                except OSError:
+                    continue
+                if int(info.split("pos:")[1].split()[0]) >= offset:
+                    return
+            await trio.sleep(0.02)
+
+
 class Background:
     """A long-running nsinitctl (-f) whose output is read line by line."""
 
@@ -288,7 +311,7 @@ async def test_logs_follow_across_rotation(sock: Path, api: Any, background: Any
     log = api.tmp / "logs" / "web.stdout.log"
     log.write_text("old 1\nold 2\n")
     follower = background("-s", str(sock), "logs", "-f", "-n", "1", "web")
-    assert await follower.line() == "old 2"
+    assert await follower.line(timeout=STARTUP) == "old 2"
     with log.open("a") as f:
         f.write("new 1\n")
     assert await follower.line() == "new 1"
@@ -388,13 +411,13 @@ async def test_events_read_the_config_event_log(tmp_path: Path, event_log: Path)
 
 async def test_events_file_follow(event_log: Path, background: Any) -> None:
     follower = background("events", "-f", "--file", str(event_log), "--program", "db")
-    assert json.loads(await follower.line()) == EVENTS[3]
+    assert json.loads(await follower.line(timeout=STARTUP)) == EVENTS[3]
     new = {"ts": "2026-11-28T00:00:09.000000Z", "event": "program.stopped", "program": "db"}
     with event_log.open("a") as f:
         f.write(json.dumps({**new, "program": "web"}) + "\n")
         f.write(json.dumps(new)[:20])  # half a line: printed once it is complete
         f.flush()
-        await trio.sleep(0.4)
+        await until_read_to(follower.proc.pid, event_log, event_log.stat().st_size)
         f.write(json.dumps(new)[20:] + "\n")
     assert json.loads(await follower.line()) == new
     status, _ = await follower.interrupt()
@@ -403,7 +426,7 @@ async def test_events_file_follow(event_log: Path, background: Any) -> None:
 
 async def test_events_live_follow_sees_a_new_event(sock: Path, api: Any, background: Any) -> None:
     follower = background("-s", str(sock), "events", "-f", "--program", "web")
-    with trio.fail_after(5):
+    with trio.fail_after(STARTUP):
         while not api.subscribers:
             await trio.sleep(0.02)
     api.emit("program.stopping", program="db")

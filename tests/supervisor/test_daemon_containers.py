@@ -153,3 +153,18 @@ async def test_shutdown_while_containers_come_up_leaves_nothing(cfg: ConfigWrite
             assert not any(Path(p).exists() for p in leaves), (n, leaves)
         # every container made was destroyed, once
         assert len(r.watcher.find("container.created", n)) == len(r.watcher.find("container.destroyed", n)), n
+
+
+async def test_a_containers_pid1_is_named_nsinit_init_not_the_hosts_python(cfg: ConfigWriter, run_daemon,  # type: ignore[no-untyped-def]
+                                                                          host_rootfs: Path) -> None:
+    r = await run_daemon(cfg.load(f"""
+        [programs.web]
+        container = "{host_rootfs}"
+        command = ["sleep", "300"]
+        startsecs = 0.2
+    """))
+    running = await r.watcher.wait("program.running", "web")
+    assert r.daemon.ctx.zygote is not None  # forked from the zygote, the path that showed the venv
+    pid1 = running["pid"]
+    assert Path(f"/proc/{pid1}/cmdline").read_bytes() == b"nsinit-init\0"
+    assert Path(f"/proc/{pid1}/comm").read_text() == "nsinit-init\n"

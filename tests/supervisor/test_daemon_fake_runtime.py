@@ -189,3 +189,16 @@ async def test_usr2_reopens_capture_files(cfg: ConfigWriter, run_daemon, fake_ru
             await trio.sleep(0.01)
     assert (logs / "a.out.rotated").read_text() == "started run one\n"
     assert "program.running" in (cfg.root / "events.jsonl").read_text()
+
+
+async def test_a_container_json_broken_after_the_check_is_fatal_at_once(cfg: ConfigWriter, run_daemon,  # type: ignore[no-untyped-def]
+                                                                       fake_runtime) -> None:
+    config = cfg.load('[programs.b]\ncontainer = "box"\ncommand = ["run"]\nstartretries = 5\n')
+    (cfg.root / "box" / "container.json").write_text("{not json")  # edited after nsinitd read its config
+    r = await run_daemon(config, runtime=fake_runtime)
+    fatal = await r.watcher.wait("program.fatal", "b")
+    assert fatal["reason"] == ("JSONDecodeError: Expecting property name enclosed in double quotes: "
+                               "line 1 column 2 (char 1)")
+    assert r.watcher.names("b") == ["program.starting", "program.fatal"]  # no backoff: no retry mends it
+    assert fake_runtime.created == []
+    assert r.daemon.status(["b"])[0].state == ProcessState.FATAL.value

@@ -16,10 +16,18 @@ from typing import Any
 import pytest
 import trio
 
+from supervisor.daemon import cgroup_root_name
 from supervisor.events import validate
-from supervisor.process import cgroup2_mount, own_cgroup2
+from supervisor.process import cgroup2_mount, own_cgroup2, proc_start_time
 
 ConfigWriter = Any
+
+
+def _cgroup_root_name(pid: int) -> str:
+    """The cgroup2 directory of the live nsinitd with this pid."""
+    ticks = proc_start_time(pid)
+    assert ticks is not None, f"nsinitd {pid} is gone"
+    return cgroup_root_name(pid, ticks)
 
 
 async def wait_for_output(path: Path, text: str, timeout: float = 10) -> None:
@@ -117,7 +125,7 @@ async def test_sigterm_stops_everything_and_exits_0(cfg: ConfigWriter, nsinitd) 
     await d.wait_for("program.backoff", "crash")
     await wait_for_output(cfg.root / "logs" / "stubborn.out", "ready")
     mount = cgroup2_mount()
-    cgroot = own_cgroup2(mount) / f"nsinitd-{started['pid']}" if mount else None
+    cgroot = own_cgroup2(mount) / _cgroup_root_name(started["pid"]) if mount else None
     grandchildren = [int(p) for p in (cgroot / "web" / "cgroup.procs").read_text().split()] if cgroot else []
     d.proc.send_signal(signal.SIGTERM)
     assert await d.finish() == 0
@@ -264,7 +272,7 @@ async def test_restart_after_sigkill_leaves_one_instance_of_each(cfg: ConfigWrit
         box1 = await first.wait_for("program.running", "box")
         await first.wait_for("program.running", "plain")
         mount = cgroup2_mount()
-        old_cg = own_cgroup2(mount) / f"nsinitd-{started['pid']}" if mount else None
+        old_cg = own_cgroup2(mount) / _cgroup_root_name(started["pid"]) if mount else None
         old_plain = [int(p) for p in (old_cg / "plain" / "cgroup.procs").read_text().split()] if old_cg else []
         first.proc.kill()
         with trio.fail_after(5):
@@ -289,45 +297,36 @@ async def test_restart_after_sigkill_leaves_one_instance_of_each(cfg: ConfigWrit
         _set_subreaper(was)
 
 
-def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive(tmp_path: Path) -> None:
-    import time
+def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive() -> None:
+    from supervisor.daemon import _owner_alive, cgroup_root_name
 
-    from supervisor.daemon import _owner_alive
-
-    older = subprocess.Popen(["sleep", "30"])
+    owner = subprocess.Popen(["sleep", "30"])
     try:
-        time.sleep(1.2)
-        d = tmp_path / f"nsinitd-{older.pid}"
-        d.mkdir()  # made by a live nsinitd: it started before its directory
-        assert _owner_alive(older.pid, d)
-        time.sleep(1.2)
-        newer = subprocess.Popen(["sleep", "30"])  # a process that merely reuses a dead one's pid
-        try:
-            assert not _owner_alive(newer.pid, d)
-        finally:
-            newer.kill()
-            newer.wait()
+        ticks = proc_start_time(owner.pid)
+        assert ticks is not None
+        assert _owner_alive(cgroup_root_name(owner.pid, ticks))
+        # the same pid with other start ticks: a process that merely reuses a dead nsinitd's pid,
+        # however close in time (whole-second clocks could not tell these apart)
+        assert not _owner_alive(cgroup_root_name(owner.pid, ticks - 1))
+        assert not _owner_alive(cgroup_root_name(owner.pid, ticks + 1))
     finally:
-        older.kill()
-        older.wait()
-    assert not _owner_alive(older.pid, d)
+        owner.kill()
+        owner.wait()
+    assert not _owner_alive(cgroup_root_name(owner.pid, ticks))
+    assert _owner_alive("nsinitd-test-1")  # not a name nsinitd makes: never removed
 
 
 def test_the_nsinitd_entry_starts_a_zygote_early_only_for_containers(tmp_path: Path) -> None:
-    from supervisor.nsinitd import _config_path, _early_zygote
+    from supervisor.nsinitd import Options, _early_zygote
 
-    assert _config_path(["-c", "a.toml"]) == "a.toml"
-    assert _config_path(["--config=b.toml", "--no-socket"]) == "b.toml"
-    assert _config_path(["-cc.toml"]) == "c.toml"
-    assert _config_path(["--no-socket"]) is None
     plain = tmp_path / "plain.toml"
     plain.write_text('[programs.p]\ncommand = ["true"]\n')
     boxed = tmp_path / "boxed.toml"
     boxed.write_text('[programs.p]\ncontainer = "/x"\ncommand = ["true"]\n')
-    assert _early_zygote(["-c", str(plain)]) is None
-    assert _early_zygote(["-c", str(boxed), "--check"]) is None
-    assert _early_zygote(["-c", str(tmp_path / "missing.toml")]) is None  # the daemon reports it
-    z = _early_zygote(["-c", str(boxed)])
+    assert _early_zygote(Options(str(plain))) is None
+    assert _early_zygote(Options(str(boxed), check=True)) is None
+    assert _early_zygote(Options(str(tmp_path / "missing.toml"))) is None  # the daemon reports it
+    z = _early_zygote(Options(str(boxed)))
     assert z is not None
     try:
         z.wait_ready()
@@ -337,22 +336,163 @@ def test_the_nsinitd_entry_starts_a_zygote_early_only_for_containers(tmp_path: P
     assert not os.path.exists(f"/proc/{z.pid}")
 
 
-def test_plain_options_skip_argparse_and_the_rest_still_gets_it(tmp_path: Path) -> None:
-    from supervisor.daemon import _simple_args
+def test_one_parser_reads_the_command_line_plain_spellings_without_argparse() -> None:
+    from supervisor.nsinitd import Options, _fast, parse_args
 
-    assert _simple_args(["-c", "a.toml"]) == ("a.toml", False, False)
-    assert _simple_args(["--config=a.toml", "--no-socket", "--check"]) == ("a.toml", True, True)
-    for odd in ([], ["--check"], ["-c"], ["-c", "--check"], ["-h"], ["--version"], ["-c", "a", "--bogus"]):
-        assert _simple_args(odd) is None, odd
-    run = [sys.executable, "-m", "supervisor.nsinitd"]
-    usage = subprocess.run([*run, "--check"], capture_output=True, text=True, timeout=30)
-    assert usage.returncode == 2 and "usage: nsinitd" in usage.stderr and "-c/--config" in usage.stderr
-    version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=30)
-    assert version.returncode == 0 and version.stdout.startswith("nsinitd ")
+    assert _fast(["-c", "a.toml"]) == Options("a.toml")
+    assert _fast(["-ca.toml", "--log-format=json"]) == Options("a.toml", log_format="json")
+    assert _fast(["--config=a.toml", "--no-socket", "--check", "--log-format", "text"]) == \
+        Options("a.toml", no_socket=True, check=True, log_format="text")
+    for odd in ([], ["--check"], ["-c"], ["-c", "--check"], ["-h"], ["--help"], ["--version"], ["-c", "a", "--bogus"],
+                ["-c", "a", "--log-format", "xml"], ["-c", "a", "--log-format"], ["--conf", "a"]):
+        assert _fast(odd) is None, odd
+    # what the fast path leaves to argparse comes out the same
+    assert parse_args(["--no-socket", "--config", "a.toml", "--log-format", "text"]) == \
+        Options("a.toml", no_socket=True, log_format="text")
+
+
+NSINITD = [sys.executable, "-m", "supervisor.nsinitd"]
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--check"], "the following arguments are required: -c/--config"),
+    (["-c", "x.toml", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--conf", "x.toml"], "the following arguments are required: -c/--config"),  # no abbreviations
+    (["-c", "x.toml", "--log-format", "xml"],
+     "argument --log-format: invalid choice: 'xml' (choose from 'text', 'json')"),
+    (["-c"], "argument -c/--config: expected one argument"),
+])
+def test_a_usage_error_exits_2_with_the_usage_and_one_error_line(argv: list[str], error: str) -> None:
+    result = subprocess.run([*NSINITD, *argv], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("usage: nsinitd ")
+    assert result.stderr.endswith(f"\nnsinitd: error: {error}\n")
+
+
+def test_help_and_version_exit_0() -> None:
+    import supervisor
+
+    helped = subprocess.run([*NSINITD, "--help"], capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: nsinitd ")
+    assert "--log-format {text,json}" in helped.stdout and "exit status: 0 ordered shutdown" in helped.stdout
+    version = subprocess.run([*NSINITD, "--version"], capture_output=True, text=True, timeout=30)
+    assert (version.returncode, version.stdout) == (0, f"nsinitd {supervisor.__version__}\n")
+
+
+def test_check_says_ok_and_a_missing_config_exits_2(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text('[programs.p]\ncommand = ["true"]\n')
-    ok = subprocess.run([*run, "-c", str(conf), "--check"], capture_output=True, text=True, timeout=30)
-    assert ok.returncode == 0 and "ok, 1 programs" in ok.stdout
-    bad = subprocess.run([*run, "-c", str(tmp_path / "missing.toml"), "--check"], capture_output=True, text=True,
-                         timeout=30)
-    assert bad.returncode == 2 and "missing.toml" in bad.stderr
+    ok = subprocess.run([*NSINITD, "-c", str(conf), "--check"], capture_output=True, text=True, timeout=30)
+    assert (ok.returncode, ok.stdout) == (0, f"nsinitd: {conf}: ok, 1 programs\n")
+    bad = subprocess.run([*NSINITD, "-c", str(tmp_path / "missing.toml"), "--check"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2
+    assert bad.stderr == f"nsinitd: {tmp_path / 'missing.toml'}: cannot read: No such file or directory\n"
+
+
+async def _read_until(fd: int, text: bytes, timeout: float = 15) -> bytes:
+    """What a terminal's master side shows, until it holds text."""
+    seen = b""
+    with trio.fail_after(timeout):
+        while text not in seen:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+    return seen
+
+
+@pytest.mark.slow
+async def test_on_a_terminal_events_are_readable_lines_and_the_event_log_stays_json(cfg: ConfigWriter) -> None:
+    conf = cfg.write('[programs.a]\ncommand = ["sleep", "300"]\nstartsecs = 0.1\n')
+    master, slave = os.openpty()
+    try:
+        proc = await trio.lowlevel.open_process([*NSINITD, "-c", str(conf), "--no-socket"], stdout=slave)
+        os.close(slave)
+        slave = -1
+        try:
+            shown = await _read_until(master, b"program.running")
+            proc.send_signal(signal.SIGTERM)
+            shown += await _read_until(master, b"supervisor.stopped")
+            with trio.fail_after(15):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    lines = shown.decode().splitlines()
+    log = [json.loads(x) for x in (cfg.root / "events.jsonl").read_text().splitlines()]
+    assert len(lines) == len(log) and not any(line.startswith("{") for line in lines)
+    running = next(e for e in log if e["event"] == "program.running")
+    text = next(line for line in lines if "program.running" in line)
+    assert text.split()[2:] == ["program.running", "a", f"pid={running['pid']}"]
+    assert lines[-1].split()[2:] == ["supervisor.stopped", "-", "exit_code=0"]
+
+
+def test_a_destroyed_container_is_one_short_line_of_facts() -> None:
+    from supervisor.events import Event, render, render_text
+
+    mounts = ["blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "memory/process_api/0d95e404edaee12b5f",
+              "pids", "unified"]
+    released = {"cgroups": [f"/sys/fs/cgroup/{m}/nsinit/host-3b1c7780d7" for m in mounts], "links": [],
+                "files": ["/run/nsinit/web/pid", "/run/nsinit/web/start", "/run/nsinit/web/state.json"]}
+    ev = Event.make("container.destroyed", "web", released=released)
+    assert len(render(ev)) > 600  # the JSON line keeps every path: its schema says so
+    text = render_text(ev)
+    assert text.split("  ", 1)[1] == ("container.destroyed  web          "
+                                      'cgroup="nsinit/host-3b1c7780d7 (9 hierarchies)" files=pid,start,state.json')
+    failed = render_text(Event.make("container.destroyed", "web", released={"error": "rmdir(/x): EBUSY"}))
+    assert failed.endswith('web          error="rmdir(/x): EBUSY"')
+
+
+TWO_DAEMONS = """
+    [programs.box]
+    container = "{rootfs}"
+    command = ["sleep", "300"]
+    startsecs = 0.2
+    [programs.plain]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a container")
+@pytest.mark.parametrize("second", ["--no-socket", "another socket"])
+async def test_a_second_nsinitd_on_the_same_state_dir_is_refused_and_touches_nothing(  # type: ignore[no-untyped-def]
+        cfg: ConfigWriter, nsinitd, host_rootfs: Path, second: str) -> None:
+    conf = cfg.write(TWO_DAEMONS.format(rootfs=host_rootfs))
+    first = await nsinitd(conf)
+    started = await first.wait_for("supervisor.started")
+    box = await first.wait_for("program.running", "box")
+    plain = await first.wait_for("program.running", "plain")
+    if second == "--no-socket":
+        argv = ["-c", str(conf), "--no-socket"]
+    else:  # a copy of the config that differs only in its socket: same state_dir
+        copy = cfg.root / "copy.toml"
+        copy.write_text(conf.read_text().replace('socket = "nsinitd.sock"', 'socket = "other.sock"'))
+        argv = ["-c", str(copy)]
+    with trio.fail_after(20):
+        result = await trio.run_process([sys.executable, "-m", "supervisor.nsinitd", *argv],
+                                        capture_stdout=True, capture_stderr=True, check=False)
+    state_dir = cfg.root / "state"
+    assert result.stderr.decode() == (f"nsinitd: state_dir {state_dir} is in use by a live nsinitd "
+                                      f"(pid {started['pid']}): one nsinitd per state_dir\n")
+    assert result.returncode == 1
+    assert result.stdout == b""  # refused before it started, reclaimed or created anything
+    assert not (cfg.root / "other.sock").exists()
+    # the first one's programs were left alone: same pids, alive, nothing exited
+    for pid in (box["pid"], plain["pid"]):
+        assert not _gone(pid)
+    assert [e for e in first.events if e["event"] in ("program.exited", "container.reclaimed")] == []
+    with trio.fail_after(15):  # and the first one still obeys SIGTERM: nothing blocks its loop
+        first.proc.send_signal(signal.SIGTERM)
+        assert await first.finish() == 0
+    exits = {e["program"]: e["pid"] for e in first.events if e["event"] == "program.exited"}
+    assert exits == {"box": box["pid"], "plain": plain["pid"]}
