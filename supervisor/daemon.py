@@ -30,8 +30,8 @@ from typing import Any, TextIO
 
 import trio
 
+from . import __version__, machine
 from . import config as config_mod
-from . import machine
 from .api import ControlError, ProgramStatus
 from .config import Config, ConfigError
 from .events import EventBus
@@ -39,7 +39,7 @@ from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, set_child_subre
 from .program import Context, Program
 from .states import SIGNALLABLE_STATES, ProcessState
 
-VERSION = "0.1.0"
+VERSION = __version__
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
