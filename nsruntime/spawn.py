@@ -250,7 +250,7 @@ def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int,
     """PID 1, in the container's namespaces and cgroups; never returns.
 
     It forks the command's process at once, and that process sets the container up (the root,
-    the hostname, lo, the terminal), tells the creator "ready", waits for "start" and execs the
+    the hostname, lo, the terminal), tells the creator Ready, waits for Start and execs the
     command. PID 1 itself only forwards signals and reaps: every page it writes is a page it no
     longer shares with whoever forked it, so it writes as few as it can (about 0.5 MiB, against
     2.2 MiB when it set up the container itself). pivot_root moves the root and working directory

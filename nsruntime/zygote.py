@@ -19,7 +19,7 @@ Protocol, over a SOCK_SEQPACKET socketpair: one request per message, two JSON ob
 lines plus four descriptors (the control socket's far end, stdin, stdout, stderr). The head is
 all the zygote reads (clone flags, cgroup directories, network namespaces: spawn.zygote_header);
 the body, the rest of the create() arguments, is decoded inside the container. No reply: the
-caller hears "pid N" or "error ..." over the control socket, and a request the zygote can't take
+caller hears Pid or Error (channel.py) over the control socket, and a request the zygote can't take
 ends in that socket's EOF. One ``{"ok": true}`` once, when the zygote is ready.
 """
 
