@@ -36,7 +36,7 @@ from .lib import (
 
 CONTROLLERS = "/sys/fs/cgroup/unified/cgroup.controllers"
 ROUNDS = 15 if QUICK else 60
-IMPORTS = "import nsruntime.cli, nsruntime.container, nsruntime.config"
+IMPORTS = "import nsruntime.cli, nsruntime.creator, nsruntime.joiner, nsruntime.config"
 
 
 def runc_bundle(bundle: Path, rootfs: Path, runtime: str) -> None:

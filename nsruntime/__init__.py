@@ -7,6 +7,11 @@ Public API (everything else is private):
     making = begin_create(...)                   # the same, driven by an event loop: making.fd, making.step()
     c.start(); c.signal(sig); c.kill(); c.poll(); c.wait(); c.destroy()
     join(state_dir, command)                     # run a command inside a live container
+
+Where things live (each module opens with why): container.py (the record and its verbs),
+creator.py (the host side of create), spawn.py (the child side: PID 1 and the command's process),
+joiner.py (join), channel.py (what those processes say to each other), signals.py (exit statuses and
+signal names), libc.py (every syscall), state.py (the records on the host).
 """
 
 from __future__ import annotations
@@ -14,35 +19,38 @@ from __future__ import annotations
 from .config import ContainerConfig
 from .config import load as load_config
 from .errors import ConfigError, NsRuntimeError, SetupError, StateError, SyscallError, TeardownError
+from .signals import ExitStatus, signal_name, signal_number, status_to_code
+
+#: The one version string of nsinit, nsinitd and nsinitctl (pyproject.toml reads it from here).
+__version__ = "0.1.0"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from .container import (
-        Container,
-        Creating,
-        ExitStatus,
-        Joined,
-        begin_create,
-        cleanup_stale,
-        create,
-        describe,
-        join,
-        open_join,
-    )
+    from .container import Container, describe
+    from .creator import Creating, begin_create, cleanup_stale, create
+    from .joiner import Joined, join, open_join
+    from .state import proc_state
 
-_LAZY = {"Container", "Creating", "ExitStatus", "Joined", "begin_create", "cleanup_stale", "create", "describe", "join",
-         "open_join"}
+# where each lazily loaded name lives: `nsinit state` and config checks don't pay for the rest
+_LAZY = {
+    "Container": "container", "describe": "container",
+    "Creating": "creator", "begin_create": "creator", "cleanup_stale": "creator", "create": "creator",
+    "Joined": "joiner", "join": "joiner", "open_join": "joiner",
+    "proc_state": "state",
+}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
-    # the container module is loaded on first use: `nsinit state` and config checks don't pay for it
-    if name in _LAZY:
-        from . import container
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nsruntime' has no attribute {name!r}")
+    import sys
 
-        return getattr(container, name)
-    raise AttributeError(f"module 'nsruntime' has no attribute {name!r}")
+    __import__(f"{__name__}.{module}")
+    return getattr(sys.modules[f"{__name__}.{module}"], name)
+
 
 __all__ = [
     "ConfigError",
@@ -56,6 +64,7 @@ __all__ = [
     "StateError",
     "SyscallError",
     "TeardownError",
+    "__version__",
     "begin_create",
     "cleanup_stale",
     "create",
@@ -63,4 +72,8 @@ __all__ = [
     "join",
     "load_config",
     "open_join",
+    "proc_state",
+    "signal_name",
+    "signal_number",
+    "status_to_code",
 ]

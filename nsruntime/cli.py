@@ -82,7 +82,7 @@ def _err(msg: str, code: int = EXIT_RUNTIME_FAILED) -> int:
 
 
 def _version() -> str:
-    from supervisor import __version__  # the package's one version string (nsinit and nsinitd ship together)
+    from . import __version__  # the one version string (nsinit and nsinitd ship together)
 
     return __version__
 
@@ -187,7 +187,7 @@ def _records(rootfs: str, root_opt: str | None) -> StateDir:
 
 
 def _exec(rootfs: str, args: Args) -> int:
-    from . import container
+    from . import creator, joiner
     from .config import load
 
     if rootfs == "/":
@@ -201,8 +201,8 @@ def _exec(rootfs: str, args: Args) -> int:
     if sdir.live_pid() is None:
         try:
             # started at once (a terminal still waits for raw mode and its size before start())
-            c = container.create(cfg, rootfs, args.command, sdir, die_with_parent=True, start=True,
-                                 pid_file=None if args.root is not None else os.path.join(rootfs, PID_FILE))
+            c = creator.create(cfg, rootfs, args.command, sdir, die_with_parent=True, start=True,
+                              pid_file=None if args.root is not None else os.path.join(rootfs, PID_FILE))
         except StateError:
             if sdir.live_pid() is None:
                 raise
@@ -215,25 +215,24 @@ def _exec(rootfs: str, args: Args) -> int:
                     with console.raw_mode(0):
                         console.copy_winsize(0, c.console)
                         c.start()
-                        container.forward_until_exit(sigfd, c.pidfd, c.signal, c.console)
+                        joiner.forward_until_exit(sigfd, c.pidfd, c.signal, c.console)
                 else:
                     c.start()
-                    container.forward_until_exit(sigfd, c.pidfd, c.signal, None)
+                    joiner.forward_until_exit(sigfd, c.pidfd, c.signal, None)
                 status = c.poll()
             finally:
                 c.destroy()
             assert status is not None
             return status.exit_code
     os.close(sigfd)
-    return container.join(sdir, args.command)
+    return joiner.join(sdir, args.command)
 
 
 def _kill(sdir: StateDir, sig: str) -> int:
-    import signal
+    from .signals import signal_number
 
-    try:
-        signum = int(sig) if sig.isdigit() else signal.Signals["SIG" + sig.upper().removeprefix("SIG")]
-    except KeyError:
+    signum = int(sig) if sig.isdigit() else signal_number(sig)
+    if signum is None:
         return _err(f'kill: unknown signal "{sig}"')
     live = sdir.open_live()
     if live is None:
@@ -248,7 +247,8 @@ def _kill(sdir: StateDir, sig: str) -> int:
 
 
 def _delete(sdir: StateDir, force: bool) -> int:
-    from . import container
+    from .creator import cleanup_stale
+    from .state import proc_state
 
     live = sdir.open_live()
     if live is not None:
@@ -258,11 +258,11 @@ def _delete(sdir: StateDir, force: bool) -> int:
                 return _err(f"{sdir.path}: the container is running (pid {pid}); use delete --force", 1)
             # SIGKILL to PID 1: the kernel takes the whole pid namespace with it
             libc.pidfd_send_signal(pidfd, 9)
-            if not container.wait_readable(pidfd, 5.0):
-                return _err(f"{sdir.path}: pid {pid} is {container.proc_state(pid)} 5 s after SIGKILL")
+            if not libc.wait_readable(pidfd, 5.0):
+                return _err(f"{sdir.path}: pid {pid} is {proc_state(pid)} 5 s after SIGKILL")
         finally:
             os.close(pidfd)
-    released = container.cleanup_stale(sdir)
+    released = cleanup_stale(sdir)
     print(dumps(released))
     return 0
 

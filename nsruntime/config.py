@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 
 from . import capabilities
-from .errors import ConfigError
-from .lean import JSONError, dumps, frozen, loads
-from .libc import (
+from .consts import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -21,6 +19,8 @@ from .libc import (
     CLONE_NEWUSER,
     CLONE_NEWUTS,
 )
+from .errors import ConfigError
+from .lean import JSONError, dumps, frozen, loads
 
 NAMESPACE_FLAGS: dict[str, int] = {
     "NEWUSER": CLONE_NEWUSER,

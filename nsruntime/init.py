@@ -13,18 +13,19 @@ import errno
 import fcntl
 import os
 import select
-import struct
 import sys
 
-from . import apparmor, capabilities, libc
-from .config import ContainerConfig
-from .errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_RUNTIME_FAILED, NsRuntimeError, SetupError
-from .lean import send_fds, suppress
+from . import apparmor, capabilities, channel, libc
+from .errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_RUNTIME_FAILED, NsRuntimeError
+from .lean import suppress
+from .signals import status_to_code
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     import socket
+
+    from .config import ContainerConfig
 else:  # the C modules: signal.py and socket.py build enums at import (see lean.py)
     import _signal as signal
     import _socket as socket
@@ -49,38 +50,6 @@ def reset_signals() -> None:
 
 # no imports from here on: this runs after pivot_root, where the host's stdlib is out of reach
 _TIOCSCTTY = 0x540E  # termios.TIOCSCTTY on x86_64 and aarch64 (termios itself is not imported for it)
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
-_IFF_UP = 0x1
-_IFREQ = struct.Struct("16sH22x")  # struct ifreq on 64-bit: name + ifr_flags in a 24-byte union
-
-
-def loopback_up() -> None:
-    """Bring ``lo`` up in the calling process's network namespace (two ioctls, stdlib only).
-
-    A fresh network namespace has ``lo`` down: without this even 127.0.0.1 is unreachable.
-    """
-    try:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            got = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
-            flags = _IFREQ.unpack(got)[1]
-            if not flags & _IFF_UP:
-                fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
-        finally:
-            s.close()
-    except OSError as e:
-        raise SetupError("loopback", f"lo up: {errno.errorcode.get(e.errno or 0, e.errno)} ({e.strerror})") from None
-
-
-def status_to_code(status: int) -> tuple[int, int | None]:
-    """waitpid status -> (exit code, killing signal or None), 128+N for signal N."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return 128 + sig, sig
-    return os.WEXITSTATUS(status), None
-
-
 def _lookup_user(spec: str) -> tuple[int, int, list[int], str | None]:
     """uid[:gid] or name[:group] against the container's own /etc/passwd and /etc/group."""
     user, _, group = spec.partition(":")
@@ -168,19 +137,11 @@ def _die(code: int, message: str) -> None:
     os._exit(code)
 
 
-def send(sock: socket.socket, line: str, fds: list[int] | None = None) -> None:
-    data = (line + "\n").encode()
-    if fds:
-        send_fds(sock, data, fds)
-    else:
-        sock.sendall(data)
-
-
 def serve(sock: socket.socket, sigfd: int, cmd_pid: int, die_with_parent: bool, pidns: bool) -> None:
     """PID 1's loop from the command's fork on; exits the process with the command's status.
 
     The socket is only watched for the creator hanging up, never read: what the creator sends
-    ("go", "start") is for the command's process while it sets the container up.
+    (Go, Start) is for the command's process while it sets the container up.
     """
     poller = select.poll()
     poller.register(sigfd, select.POLLIN)
@@ -204,7 +165,7 @@ def serve(sock: socket.socket, sigfd: int, cmd_pid: int, die_with_parent: bool, 
                         os.kill(-1 if pidns else cmd_pid, signal.SIGKILL)
     code, sig = status_to_code(status)
     with suppress(OSError):
-        send(sock, f"exited {code} {sig or 0}")
+        channel.send(sock, channel.Exited(code, sig or 0))
     os._exit(code)
 
 
@@ -225,7 +186,7 @@ def main_fail(sock: socket.socket, err: BaseException) -> None:
     """Report a setup failure to the creator and leave (never returns)."""
     msg = str(err) if isinstance(err, NsRuntimeError | OSError) else f"{type(err).__name__}: {err}"
     with suppress(OSError):
-        send(sock, "error " + msg.replace("\n", " "))
+        channel.send(sock, channel.Error(msg))
     if not isinstance(err, NsRuntimeError | OSError):
         try:
             import traceback  # not there once the root is switched: then the one line must do

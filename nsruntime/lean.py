@@ -9,7 +9,7 @@ itself. The start path uses these instead; everything else (nsinitd, tests) may 
   import); ``replace`` copies one with some fields changed.
 - ``loads``/``dumps``: JSON through the C scanner and encoder of ``_json`` (what ``json`` uses).
 - ``suppress``: ``contextlib.suppress``.
-- ``signal_name``: ``signal.Signals(n).name``.
+- ``send_fds``/``recv_fds``: ``socket.send_fds``/``socket.recv_fds``.
 
 Type checkers see the real dataclass semantics (``dataclass_transform``).
 """
@@ -180,26 +180,6 @@ def dumps(obj: Any) -> str:
     encode: Callable[[Any, int], tuple[str, ...]] = _json.make_encoder(
         {}, _not_serializable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
     return "".join(encode(obj, 0))
-
-
-_SIGNAL_NAMES: dict[int, str] = {}
-
-
-def signal_name(signum: int) -> str:
-    """SIGTERM for 15, SIGRTMIN+3 for 37, SIG99 for what has no name."""
-    if not _SIGNAL_NAMES:
-        if TYPE_CHECKING:
-            import signal as _signal
-        else:
-            import _signal
-
-        for name, value in vars(_signal).items():
-            if name.startswith("SIG") and not name.startswith("SIG_") and name not in ("SIGIOT", "SIGCLD", "SIGPOLL"):
-                _SIGNAL_NAMES.setdefault(value, name)
-        lo, hi = getattr(_signal, "SIGRTMIN", 34), getattr(_signal, "SIGRTMAX", 64)
-        for n in range(lo + 1, hi):
-            _SIGNAL_NAMES.setdefault(n, f"SIGRTMIN+{n - lo}")
-    return _SIGNAL_NAMES.get(signum, f"SIG{signum}")
 
 
 def send_fds(sock: Any, data: bytes, fds: list[int]) -> None:

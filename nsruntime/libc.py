@@ -7,10 +7,16 @@ Nothing here returns -1 upward.
 
 from __future__ import annotations
 
+import _socket
+import errno
+import fcntl
 import os
+import select
 import struct
 
-from .errors import SyscallError
+from .consts import *  # noqa: F403  # (libc.CLONE_NEWNS...: the numbers live in consts, which has no ctypes)
+from .consts import CLONE_PARENT, PR_SET_CHILD_SUBREAPER
+from .errors import SetupError, SyscallError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -77,41 +83,7 @@ except OSError:  # not glibc: ask the linker (ctypes.util runs subprocesses, so 
 
     _libc = _open_lib(ctypes.util.find_library("c"))
 
-# clone(2) / unshare(2) flags
-CLONE_PARENT = 0x00008000  # the child's parent is the caller's parent
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-
-# mount(2) flags
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_REMOUNT = 32
-MS_BIND = 4096
-MS_MOVE = 8192
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MNT_DETACH = 2
-
-# prctl(2)
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
-PR_CAPBSET_READ = 23
-PR_CAPBSET_DROP = 24
-PR_SET_CHILD_SUBREAPER = 36
-PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-
-# x86_64 and aarch64 share these numbers for the calls glibc doesn't wrap everywhere.
+# numbers of the calls glibc doesn't wrap everywhere: the old ones differ by architecture
 _SYS = {
     "x86_64": {"pivot_root": 155, "capget": 125, "capset": 126, "close_range": 436, "openat2": 437, "clone3": 435},
     "aarch64": {"pivot_root": 41, "capget": 90, "capset": 91, "close_range": 436, "openat2": 437, "clone3": 435},
@@ -357,3 +329,35 @@ def pidfd_send_signal(pidfd: int, signum: int) -> bool:
     except OSError as e:
         raise SyscallError(f"pidfd_send_signal({pidfd}, {signum})", e.errno or 0) from None
     return True
+
+
+def wait_readable(fd: int, timeout: float | None) -> bool:
+    """poll(2), not select(2): a daemon holding hundreds of containers has fds above 1023."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000))))
+
+
+# lo: two ioctls on any socket of the namespace (no netlink: this runs in every container with NEWNET)
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = struct.Struct("16sH22x")  # struct ifreq on 64-bit: name + ifr_flags in a 24-byte union
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in the calling process's network namespace (two ioctls, stdlib only).
+
+    A fresh network namespace has ``lo`` down: without this even 127.0.0.1 is unreachable.
+    """
+    try:
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+        try:
+            got = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
+            flags = _IFREQ.unpack(got)[1]
+            if not flags & _IFF_UP:
+                fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+        finally:
+            s.close()
+    except OSError as e:
+        raise SetupError("loopback", f"lo up: {errno.errorcode.get(e.errno or 0, e.errno)} ({e.strerror})") from None

@@ -2,7 +2,7 @@
 
 Two halves, because they run in different processes:
 
-* ``loopback_up()`` runs in the container's PID 1 right after its namespaces exist. It uses two
+* ``loopback_up()`` (libc.py, re-exported here) runs in the container right after its namespaces exist. It uses two
   ioctls on a datagram socket and imports nothing beyond the stdlib: it is on every start path.
 * ``setup()`` / ``teardown()`` run on the host side and talk netlink through pyroute2, which is
   imported inside them only (it costs ~140 ms), and only when a config asks for more than loopback.
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import libc
 from .errors import SetupError, TeardownError
-from .init import loopback_up as _init_loopback_up
+from .libc import loopback_up as loopback_up  # (it lives with the syscalls: see below)
 
 if TYPE_CHECKING:
     from .config import ContainerConfig, Network, Route
@@ -50,8 +50,8 @@ def _ename(err: int | None) -> str:
 # ---------------------------------------------------------------------------------------------- loopback
 
 
-# lo comes up inside PID 1 on every start path, so it lives with init (stdlib only); re-exported here
-loopback_up = _init_loopback_up
+# loopback_up, imported above: lo comes up inside every container with NEWNET, so it lives with
+# the syscalls (libc.py: stdlib only, no pyroute2); network.loopback_up stays for its callers
 
 
 # ------------------------------------------------------------------------------------------------ naming

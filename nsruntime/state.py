@@ -91,6 +91,20 @@ def is_zombie(pid: int) -> bool:
     return data[data.rindex(b")") + 2 :].split()[0] == b"Z"
 
 
+def proc_state(pid: int) -> str:
+    """'in state D (wchan: ...)' for a process that won't die, as far as /proc tells."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        letter = data[data.rindex(b")") + 2 :].split()[0].decode()
+    except OSError:
+        return "gone"
+    wchan = ""
+    with suppress(OSError), open(f"/proc/{pid}/wchan") as f:
+        wchan = f.read().strip()
+    return f"in state {letter}" + (f" (waiting in {wchan})" if wchan and wchan != "0" else "")
+
+
 def namespace_inodes(pid: int, kinds: list[str]) -> dict[str, int]:
     """kind -> inode of /proc/PID/ns/KIND: what tells one namespace from another."""
     return {k: os.stat(f"/proc/{pid}/ns/{k}").st_ino for k in kinds}
@@ -320,3 +334,9 @@ class StateDir:
             pass
         finally:
             os.close(fd)
+
+
+def resolve(state_dir: str | PathLike[str] | StateDir) -> StateDir:
+    """state_dir as a StateDir at its real path (a path given by a caller may hold symlinks)."""
+    sdir = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+    return StateDir(os.path.realpath(sdir.path), remove_dir=sdir.remove_dir)

@@ -10,16 +10,16 @@ The zygote is a fresh interpreter that imports only nsruntime and then does litt
 Its pages hardly change, so every PID 1 forked from it keeps sharing them. It makes PID 1 itself
 with clone3 and CLONE_PARENT: PID 1 is born the caller's child (the caller waits for it as for
 any other), in its namespaces and cgroup2 directory; and PID 1 leaves the container's setup to
-the command's process, so it writes few pages of its own (container.zygote_clone, _be_init).
+the command's process, so it writes few pages of its own (spawn.zygote_clone, spawn._be_init).
 With a user namespace, or without clone3, it forks a setup child that does it the long way (the
 setup child exits, and PID 1 is reparented to the caller, a child subreaper). It dies with its
 caller (PR_SET_PDEATHSIG).
 
 Protocol, over a SOCK_SEQPACKET socketpair: one request per message, two JSON objects on two
 lines plus four descriptors (the control socket's far end, stdin, stdout, stderr). The head is
-all the zygote reads (clone flags, cgroup directories, network namespaces: container.zygote_header);
+all the zygote reads (clone flags, cgroup directories, network namespaces: spawn.zygote_header);
 the body, the rest of the create() arguments, is decoded inside the container. No reply: the
-caller hears "pid N" or "error ..." over the control socket, and a request the zygote can't take
+caller hears Pid or Error (channel.py) over the control socket, and a request the zygote can't take
 ends in that socket's EOF. One ``{"ok": true}`` once, when the zygote is ready.
 """
 
@@ -110,7 +110,7 @@ class Zygote:
     def spawn(self, head: dict[str, Any], body: dict[str, Any], fds: list[int]) -> None:
         """Have the zygote make PID 1 with these arguments and descriptors (no waiting: PID 1, or
         the setup child, reports over the control socket among fds). head is what the zygote
-        reads (container.zygote_header), body what the container's own process decodes."""
+        reads (spawn.zygote_header), body what the container's own process decodes."""
         from .errors import SetupError
 
         self.wait_ready()
@@ -145,13 +145,13 @@ def serve(sock: socket.socket) -> None:
     """The zygote's loop: one fork per request, until the caller closes its end.
 
     The zygote itself does as little as it can around each fork: every page it writes after a
-    fork is copied, so it reads only the request's head (container.zygote_clone).
+    fork is copied, so it reads only the request's head (spawn.zygote_clone).
     """
     import gc
 
-    from . import container, init, libc  # (container imports config, rootfs...: shared with every PID 1)
+    from . import init, libc, spawn  # (spawn imports config, rootfs...: shared with every PID 1)
 
-    os.setsid()  # PID 1s inherit these three (container.zygote_clone)
+    os.setsid()  # PID 1s inherit these three (spawn.zygote_clone)
     init.block_signals()
     sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
     gc.disable()
@@ -183,11 +183,11 @@ def serve(sock: socket.socket) -> None:
             return
         # (a request without its four descriptors is the caller's bug: closing what came ends its
         # wait, with EOF on the control socket)
-        if len(fds) == 4 and container.zygote_clone(data, fds, sigfd) == 0:
+        if len(fds) == 4 and spawn.zygote_clone(data, fds, sigfd) == 0:
             child = os.fork()
             if child == 0:
                 sock.close()
-                container.zygote_child(data, (fds[1], fds[2], fds[3]), socket.socket(fileno=fds[0]))
+                spawn.zygote_child(data, (fds[1], fds[2], fds[3]), socket.socket(fileno=fds[0]))
             setup_children += 1
         for fd in fds:
             with suppress(OSError):

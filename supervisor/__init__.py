@@ -1,3 +1,5 @@
 """nsinitd: a trio supervisor for containers and plain processes, and its client nsinitctl."""
 
-__version__ = "0.1.0"
+from nsruntime import __version__  # nsinit, nsinitd and nsinitctl ship together: one version
+
+__all__ = ["__version__"]

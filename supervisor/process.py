@@ -16,7 +16,6 @@ Exit codes follow the shell: ``exit_code`` is the status, or 128+N when killed b
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -27,7 +26,9 @@ from typing import Any, Protocol
 
 import trio
 
-PR_SET_CHILD_SUBREAPER = 36
+from nsruntime import libc
+from nsruntime.cgroups.detect import Hierarchy
+from nsruntime.cgroups.detect import detect as detect_cgroups
 
 
 class SpawnError(Exception):
@@ -63,13 +64,8 @@ def decode_wait_status(status: int) -> ExitInfo:
 
 
 def set_child_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER, 1): {os.strerror(err)}")
+    """SyscallError (an OSError) naming prctl when the kernel refuses."""
+    libc.set_subreaper()
 
 
 def children() -> set[int]:
@@ -154,28 +150,27 @@ class Reaper:
 # -- cgroup2 --------------------------------------------------------------------------------------
 
 
+def _unified() -> Hierarchy | None:
+    # the runtime's detection (nsruntime.cgroups.detect) is the one reading of mountinfo
+    try:
+        unified = detect_cgroups().unified
+    except OSError:
+        return None
+    if unified is None or not os.path.exists(os.path.join(unified.mountpoint, "cgroup.procs")):
+        return None
+    return unified
+
+
 def cgroup2_mount() -> Path | None:
     """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup/unified here), or None."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    mnt = Path(left.split()[4])
-                    if (mnt / "cgroup.procs").exists():
-                        return mnt
-    except OSError:
-        pass
-    return None
+    unified = _unified()
+    return Path(unified.mountpoint) if unified is not None else None
 
 
 def own_cgroup2(mount: Path) -> Path:
-    """nsinitd's own cgroup2 directory (the ``0::`` line of /proc/self/cgroup)."""
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                return mount / line.strip()[3:].lstrip("/")
-    return mount
+    """nsinitd's own cgroup2 directory (the ``0::`` line of /proc/self/cgroup, through mount)."""
+    unified = _unified()
+    return Path(unified.base) if unified is not None and Path(unified.mountpoint) == mount else mount
 
 
 class Cgroup:

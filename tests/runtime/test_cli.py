@@ -121,7 +121,7 @@ def test_the_exec_path_does_not_import_argparse(busybox_rootfs: Path) -> None:
                        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
-    assert "nsruntime.container" in imported and not imported & {"argparse", "gettext"}
+    assert "nsruntime.creator" in imported and not imported & {"argparse", "gettext"}
 
 
 def test_a_rootfs_directory_named_with_non_ascii_letters_and_a_space_runs(tmp_path: Path) -> None:

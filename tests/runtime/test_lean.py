@@ -1,4 +1,4 @@
-"""nsruntime.lean stands in for json, dataclasses, contextlib.suppress and signal.Signals on the
+"""nsruntime.lean stands in for json, dataclasses, contextlib.suppress and socket's fd passing on the
 `nsinit exec` start path: each stand-in must answer as the real one does, for any input."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 
 import pytest
 from hypothesis import given
@@ -85,16 +84,6 @@ def test_frozen_records_refuse_what_frozen_dataclasses_refuse() -> None:
         _Lean("a", colour="red")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="has no field 'colour'"):
         lean.replace(rec, colour="red")
-
-
-@pytest.mark.parametrize("signum", [s.value for s in signal.Signals])
-def test_signal_names_are_the_signal_modules(signum: int) -> None:
-    assert lean.signal_name(signum) == signal.Signals(signum).name
-
-
-def test_signals_without_a_name_get_one_all_the_same() -> None:
-    assert lean.signal_name(signal.SIGRTMIN + 3) == "SIGRTMIN+3"
-    assert lean.signal_name(99) == "SIG99"
 
 
 def test_suppress_swallows_only_what_it_names() -> None:

@@ -576,7 +576,7 @@ def test_e2e_link_gone_when_nsinit_itself_is_killed(host: Host, container_dir: P
     finally:
         stop(first)
         # what a crash leaves (state files, cgroups) is released the way the next start would
-        from nsruntime.container import cleanup_stale
+        from nsruntime.creator import cleanup_stale
         from nsruntime.state import StateDir
 
         released = host.call(lambda: cleanup_stale(StateDir(records(container_dir), remove_dir=True)))

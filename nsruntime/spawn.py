@@ -1,0 +1,310 @@
+"""The child side of the fork: from a freshly forked (or cloned) process to the command's execve.
+
+Three ways lead to PID 1, all ending in _be_init (PID 1) and _setup_and_exec (the command's
+process, which sets the container up and execs the command):
+
+- clone_pid1: the creator clones PID 1 straight into its namespaces and cgroup2 directory.
+- setup_child: a forked setup child unshares (writing nothing itself: the creator writes the id
+  maps of a user namespace between its Userns and Mapped) and forks PID 1, says Pid and exits.
+- zygote_clone / zygote_child: the same two, run in the zygote (zygote.py) for a request it got
+  as bytes: only the request's head is decoded in the zygote, the body (config, command,
+  environment) in the container's own process, which parses the config once.
+
+A child that already holds the ContainerConfig (forked from the creator) uses it as it is. Every
+function here runs in a child and never returns: it execs or leaves with os._exit, reporting a
+failure as an Error over the control socket first (init.main_fail). What each side says to the
+other is in channel.py.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+
+from . import cgroups, channel, init, libc, rootfs
+from .cgroups.base import write as write_cgroup_file
+from .config import parse
+from .errors import EXIT_RUNTIME_FAILED, NsRuntimeError, SyscallError
+from .lean import loads, suppress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    from .cgroups.base import CgroupSet
+    from .config import ContainerConfig
+else:  # the C module: socket.py builds enums at import (see lean.py)
+    import _socket as socket
+
+
+def _keep_only_fds(keep: Sequence[int]) -> None:
+    """Close every descriptor but keep (and 0-2): nothing of the caller may reach the container."""
+    prev = 2
+    for fd in sorted({*keep, 2}):
+        if fd > prev + 1:
+            libc.close_range(prev + 1, fd - 1)
+        prev = max(prev, fd)
+    libc.close_range(prev + 1)
+
+
+def child_prologue(stdio: tuple[int, int, int] | None, sock: socket.socket,
+                    parent_end: socket.socket | None, keep: Sequence[int] = ()) -> tuple[socket.socket, int]:
+    """The first steps of a freshly forked helper child (setup or join); returns its socket and signalfd.
+
+    Signals are blocked before anything else: PID 1 inherits the mask, so nothing sent to it is
+    lost before its signalfd exists. A session of its own: a terminal's ^C reaches the caller, which
+    forwards it once. Then only stdio, the socket and the signalfd stay open.
+    """
+    init.block_signals()
+    gc.disable()  # PID 1 makes no cycles; a collection would only dirty pages shared with the caller
+    os.setsid()
+    if parent_end is not None:
+        parent_end.close()
+    if sock.fileno() <= 2:  # out of the way of the stdio about to be installed
+        sock = socket.socket(fileno=fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3))
+    if stdio is not None:
+        tmp = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]
+        for n, fd in enumerate(tmp):
+            os.dup2(fd, n)
+            os.close(fd)
+    sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
+    _keep_only_fds([sock.fileno(), sigfd, *keep])
+    return sock, sigfd
+
+
+def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
+                 stdio: tuple[int, int, int] | None, use_tty: bool, cg: CgroupSet | None, sock: socket.socket,
+                 parent_end: socket.socket | None, die_with_parent: bool) -> None:
+    """In the forked setup child: namespaces, then fork PID 1. Never returns."""
+    try:
+        sock, sigfd = child_prologue(stdio, sock, parent_end)
+        flags = cfg.clone_flags
+        userns = bool(flags & libc.CLONE_NEWUSER)
+        if cg is not None:
+            # in a user namespace the cgroup files may no longer be ours to write: all of it now
+            cg.join_self(v2=userns)
+        _join_netns(cfg.netns_paths)
+        if flags & libc.CLONE_NEWUSER:
+            rootfs.make_mount_points(cfg, root)
+            libc.unshare(libc.CLONE_NEWUSER)
+            channel.send(sock, channel.Userns(os.getpid()))
+            if not isinstance(channel.receive(sock, channel.Reader("creator")), channel.Mapped):
+                os._exit(EXIT_RUNTIME_FAILED)  # the creator gave up
+            if cfg.gid_mappings:
+                os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        libc.unshare(flags & ~(libc.CLONE_NEWUSER | libc.CLONE_NEWCGROUP))  # PID 1 takes NEWCGROUP itself
+        pid1 = os.fork() if userns else _fork_inside(cg)
+        if pid1 == 0:
+            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent)
+        channel.send(sock, channel.Pid(pid1))
+        os._exit(0)
+    except BaseException as e:
+        init.main_fail(sock, e)
+
+
+def _join_netns(paths: Sequence[str]) -> None:
+    for path in paths:
+        nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        libc.setns(nsfd, libc.CLONE_NEWNET, path)
+        os.close(nsfd)
+
+
+def _clone_into(flags: int, v2_dir: str | None) -> int:
+    """clone3 with these namespace flags, the child born in cgroup2 directory v2_dir (if any);
+    SyscallError when the kernel can't."""
+    cgfd = os.open(v2_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if v2_dir else -1
+    try:
+        return libc.clone3(flags & ~libc.CLONE_NEWCGROUP, cgfd)  # NEWCGROUP: PID 1 takes it itself
+    finally:
+        if cgfd >= 0:
+            os.close(cgfd)
+
+
+def clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
+                stdio: tuple[int, int, int] | None, use_tty: bool, cg: CgroupSet | None, sock: socket.socket,
+                parent_end: socket.socket, die_with_parent: bool) -> int:
+    """PID 1 straight from the caller: clone3 makes it in its new namespaces and in the cgroup2
+    directory at once, so no setup child is needed. Returns its pid; 0 when the kernel can't
+    (no clone3, no CLONE_INTO_CGROUP): then the caller takes the setup child's way.
+
+    Not with NEWUSER: the id maps must be written between the user namespace and the others.
+    """
+    try:
+        pid = _clone_into(cfg.clone_flags, cg.v2_leaf() if cg is not None else None)
+    except SyscallError:
+        return 0
+    if pid == 0:
+        try:
+            sock, sigfd = child_prologue(stdio, sock, parent_end)
+            if cg is not None:
+                cg.join_self(v2=False)  # the v1 hierarchies (a lone thread moves itself without RCU wait)
+            _join_netns(cfg.netns_paths)
+        except BaseException as e:
+            init.main_fail(sock, e)
+        _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent)
+    return pid
+
+
+def zygote_header(cfg: ContainerConfig, cg: CgroupSet | None, die_with_parent: bool) -> dict[str, Any]:
+    """What the zygote reads of a request to make PID 1 without decoding the rest (see
+    zygote_clone): its clone flags, cgroup directories and network namespaces."""
+    return {"flags": cfg.clone_flags, "v2": cg.v2_leaf() if cg is not None else None,
+            "v1": [d.path for d in cg.leaves if d.version == 1] if cg is not None else [],
+            "netns": list(cfg.netns_paths), "die_with_parent": die_with_parent}
+
+
+def zygote_clone(data: bytes, fds: list[int], sigfd: int) -> int:
+    """In the zygote, for one request: PID 1 straight from here, by clone3 with CLONE_PARENT (the
+    zygote's caller becomes its parent, as if it had made it), in its namespaces and cgroup2
+    directory. The zygote's own pages stay as they are, and PID 1 writes few of its own: the
+    body (config, command, environment) is decoded inside the container by the command's process.
+
+    The zygote has blocked every signal, left its session and made sigfd, a signalfd for them:
+    PID 1 inherits all three (a signalfd reads the signals of whoever reads it) instead of
+    paying for them with pages of its own.
+
+    Returns PID 1's pid, told to the creator over fds[0]; -1 when the request was refused (the
+    creator told why); 0 when the zygote must fork a setup child instead (zygote_child): with a
+    user namespace, or where the kernel has no clone3 for this.
+    """
+    try:
+        head_bytes, _, body = data.partition(b"\n")
+        head = loads(head_bytes)
+        flags = int(head["flags"])
+        if flags & libc.CLONE_NEWUSER:
+            return 0
+        pid = _clone_into(flags | libc.CLONE_PARENT, head["v2"])
+    except SyscallError:
+        return 0
+    except Exception as e:
+        with suppress(OSError):
+            os.write(fds[0], channel.render(channel.Error(f"zygote: bad request: {type(e).__name__}: {e}")))
+        return -1
+    if pid == 0:
+        sock = socket.socket(fileno=fds[0])
+        try:
+            for n in range(3):
+                os.dup2(fds[n + 1], n)
+            _keep_only_fds([fds[0], sigfd])
+            for d in head["v1"]:
+                write_cgroup_file(os.path.join(d, "tasks"), 0, "cgroups: join")  # as CgroupSet.join_self
+            _join_netns(head["netns"])
+        except BaseException as e:
+            init.main_fail(sock, e)
+        _be_init(sock, sigfd, head["die_with_parent"], flags, lambda: _decode_then_setup(body, sock, sigfd))
+    with suppress(OSError):
+        os.write(fds[0], channel.render(channel.Pid(pid)))
+    return pid
+
+
+def zygote_child(data: bytes, stdio: tuple[int, int, int], sock: socket.socket) -> None:
+    """The setup child the zygote forks where zygote_clone can't make PID 1: decodes the whole
+    request and takes setup_child's way (the user namespace's id maps, unshare, fork)."""
+    try:
+        head_bytes, _, body = data.partition(b"\n")
+        head = loads(head_bytes)
+        req = loads(body)
+        cfg = parse(req["source"])
+        cg = cgroups.from_paths(req["cgroups"]) if req["cgroups"] else None
+    except BaseException as e:
+        init.main_fail(sock, e)
+    setup_child(cfg, req["root"], req["command"], req["env"], stdio, req["tty"], cg, sock, None,
+                 head["die_with_parent"])
+
+
+def _decode_then_setup(body: bytes, sock: socket.socket, sigfd: int) -> None:
+    try:
+        req = loads(body)
+        cfg = parse(req["source"])
+    except BaseException as e:
+        init.main_fail(sock, e)
+    _setup_and_exec(cfg, req["root"], req["command"], req["env"], req["tty"], sock, sigfd)
+
+
+def _fork_inside(cg: CgroupSet | None) -> int:
+    """os.fork(), the child born in cg's cgroup2 directory (clone3: no cgroup.procs write, no RCU
+    wait); the caller has joined the v1 directories itself. Where clone3 can't, the caller joins
+    the cgroup2 directory the slow way first."""
+    path = cg.v2_leaf() if cg is not None else None
+    if path is None:
+        return os.fork()
+    try:
+        return _clone_into(0, path)
+    except SyscallError:
+        assert cg is not None
+        cg.join_self()
+        return os.fork()
+
+
+def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
+          sock: socket.socket, sigfd: int, die_with_parent: bool) -> None:
+    _be_init(sock, sigfd, die_with_parent, cfg.clone_flags,
+             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd))
+
+
+def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int, setup: Callable[[], None]) -> None:
+    """PID 1, in the container's namespaces and cgroups; never returns.
+
+    It forks the command's process at once, and that process sets the container up (the root,
+    the hostname, lo, the terminal), tells the creator Ready, waits for Start and execs the
+    command. PID 1 itself only forwards signals and reaps: every page it writes is a page it no
+    longer shares with whoever forked it, so it writes as few as it can (about 0.5 MiB, against
+    2.2 MiB when it set up the container itself). pivot_root moves the root and working directory
+    of every process of the mount namespace that stood at the old root: PID 1's too.
+    """
+    if flags & libc.CLONE_NEWCGROUP:
+        try:
+            # here, in PID 1, now inside the container's cgroups: they become the namespace's root
+            libc.unshare(libc.CLONE_NEWCGROUP)
+        except NsRuntimeError as e:
+            init.main_fail(sock, e)
+    with suppress(NsRuntimeError):
+        libc.set_process_name("nsinit-init")
+        # processes of the container may not ptrace PID 1 or open its /proc files (its socket to us)
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)
+    try:
+        os.chdir("/")  # at the old root, so that pivot_root takes this working directory along
+        cmd = os.fork()
+    except OSError as e:
+        init.main_fail(sock, e)
+    if cmd == 0:
+        setup()
+        os._exit(EXIT_RUNTIME_FAILED)  # (setup never returns)
+    init.serve(sock, sigfd, cmd, die_with_parent, bool(flags & libc.CLONE_NEWPID))
+
+
+def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
+                    sock: socket.socket, sigfd: int) -> None:
+    """The command's process, forked by PID 1: the container's setup, then the command; never returns."""
+    creator = channel.Reader("creator")
+    try:
+        # wait for the host side (network) to be done with our namespaces (Start may come with it)
+        if not isinstance(channel.receive(sock, creator), channel.Go):
+            os._exit(EXIT_RUNTIME_FAILED)
+        rootfs.prepare(cfg, root)
+        rootfs.switch_root(cfg, root)
+        if cfg.hostname and "NEWUTS" in cfg.namespaces:
+            socket.sethostname(cfg.hostname)
+        if "NEWNET" in cfg.namespaces and not any(n.type == "netns" for n in cfg.networks):
+            libc.loopback_up()
+        rootfs.finish(cfg)
+        tty_path = None
+        fds: list[int] = []
+        if use_tty:
+            master, slave = os.openpty()  # /dev/ptmx is now the container's own devpts; the slave
+            tty_path = os.ttyname(slave)  # stays open until exec: the master reads EIO while none is
+            fds = [master]
+        channel.send(sock, channel.Ready(), fds=fds)
+        for fd in fds:
+            os.close(fd)
+        if not isinstance(channel.receive(sock, creator), channel.Start):
+            os._exit(EXIT_RUNTIME_FAILED)  # the creator went away (or changed its mind) before start
+    except BaseException as e:
+        init.main_fail(sock, e)
+    os.close(sigfd)
+    sock.close()
+    init.exec_command(cfg, command, env, tty_path)
