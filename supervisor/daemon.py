@@ -43,7 +43,7 @@ from . import config as config_mod
 from .api import ControlError, ProgramStatus
 from .config import Config, ConfigError
 from .events import EventBus
-from .nsinitd import Options, parse_args
+from .options import Options, parse_args
 from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, proc_start_time, set_child_subreaper
 from .program import Context, Program
 from .states import SIGNALLABLE_STATES, ProcessState

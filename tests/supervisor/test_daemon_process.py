@@ -337,7 +337,7 @@ def test_the_nsinitd_entry_starts_a_zygote_early_only_for_containers(tmp_path: P
 
 
 def test_one_parser_reads_the_command_line_plain_spellings_without_argparse() -> None:
-    from supervisor.nsinitd import Options, _fast, parse_args
+    from supervisor.options import Options, _fast, parse_args
 
     assert _fast(["-c", "a.toml"]) == Options("a.toml")
     assert _fast(["-ca.toml", "--log-format=json"]) == Options("a.toml", log_format="json")
