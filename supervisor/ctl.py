@@ -41,6 +41,7 @@ import os
 import re
 import signal as signal_module
 import socket
+import struct
 import sys
 import time
 import tomllib
@@ -53,6 +54,13 @@ from supervisor import __version__
 from supervisor import protocol as proto
 
 DEFAULT_SOCKET = "/run/nsinit/nsinitd.sock"
+
+# How long nsinitctl waits for nsinitd. A daemon stuck in a blocking call accepts connections (the
+# kernel does that for it) and never answers: without a bound, nsinitctl would wait with it forever.
+CONNECT_TIMEOUT = 5.0  # a live nsinitd takes a connection at once; a full backlog is a stuck one
+QUICK_TIMEOUT = 10.0  # a request answered from the daemon's memory (status, pid, logs, ...)
+ACTION_TIMEOUT = 30.0  # a request that waits on programs: a start waits startsecs, a stop stopwaitsecs
+ACTION_COMMANDS = frozenset({"start", "stop", "restart", "reload", "shutdown"})
 
 OK, FAILED, USAGE, NOT_RUNNING, UNREACHABLE, REFUSED = 0, 1, 2, 3, 4, 5
 EXEC_FAILED = 125
@@ -86,9 +94,9 @@ class RemoteError(Exception):
 class Client:
     """One connection to nsinitd; requests are answered in order."""
 
-    def __init__(self, path: str, timeout: float | None) -> None:
+    def __init__(self, path: str, timeout: float) -> None:
         self.path = path
-        self.timeout = timeout
+        self.timeout = timeout  # for each answer; a stream's items after the first answer wait without limit
         self._sock: socket.socket | None = None
         self._conn = proto.Connection(proto.Role.CLIENT)
         self.ended = ""
@@ -108,9 +116,23 @@ class Client:
         if self._sock is not None:
             return self._sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout if self.timeout is not None else 10.0)
+        connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
+        # A unix socket's connect never waits when non-blocking (a full backlog is EAGAIN at once),
+        # which is what settimeout() would make it. Blocking, it waits for room in the backlog,
+        # for as long as SO_SNDTIMEO says, then fails with EAGAIN.
+        seconds = int(connect_timeout)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            struct.pack("ll", seconds, max(int((connect_timeout - seconds) * 1e6), 1)),
+        )
         try:
             sock.connect(self.path)
+        except BlockingIOError:
+            sock.close()
+            raise CtlError(
+                UNREACHABLE, f"nsinitd at {self.path} accepts no connection within {connect_timeout:g} s"
+            ) from None
         except PermissionError:
             sock.close()
             raise CtlError(REFUSED, f"permission denied on {self.path} (only root or the socket's group)") from None
@@ -120,11 +142,13 @@ class Client:
         except OSError as e:
             sock.close()
             raise CtlError(UNREACHABLE, f"cannot connect to {self.path}: {e.strerror or e}") from None
-        sock.settimeout(self.timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
         self._sock = sock
         return sock
 
-    def _receive(self) -> proto.Message:
+    def _receive(self, deadline: float | None) -> proto.Message:
+        """The next message; ``deadline`` (time.monotonic()) bounds the wait for it as a whole, so a
+        daemon that trickles bytes can't stretch it."""
         sock = self._connect()
         while True:
             try:
@@ -137,23 +161,32 @@ class Client:
                 raise CtlError(UNREACHABLE, "nsinitd closed the connection")
             if event is not proto.NEED_DATA:
                 return event
+            if deadline is None:
+                sock.settimeout(None)
+            else:
+                sock.settimeout(max(deadline - time.monotonic(), 1e-6))
             try:
                 data = sock.recv(1 << 16)
             except TimeoutError:
-                raise CtlError(UNREACHABLE, f"no reply from nsinitd within {self.timeout:g}s") from None
+                raise CtlError(
+                    UNREACHABLE, f"no answer from nsinitd at {self.path} within {self.timeout:g} s"
+                ) from None
             except ConnectionResetError:
                 data = b""
             self._conn.receive_data(data)
 
-    def _send(self, command: str, args: dict[str, Any]) -> int:
+    def _send(self, command: str, args: dict[str, Any], deadline: float) -> int:
         sock = self._connect()
         request_id, data = self._conn.request(command, **args)
         try:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-6))
             sock.sendall(data)
+        except TimeoutError:
+            raise CtlError(UNREACHABLE, f"no answer from nsinitd at {self.path} within {self.timeout:g} s") from None
         except OSError as e:
             # The server may already have refused us and closed: its reason is waiting to be read.
             try:
-                reply: proto.Message | None = self._receive()
+                reply: proto.Message | None = self._receive(deadline)
             except CtlError:
                 reply = None
             if isinstance(reply, proto.Error):
@@ -162,8 +195,9 @@ class Client:
         return request_id
 
     def call(self, command: str, **args: Any) -> Any:
-        self._send(command, args)
-        reply = self._receive()
+        deadline = time.monotonic() + self.timeout
+        self._send(command, args, deadline)
+        reply = self._receive(deadline)
         if isinstance(reply, proto.Error):
             raise _remote(reply)
         if isinstance(reply, proto.Reply):
@@ -174,10 +208,8 @@ class Client:
         """Items of a streaming request. Returns at the end of the stream (``self.ended`` says
         why), raises CtlError (FAILED) if the daemon dropped us."""
         self.call(command, **args)
-        if self._sock is not None:
-            self._sock.settimeout(None)  # --timeout bounds the reply; a stream may be quiet for long
         while True:
-            message = self._receive()
+            message = self._receive(None)  # the timeout bounds the first answer; a stream may be quiet for long
             if isinstance(message, proto.StreamItem):
                 yield dict(message.data)
             elif isinstance(message, proto.StreamEnd):
@@ -230,6 +262,17 @@ def _config_path(config: str, section: dict[str, Any], key: str) -> str | None:
         raise CtlError(USAGE, f"config {config}: supervisor.{key}: expected a string")
     # Relative paths are relative to the config file, as everything else in it.
     return os.path.join(os.path.dirname(os.path.abspath(config)), value)
+
+
+def answer_timeout(args: argparse.Namespace) -> float:
+    if args.timeout is not None:
+        return float(args.timeout)
+    return ACTION_TIMEOUT if args.command in ACTION_COMMANDS else QUICK_TIMEOUT
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """A client for the daemon the command line names, with the command's timeout."""
+    return Client(socket_path(args), answer_timeout(args))
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -308,7 +351,7 @@ def format_bytes(n: int | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace, o: Output) -> int:
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         programs: list[dict[str, Any]] = client.call("status")
     status = OK
     if args.names:
@@ -346,7 +389,7 @@ def cmd_action(args: argparse.Namespace, o: Output) -> int:
     word, wanted, picked = _ACTIONS[args.command]
     results: list[dict[str, Any]] = []
     status = OK
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         names = _expand_all(client, args.names, lambda p: p["state"] in picked)
         if args.command == "stop" and "all" in args.names:
             names.reverse()  # the daemon lists by name; stop in the opposite order of start
@@ -396,7 +439,7 @@ def cmd_signal(args: argparse.Namespace, o: Output) -> int:
         signame = str(signum)  # a real-time signal
     results: list[dict[str, Any]] = []
     status = OK
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         for name in _expand_all(client, args.names, lambda p: p["state"] == "RUNNING"):
             try:
                 client.call("signal", name=name, signum=signum)
@@ -420,7 +463,7 @@ def cmd_exec(args: argparse.Namespace, o: Output) -> int:
         command = command[1:]
     if not command:
         raise CtlError(USAGE, "exec: no command given (nsinitctl exec NAME -- CMD...)")
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         try:
             state_dir = client.call("exec_target", name=args.name)
         except RemoteError as e:
@@ -438,7 +481,7 @@ def cmd_exec(args: argparse.Namespace, o: Output) -> int:
 
 
 def cmd_pid(args: argparse.Namespace, o: Output) -> int:
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         try:
             pid = client.call("pid", **({"name": args.name} if args.name else {}))
         except RemoteError as e:
@@ -520,7 +563,7 @@ class Follower:
 
 def cmd_logs(args: argparse.Namespace, o: Output) -> int:
     stream = "stderr" if args.stderr else "stdout"
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         try:
             path = Path(client.call("log_path", name=args.name, stream=stream))
         except RemoteError as e:
@@ -683,7 +726,7 @@ def cmd_events(args: argparse.Namespace, o: Output) -> int:
             "(or -c CONFIG with [supervisor] event_log)",
         )
     if path is None:
-        with Client(socket_path(args), args.timeout) as client:
+        with connect(args) as client:
             for event in client.stream("events"):
                 printer.event(event)
         o.error(f"the event stream ended: {client.ended or 'nsinitd closed it'}")
@@ -768,7 +811,7 @@ def cmd_top(args: argparse.Namespace, o: Output) -> int:
     interactive = o.out.isatty() and not o.json
     previous: Sample | None = None
     frames = 0
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
 
         def sample() -> Sample:
             try:
@@ -809,7 +852,7 @@ def cmd_top(args: argparse.Namespace, o: Output) -> int:
 
 
 def cmd_reload(args: argparse.Namespace, o: Output) -> int:
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         try:
             changes = client.call("reload")
         except RemoteError as e:
@@ -829,17 +872,18 @@ def cmd_reload(args: argparse.Namespace, o: Output) -> int:
 
 def cmd_shutdown(args: argparse.Namespace, o: Output) -> int:
     path = socket_path(args)
-    with Client(path, args.timeout) as client:
+    timeout = answer_timeout(args)
+    with Client(path, timeout) as client:
         try:
             result = client.call("shutdown")
         except RemoteError as e:
             raise CtlError(_status_for(e.code), f"shutdown: {e.message}") from None
     pid = result.get("pid") if isinstance(result, dict) else None
     if args.wait:
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        deadline = time.monotonic() + timeout
         while os.path.exists(path) and _listening(path):
-            if deadline is not None and time.monotonic() > deadline:
-                raise CtlError(FAILED, f"nsinitd (pid {pid}) still running after {args.timeout:g}s")
+            if time.monotonic() > deadline:
+                raise CtlError(FAILED, f"nsinitd (pid {pid}) still running after {timeout:g} s")
             time.sleep(0.1)
     if o.json:
         o.dump({"pid": pid, "stopped": bool(args.wait)})
@@ -859,7 +903,7 @@ def _listening(path: str) -> bool:
 
 def cmd_version(args: argparse.Namespace, o: Output) -> int:
     try:
-        with Client(socket_path(args), args.timeout) as client:
+        with connect(args) as client:
             daemon = client.call("version")
     except CtlError as e:
         if o.json:
@@ -908,7 +952,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--timeout",
             type=_positive,
             default=argparse.SUPPRESS,
-            help="give up waiting for nsinitd after this many seconds (default: wait)",
+            metavar="S",
+            help=f"seconds to wait for an answer from nsinitd (default {ACTION_TIMEOUT:g} for start, stop, restart, "
+            f"reload, shutdown; {QUICK_TIMEOUT:g} for the rest; a following -f waits without limit after the "
+            "first answer)",
         )
         return p
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -524,13 +525,94 @@ async def test_unreachable_socket_is_4(tmp_path: Path) -> None:
         f"nsinitctl: cannot connect to {tmp_path / 'none.sock'}: No such file or directory (is nsinitd running?)\n"
     )
     stale = tmp_path / "stale.sock"
-    import socket
-
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(stale))
     s.close()
     result = await run_real("-s", str(stale), "status")
     assert result.returncode == 4 and b"Connection refused" in result.stderr
+
+
+@pytest.fixture
+async def stuck_daemon(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Path]:
+    """A socket whose listener accepts every connection and never answers: a stuck nsinitd."""
+    path = tmp_path / "stuck.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen()
+    accepted: list[trio.socket.SocketType] = []
+
+    async def accept_and_say_nothing() -> None:
+        while True:
+            conn, _ = await listener.accept()
+            accepted.append(conn)
+
+    nursery.start_soon(accept_and_say_nothing)
+    yield path
+    nursery.cancel_scope.cancel()
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+async def test_a_daemon_that_never_answers_is_given_up_on_by_default(
+    stuck_daemon: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ctl, "QUICK_TIMEOUT", 0.3)  # the real default, 10 s, is too long for a test
+    status, out, err = await nsinitctl("-s", str(stuck_daemon), "status")
+    assert (status, out, err) == (4, "", f"nsinitctl: no answer from nsinitd at {stuck_daemon} within 0.3 s\n")
+
+
+async def test_actions_on_programs_wait_longer_by_default(stuck_daemon: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctl, "QUICK_TIMEOUT", 0.1)
+    monkeypatch.setattr(ctl, "ACTION_TIMEOUT", 0.4)  # the real default, 30 s: a stop waits on stopwaitsecs
+    status, out, err = await nsinitctl("-s", str(stuck_daemon), "stop", "web")
+    assert (status, out, err) == (4, "", f"nsinitctl: no answer from nsinitd at {stuck_daemon} within 0.4 s\n")
+
+
+async def test_timeout_overrides_the_default(stuck_daemon: Path) -> None:
+    status, _, err = await nsinitctl("-s", str(stuck_daemon), "pid", "--timeout", "0.2")
+    assert (status, err) == (4, f"nsinitctl: no answer from nsinitd at {stuck_daemon} within 0.2 s\n")
+
+
+async def test_a_daemon_whose_backlog_is_full_is_given_up_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctl, "CONNECT_TIMEOUT", 0.3)
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as queued:
+        listener.bind(str(path))
+        listener.listen(0)  # room for one connection that nobody accepts: the next connect blocks
+        queued.connect(str(path))
+        status, _, err = await nsinitctl("-s", str(path), "status", "--timeout", "60")
+    assert (status, err) == (4, f"nsinitctl: nsinitd at {path} accepts no connection within 0.3 s\n")
+
+
+async def test_a_live_event_stream_may_stay_quiet_longer_than_the_timeout(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    path = tmp_path / "quiet.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen()
+
+    async def answer_then_wait() -> None:
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.recv(65536)
+            await conn.send(b'{"id":1,"ok":true,"result":{"stream":true}}\n')
+            await trio.sleep(1.0)  # quiet for longer than --timeout: a quiet stream is not a stuck daemon
+            await conn.send(b'{"id":1,"item":{"event":"program.running","program":"web"}}\n')
+            await conn.send(b'{"id":1,"end":{"reason":"closed","message":"nsinitd is stopping"}}\n')
+
+    nursery.start_soon(answer_then_wait)
+    status, out, err = await nsinitctl("-s", str(path), "events", "-f", "--timeout", "0.2")
+    listener.close()
+    assert (status, out) == (0, '{"event": "program.running", "program": "web"}\n')
+    assert err == "nsinitctl: the event stream ended: nsinitd is stopping\n"
+
+
+def test_help_documents_the_default_timeouts() -> None:
+    text = " ".join(ctl.build_parser().format_help().split())
+    assert ("--timeout S seconds to wait for an answer from nsinitd (default 30 for start, stop, restart, "
+            "reload, shutdown; 10 for the rest; a following -f waits without limit after the first answer)") in text
 
 
 async def test_global_options_after_the_command(sock: Path) -> None:
