@@ -41,6 +41,7 @@ import os
 import re
 import signal as signal_module
 import socket
+import stat
 import struct
 import sys
 import time
@@ -138,6 +139,9 @@ class Client:
             raise CtlError(REFUSED, f"permission denied on {self.path} (only root or the socket's group)") from None
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
+            kind = _not_a_socket(self.path)
+            if kind:
+                raise CtlError(UNREACHABLE, f"cannot connect to {self.path}: not a socket ({kind})") from None
             raise CtlError(UNREACHABLE, f"cannot connect to {self.path}: {e.strerror} (is nsinitd running?)") from None
         except OSError as e:
             sock.close()
@@ -221,6 +225,21 @@ class Client:
                 raise _remote(message)
 
 
+def _not_a_socket(path: str) -> str:
+    """What ``path`` is when it exists and isn't a socket ("a regular file"), else ""."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISSOCK(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "some other kind of file"
+
+
 def _remote(error: proto.Error) -> RemoteError:
     """The exception for a daemon's error reply; a refusal ends the command at once (exit 5)."""
     if error.code == proto.REFUSED:
@@ -242,26 +261,50 @@ def _status_for(code: str, *, not_running: int = FAILED) -> int:
 # -- the socket path -----------------------------------------------------------------------------------
 
 
-def read_config(path: str) -> dict[str, Any]:
+_TABLE = re.compile(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?")
+
+
+def config_path(config: str, key: str) -> str | None:
+    """``[supervisor] KEY`` of an nsinitd config, relative paths taken from the config's directory;
+    None when the key isn't there.
+
+    Read leniently: nsinitctl needs one path, and a typo elsewhere in the file (which nsinitd
+    refuses on reload, and says so) must not cut the operator off from the daemon still running
+    the previous version. A file that isn't valid TOML is read line by line: every ``key = value``
+    line of the [supervisor] table that parses alone counts."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        with open(config, "rb") as f:
+            text = f.read().decode(errors="replace")
     except OSError as e:
-        raise CtlError(USAGE, f"cannot read config {path}: {e.strerror}") from None
+        raise CtlError(USAGE, f"cannot read config {config}: {e.strerror}") from None
+    broken: tomllib.TOMLDecodeError | None = None
+    try:
+        section = tomllib.loads(text).get("supervisor", {})
     except tomllib.TOMLDecodeError as e:
-        raise CtlError(USAGE, f"config {path}: {e}") from None
-    section = data.get("supervisor", {})
-    return section if isinstance(section, dict) else {}
-
-
-def _config_path(config: str, section: dict[str, Any], key: str) -> str | None:
-    value = section.get(key)
+        broken = e
+        section = _supervisor_lines(text)
+    value = section.get(key) if isinstance(section, dict) else None
     if value is None:
+        if broken is not None:
+            raise CtlError(USAGE, f"config {config}: {broken}; no [supervisor] {key} could be read from it")
         return None
     if not isinstance(value, str):
         raise CtlError(USAGE, f"config {config}: supervisor.{key}: expected a string")
-    # Relative paths are relative to the config file, as everything else in it.
     return os.path.join(os.path.dirname(os.path.abspath(config)), value)
+
+
+def _supervisor_lines(text: str) -> dict[str, Any]:
+    """The one-line keys of the [supervisor] table of a file that isn't valid TOML as a whole."""
+    found: dict[str, Any] = {}
+    table = ""
+    for line in text.splitlines():
+        header = _TABLE.fullmatch(line)
+        if header:
+            table = header.group(1)
+        elif table == "supervisor":
+            with contextlib.suppress(tomllib.TOMLDecodeError):
+                found.update(tomllib.loads(line))
+    return found
 
 
 def answer_timeout(args: argparse.Namespace) -> float:
@@ -279,7 +322,7 @@ def socket_path(args: argparse.Namespace) -> str:
     if args.socket:
         return str(args.socket)
     if args.config:
-        path = _config_path(args.config, read_config(args.config), "socket")
+        path = config_path(args.config, "socket")
         if path:
             return path
     return DEFAULT_SOCKET
@@ -709,6 +752,32 @@ class EventPrinter:
         self.o.line(pretty(event))
 
 
+def _event_log(args: argparse.Namespace) -> str:
+    """The event log to read: the config's ``event_log``, else the one the daemon names."""
+    if args.config:
+        path = config_path(args.config, "event_log")
+        if path:
+            return path
+    try:
+        with connect(args) as client:
+            path = client.call("event_log")
+    except (CtlError, RemoteError) as e:
+        if isinstance(e, CtlError) and e.status != UNREACHABLE:
+            raise
+        raise CtlError(
+            USAGE,
+            f"events: nothing to read: no nsinitd answers at {socket_path(args)} to say where its event log is; "
+            "use -f for the live stream, or --file PATH (or -c CONFIG with [supervisor] event_log)",
+        ) from None
+    if not isinstance(path, str):
+        raise CtlError(
+            USAGE,
+            f"events: nsinitd at {socket_path(args)} keeps no event log ([supervisor] event_log): "
+            "use -f for the live stream",
+        )
+    return path
+
+
 def cmd_events(args: argparse.Namespace, o: Output) -> int:
     keep = EventFilter(
         programs=frozenset(args.program or ()),
@@ -717,14 +786,8 @@ def cmd_events(args: argparse.Namespace, o: Output) -> int:
     )
     printer = EventPrinter(o, keep, args.pretty)
     path = args.file
-    if path is None and not args.follow and args.config:
-        path = _config_path(args.config, read_config(args.config), "event_log")
     if path is None and not args.follow:
-        raise CtlError(
-            USAGE,
-            "events: nothing to read: use -f for the live stream, or --file PATH "
-            "(or -c CONFIG with [supervisor] event_log)",
-        )
+        path = _event_log(args)
     if path is None:
         with connect(args) as client:
             for event in client.stream("events"):
@@ -870,6 +933,25 @@ def cmd_reload(args: argparse.Namespace, o: Output) -> int:
     return OK
 
 
+def cmd_reread(args: argparse.Namespace, o: Output) -> int:
+    with connect(args) as client:
+        try:
+            changes = client.call("reread")
+        except RemoteError as e:
+            raise CtlError(_status_for(e.code), f"reread: {e.message}") from None
+    if o.json:
+        o.dump(changes)
+        return OK
+    lines = [
+        f"{name}: {word}"
+        for key, word in (("added", "available"), ("changed", "changed"), ("removed", "disappeared"))
+        for name in changes.get(key, ())
+    ]
+    for line in lines or ["no config updates to programs"]:
+        o.line(line)
+    return OK
+
+
 def cmd_shutdown(args: argparse.Namespace, o: Output) -> int:
     path = socket_path(args)
     timeout = answer_timeout(args)
@@ -1010,6 +1092,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--delay", type=_positive, default=2.0, metavar="S", help="seconds between refreshes")
     p.add_argument("-n", "--iterations", type=int, default=None, metavar="N", help="stop after N refreshes")
     add("reload", cmd_reload, "reread the config and apply additions, removals and changes")
+    add("reread", cmd_reread, "what a reload would change (available, changed, disappeared), changing nothing")
     p = add("shutdown", cmd_shutdown, "stop every program and nsinitd")
     p.add_argument("--wait", action="store_true", help="wait until nsinitd has exited")
     add("version", cmd_version, "versions of nsinitctl and nsinitd")

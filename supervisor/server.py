@@ -49,6 +49,7 @@ import trio
 from supervisor import __version__
 from supervisor import protocol as proto
 from supervisor.api import ControlError, SupervisorAPI
+from supervisor.states import STOPPED_STATES
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python doesn't name it
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -56,6 +57,10 @@ _RECEIVE_CHUNK = 64 * 1024
 
 
 _STREAM_BATCH = 256  # events per write to an event reader, at most
+
+# What supervisorctl refuses: starting a program that runs, stopping one that doesn't. The daemon's
+# start and stop return the status whatever it was; the refusal is the control socket's to make.
+_NOT_RUNNING = frozenset(s.value for s in STOPPED_STATES)
 
 
 class SocketInUseError(OSError):
@@ -419,8 +424,13 @@ class _Server:
         if command == "status":
             return [s.to_json() for s in api.status(tuple(args.get("names", ())))]
         if command == "start":
+            # no checkpoint between the look and the start: nothing can change the state in between
+            if api.status((args["name"],))[0].state == "RUNNING":
+                raise ControlError("bad_state", "already started")
             return (await api.start(args["name"])).to_json()
         if command == "stop":
+            if api.status((args["name"],))[0].state in _NOT_RUNNING:
+                raise ControlError("bad_state", "not running")
             return (await api.stop(args["name"])).to_json()
         if command == "restart":
             return (await api.restart(args["name"])).to_json()
@@ -445,6 +455,10 @@ class _Server:
             return status.pid
         if command == "reload":
             return await api.reload()
+        if command == "reread":
+            return api.reread()
+        if command == "event_log":
+            return None if api.event_log is None else os.fspath(api.event_log)
         if command == "shutdown":
             api.request_shutdown()
             return {"pid": api.pid}

@@ -181,8 +181,8 @@ async def test_start_stop_restart(sock: Path, api: Any) -> None:
     s = str(sock)
     assert await nsinitctl("-s", s, "stop", "web", "db") == (0, "web: stopped\ndb: stopped\n", "")
     assert api.programs["web"].state == "STOPPED"
-    status, out, _ = await nsinitctl("-s", s, "stop", "web")
-    assert status == 1 and out == "web: ERROR (web is not running)\n"
+    assert await nsinitctl("-s", s, "stop", "web") == (1, "web: ERROR (not running)\n", "")
+    assert await nsinitctl("-s", s, "start", "worker") == (1, "worker: ERROR (already started)\n", "")
     assert await nsinitctl("-s", s, "start", "web") == (0, "web: started\n", "")
     assert await nsinitctl("-s", s, "restart", "web") == (0, "web: restarted\n", "")
     status, out, _ = await nsinitctl("-s", s, "start", "nope")
@@ -373,7 +373,11 @@ async def test_events_pretty(event_log: Path) -> None:
 
 async def test_events_needs_a_source(tmp_path: Path) -> None:
     status, _, err = await nsinitctl("-s", str(tmp_path / "none"), "events")
-    assert status == 2 and "--file" in err
+    assert (status, err) == (
+        2,
+        f"nsinitctl: events: nothing to read: no nsinitd answers at {tmp_path / 'none'} to say where its event "
+        "log is; use -f for the live stream, or --file PATH (or -c CONFIG with [supervisor] event_log)\n",
+    )
     status, _, err = await nsinitctl("events", "--file", str(tmp_path / "missing.jsonl"))
     assert status == 2 and "cannot read" in err
     status, _, err = await nsinitctl("events", "--file", "x", "--since", "yesterday")
@@ -385,6 +389,21 @@ async def test_events_read_the_config_event_log(tmp_path: Path, event_log: Path)
     config.write_text(f'[supervisor]\nevent_log = "{event_log.name}"\n')
     status, got, _ = await events("-c", str(config), "--program", "db")
     assert status == 0 and got == [EVENTS[3]]
+
+
+async def test_events_without_a_file_read_the_log_of_the_daemon_that_answers(
+    sock: Path, api: Any, event_log: Path
+) -> None:
+    api.event_log = event_log
+    status, got, _ = await events("-s", str(sock), "--program", "db")
+    assert (status, got) == (0, [EVENTS[3]])
+    api.event_log = None
+    status, out, err = await nsinitctl("-s", str(sock), "events")
+    assert (status, out) == (2, "")
+    assert err == (
+        f"nsinitctl: events: nsinitd at {sock} keeps no event log ([supervisor] event_log): "
+        "use -f for the live stream\n"
+    )
 
 
 async def test_events_file_follow(event_log: Path, background: Any) -> None:
@@ -494,6 +513,14 @@ async def test_top_when_the_daemon_has_no_stats(sock: Path, api: Any) -> None:
     assert status == 1 and "resource usage" in err
 
 
+async def test_reread_says_what_a_reload_would_change(sock: Path, api: Any) -> None:
+    assert await nsinitctl("-s", str(sock), "reread") == (0, "new: available\ndb: changed\nworker: disappeared\n", "")
+    status, out, _ = await nsinitctl("-s", str(sock), "--json", "reread")
+    assert (status, json.loads(out)) == (0, {"added": ["new"], "changed": ["db"], "removed": ["worker"]})
+    api.reread = lambda: {"added": [], "removed": [], "changed": []}
+    assert await nsinitctl("-s", str(sock), "reread") == (0, "no config updates to programs\n", "")
+
+
 async def test_reload_shutdown_version(sock: Path, api: Any) -> None:
     s = str(sock)
     assert await nsinitctl("-s", s, "reload") == (0, "new: added\n", "")
@@ -516,6 +543,38 @@ async def test_socket_from_config(sock: Path, tmp_path: Path) -> None:
     assert (status, out) == (0, f"{os.getpid()}\n")
     status, _, err = await nsinitctl("-c", str(tmp_path / "missing.toml"), "pid")
     assert status == 2 and "cannot read config" in err
+
+
+async def test_a_config_with_a_typo_elsewhere_still_names_the_socket(sock: Path, tmp_path: Path) -> None:
+    config = tmp_path / "conf" / "nsinitd.toml"
+    config.parent.mkdir()
+    config.write_text(
+        '[supervisor]\nsocket = "../nsinitd.sock"  # next to the config\nlog_dir = "logs"\n\n'
+        '[programs.web]\ncommand = ["sleep", 1000\n'  # unclosed: nsinitd would refuse it, nsinitctl needn't
+    )
+    assert await nsinitctl("-c", str(config), "pid") == (0, f"{os.getpid()}\n", "")
+
+
+async def test_a_config_whose_socket_line_is_broken_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "nsinitd.toml"
+    config.write_text('[supervisor]\nsocket = "run/nsinitd.sock\n')
+    status, _, err = await nsinitctl("-c", str(config), "pid")
+    assert (status, err) == (
+        2,
+        f"nsinitctl: config {config}: Illegal character '\\n' (at line 2, column 27); "
+        "no [supervisor] socket could be read from it\n",
+    )
+
+
+async def test_a_socket_path_that_is_not_a_socket_says_so(tmp_path: Path) -> None:
+    regular = tmp_path / "nsinitd.sock"
+    regular.write_text("")
+    assert await nsinitctl("-s", str(regular), "status") == (
+        4, "", f"nsinitctl: cannot connect to {regular}: not a socket (a regular file)\n"
+    )
+    assert await nsinitctl("-s", str(tmp_path), "status") == (
+        4, "", f"nsinitctl: cannot connect to {tmp_path}: not a socket (a directory)\n"
+    )
 
 
 async def test_unreachable_socket_is_4(tmp_path: Path) -> None:
@@ -753,6 +812,57 @@ async def test_end_to_end_with_a_real_nsinitd(tmp_path: Path, background: Any) -
             daemon.stderr.close()
     # give the follower's end a moment, then it is killed by its fixture
     time.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_a_real_nsinitd_refuses_to_start_a_running_program_and_to_stop_a_stopped_one(tmp_path: Path) -> None:
+    config = tmp_path / "nsinitd.toml"
+    head = '[supervisor]\nsocket = "run/nsinitd.sock"\nlog_dir = "logs"\nstate_dir = "state"\n\n'
+    config.write_text(
+        head + '[programs.sleeper]\ncommand = ["sleep", "1000"]\nstartsecs = 0.2\n\n'
+        '[programs.manual]\ncommand = ["sleep", "1000"]\nautostart = false\n'
+    )
+    c = str(config)
+    daemon = _start_daemon(config)
+    try:
+        with trio.fail_after(15):
+            while (await run_real("-c", c, "status", "sleeper")).returncode != 0:
+                assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+                await trio.sleep(0.1)
+        result = await run_real("-c", c, "start", "sleeper")
+        assert (result.returncode, result.stdout, result.stderr) == (1, b"sleeper: ERROR (already started)\n", b"")
+        result = await run_real("-c", c, "stop", "manual")
+        assert (result.returncode, result.stdout, result.stderr) == (1, b"manual: ERROR (not running)\n", b"")
+        result = await run_real("-c", c, "--json", "start", "sleeper", "manual")
+        assert result.returncode == 1
+        assert [r.get("state") or r["error"] for r in json.loads(result.stdout)] == [
+            {"code": "bad_state", "message": "already started"}, "RUNNING"
+        ]
+        assert (await run_real("-c", c, "stop", "manual")).stdout == b"manual: stopped\n"
+
+        # reread says what a reload would do, and does none of it
+        config.write_text(
+            head + '[programs.sleeper]\ncommand = ["sleep", "2000"]\nstartsecs = 0.2\n\n'
+            '[programs.extra]\ncommand = ["sleep", "1000"]\n'
+        )
+        result = await run_real("-c", c, "reread")
+        assert (result.returncode, result.stdout) == (0, b"extra: available\nsleeper: changed\nmanual: disappeared\n")
+        result = await run_real("-c", c, "status")
+        assert [line.split()[:2] for line in result.stdout.decode().splitlines()] == [
+            ["manual", "STOPPED"], ["sleeper", "RUNNING"]
+        ]
+        pid = int((await run_real("-c", c, "pid", "sleeper")).stdout)
+        assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"  # not restarted
+
+        # a config with a typo: nsinitctl still reaches nsinitd, and reread reports the error
+        config.write_text(config.read_text() + "startsecs = \n")
+        assert (await run_real("-c", c, "pid")).stdout == f"{daemon.pid}\n".encode()
+        result = await run_real("-c", c, "reread")
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"nsinitctl: reread: {config}".encode())
+        assert result.stderr.count(b"\n") == 1
+    finally:
+        _stop_daemon(daemon)
 
 
 def _start_daemon(config: Path) -> subprocess.Popen[bytes]:

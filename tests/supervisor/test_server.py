@@ -52,6 +52,7 @@ class FakeAPI:
         self.action_delay = 0.0
         self.socket_group: int | None = None
         self.stats_calls = 0
+        self.event_log: Path | None = tmp / "events.jsonl"
 
     @property
     def pid(self) -> int:
@@ -74,9 +75,11 @@ class FakeAPI:
         self.emit(f"program.{status.state.lower()}", program=name, pid=status.pid)
         return status
 
+    # start and stop answer like the daemon's: with the program's status, whatever state it was in
+    # (the control server decides what "already started" and "not running" are)
     async def start(self, name: str) -> ProgramStatus:
         if self._get(name).state == "RUNNING":
-            raise ControlError("bad_state", f"{name} is already running")
+            return self._get(name)
         await trio.sleep(self.action_delay)
         if name in self.fail_start:
             return self._set(name, state="FATAL", pid=None, exit_code=1,
@@ -85,7 +88,7 @@ class FakeAPI:
 
     async def stop(self, name: str) -> ProgramStatus:
         if self._get(name).state not in ("RUNNING", "STARTING", "BACKOFF"):
-            raise ControlError("bad_state", f"{name} is not running")
+            return self._get(name)
         await trio.sleep(self.action_delay)
         return self._set(name, state="STOPPED", pid=None, exit_code=143, signal="SIGTERM",
                          description="stopped")
@@ -123,6 +126,9 @@ class FakeAPI:
         send, receive = trio.open_memory_channel[dict[str, Any]](max_buffer + 1)
         self.subscribers.append((send, max_buffer))
         return receive
+
+    def reread(self) -> dict[str, list[str]]:
+        return {"added": ["new"], "removed": ["worker"], "changed": ["db"]}
 
     async def reload(self) -> dict[str, list[str]]:
         self.programs["new"] = replace(self.programs[sorted(self.programs)[0]], name="new", state="STOPPED",
@@ -235,6 +241,22 @@ async def test_control_errors_keep_their_code(sock: Path) -> None:
     assert isinstance(error, proto.Error) and error.code == "not_a_container"
     error = await call(sock, "signal", name="web", signum=999)
     assert isinstance(error, proto.Error) and error.code == "bad_request"
+
+
+async def test_start_of_a_running_program_and_stop_of_a_stopped_one_are_refused(sock: Path, api: FakeAPI) -> None:
+    assert await call(sock, "start", name="web") == proto.Error(1, "bad_state", "already started")
+    assert (await call(sock, "stop", name="web")).result["state"] == "STOPPED"
+    assert await call(sock, "stop", name="web") == proto.Error(1, "bad_state", "not running")
+    api.programs["db"] = replace(api.programs["db"], state="FATAL", pid=None)
+    assert await call(sock, "stop", name="db") == proto.Error(1, "bad_state", "not running")
+    assert [e["event"] for e in api.emitted] == ["program.stopped"]  # nothing else happened
+
+
+async def test_reread_and_event_log(sock: Path, api: FakeAPI) -> None:
+    assert (await call(sock, "reread")).result == {"added": ["new"], "removed": ["worker"], "changed": ["db"]}
+    assert (await call(sock, "event_log")).result == os.fspath(api.tmp / "events.jsonl")
+    api.event_log = None
+    assert (await call(sock, "event_log")).result is None
 
 
 async def test_actions(sock: Path, api: FakeAPI) -> None:
