@@ -501,11 +501,7 @@ def cmd_signal(args: argparse.Namespace, o: Output) -> int:
 
 
 def cmd_exec(args: argparse.Namespace, o: Output) -> int:
-    command = list(args.cmd)
-    if command[:1] == ["--"]:
-        command = command[1:]
-    if not command:
-        raise CtlError(USAGE, "exec: no command given (nsinitctl exec NAME -- CMD...)")
+    command: list[str] = args.cmd
     with connect(args) as client:
         try:
             state_dir = client.call("exec_target", name=args.name)
@@ -1006,8 +1002,40 @@ def cmd_version(args: argparse.Namespace, o: Output) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        # argparse's shape (usage, then "PROG: error: ..."), always under one name, and exit 2
+        # through run() like every other usage error
         self.print_usage(sys.stderr)
-        raise CtlError(USAGE, message)
+        raise CtlError(USAGE, f"error: {message}")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return whole_number
+
+
+class _ExecCommand(argparse.Action):
+    """exec's command: everything after ``--``. Anything else after NAME that looks like an option
+    is a mistake (``exec web -t -- sh`` would run ``-t``), refused rather than run."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        command = list(values)
+        if command[:1] == ["--"]:
+            command = command[1:]
+        elif command and command[0].startswith("-"):
+            parser.error(f"exec: options go before NAME, the command after --: {command[0]!r}")
+        if not command:
+            parser.error("exec: no command given (nsinitctl exec NAME -- CMD...)")
+        setattr(namespace, self.dest, command)
 
 
 def _positive(text: str) -> float:
@@ -1073,12 +1101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("exec", cmd_exec, "run a command inside a program's live container")
     p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, action=_ExecCommand, metavar="-- CMD...")
     p = add("pid", cmd_pid, "the pid of nsinitd, or of a program")
     p.add_argument("name", nargs="?", metavar="NAME")
     p = add("logs", cmd_logs, "a program's captured output")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended")
-    p.add_argument("-n", "--lines", type=int, default=10, metavar="N", help="last N lines (default 10)")
+    p.add_argument("-n", "--lines", type=_at_least(0), default=10, metavar="N", help="last N lines (default 10)")
     p.add_argument("--stderr", action="store_true", help="the stderr capture instead of stdout")
     p.add_argument("name", metavar="NAME")
     p = add("events", cmd_events, "lifecycle events: live from nsinitd, or from an event log file")
@@ -1090,7 +1118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true", help="a human-readable table instead of JSON lines")
     p = add("top", cmd_top, "live cpu, memory, pids and restarts of every program")
     p.add_argument("-d", "--delay", type=_positive, default=2.0, metavar="S", help="seconds between refreshes")
-    p.add_argument("-n", "--iterations", type=int, default=None, metavar="N", help="stop after N refreshes")
+    p.add_argument("-n", "--iterations", type=_at_least(1), default=None, metavar="N", help="stop after N refreshes")
     add("reload", cmd_reload, "reread the config and apply additions, removals and changes")
     add("reread", cmd_reread, "what a reload would change (available, changed, disappeared), changing nothing")
     p = add("shutdown", cmd_shutdown, "stop every program and nsinitd")

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from supervisor import ctl, server
+from supervisor import __version__, ctl, server
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -677,6 +677,53 @@ def test_help_documents_the_default_timeouts() -> None:
 async def test_global_options_after_the_command(sock: Path) -> None:
     status, out, _ = await nsinitctl("status", "web", "-s", str(sock), "--json")
     assert status == 0 and json.loads(out)[0]["name"] == "web"
+
+
+async def test_help_and_version_exit_0() -> None:
+    result = await run_real("--help")
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith(b"usage: nsinitctl [-h]")
+    result = await run_real("status", "--help")
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith(b"usage: nsinitctl status [-h]")
+    result = await run_real("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"nsinitctl {__version__}\n".encode(), b"")
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "message"),
+    [
+        ((), "nsinitctl", "the following arguments are required: COMMAND"),
+        (("status", "--bogus"), "nsinitctl", "unrecognized arguments: --bogus"),
+        (("version", "extra"), "nsinitctl", "unrecognized arguments: extra"),
+        (("reload", "extra"), "nsinitctl", "unrecognized arguments: extra"),
+        (("reread", "extra"), "nsinitctl", "unrecognized arguments: extra"),
+        (("shutdown", "now"), "nsinitctl", "unrecognized arguments: now"),
+        (("pid", "web", "db"), "nsinitctl", "unrecognized arguments: db"),
+        (("logs", "web", "db"), "nsinitctl", "unrecognized arguments: db"),
+        (("start",), "nsinitctl start", "the following arguments are required: NAME"),
+        (("signal", "HUP"), "nsinitctl signal", "the following arguments are required: NAME"),
+        (("--timeout",), "nsinitctl", "argument --timeout: expected one argument"),
+        (("status", "--timeout", "0"), "nsinitctl status", "argument --timeout: must be > 0"),
+        (("logs", "-n", "-1", "web"), "nsinitctl logs", "argument -n/--lines: expected a whole number >= 0, got '-1'"),
+        (("top", "-n", "0"), "nsinitctl top", "argument -n/--iterations: expected a whole number >= 1, got '0'"),
+        (("top", "-d", "0"), "nsinitctl top", "argument -d/--delay: must be > 0"),
+        (("exec", "web", "--bogus"), "nsinitctl exec",
+         "exec: options go before NAME, the command after --: '--bogus'"),
+        (("exec", "web", "-t", "--", "sh"), "nsinitctl exec",
+         "exec: options go before NAME, the command after --: '-t'"),
+        (("exec", "web"), "nsinitctl exec", "exec: no command given (nsinitctl exec NAME -- CMD...)"),
+    ],
+)
+async def test_usage_errors_exit_2_with_the_usage_and_one_error_line(
+    argv: tuple[str, ...], usage: str, message: str, tmp_path: Path
+) -> None:
+    result = await run_real("-s", str(tmp_path / "none.sock"), *argv)
+    err = result.stderr.decode()
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert err.startswith(f"usage: {usage} [-h]")
+    assert err.endswith(f"\nnsinitctl: error: {message}\n")
+    assert err.count("nsinitctl: error:") == 1
 
 
 async def test_usage_errors_are_2(sock: Path) -> None:
