@@ -840,6 +840,7 @@ async def test_end_to_end_with_a_real_nsinitd(tmp_path: Path, background: Any) -
                 await trio.sleep(0.05)
         assert daemon.returncode == 0
         assert not sock.exists()
+        assert not sock.with_name("nsinitd.sock.lock").exists()
         assert (await run_real("-c", c, "status")).returncode == 4
         with trio.fail_after(5):  # the live follower was told the stream ended, and exits 0
             while follower.proc.poll() is None:

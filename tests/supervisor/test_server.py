@@ -8,6 +8,7 @@ requests, a flood of connections, an event reader that never reads).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -363,6 +364,60 @@ async def test_socket_removed_on_exit(api: FakeAPI, tmp_path: Path) -> None:
         assert path.exists()
         nursery.cancel_scope.cancel()
     assert not path.exists()
+
+
+async def test_the_lock_file_goes_with_the_socket(api: FakeAPI, tmp_path: Path) -> None:
+    path = tmp_path / "x.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, api, path)
+        assert (tmp_path / "x.sock.lock").exists()
+        nursery.cancel_scope.cancel()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+async def test_a_daemon_starting_while_one_stops_keeps_the_lock_file(api: FakeAPI, tmp_path: Path) -> None:
+    """The lock file is removed under the lock: if another daemon holds it (it is checking the
+    socket right now), the one stopping leaves both files to it (the socket is then a dead one's,
+    which the starter replaces)."""
+    path = tmp_path / "x.sock"
+    lock_path = tmp_path / "x.sock.lock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, api, path)
+        starter = os.open(lock_path, os.O_RDWR)
+        fcntl.flock(starter, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        nursery.cancel_scope.cancel()
+    try:
+        assert os.stat(lock_path).st_ino == os.fstat(starter).st_ino  # the starter's lock still guards the path
+    finally:
+        os.close(starter)
+
+
+def test_a_lock_file_removed_while_waiting_for_it_is_locked_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between open() and flock() a stopping daemon may remove the lock file: a lock on the removed
+    file guards nothing, since the next daemon creates a new file and locks that."""
+    path = tmp_path / "x.sock"
+    lock_path = tmp_path / "x.sock.lock"
+    real_flock = fcntl.flock
+    removed = []
+
+    def flock_after_removal(fd: int, operation: int) -> None:
+        if not removed:
+            lock_path.unlink()  # the stopping daemon's removal, just before our flock
+            removed.append(True)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(server.fcntl, "flock", flock_after_removal)
+    with server._lock(path):
+        monkeypatch.setattr(server.fcntl, "flock", real_flock)
+        other = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)  # a second daemon starting
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    assert removed
 
 
 async def test_stale_socket_is_replaced(api: FakeAPI, tmp_path: Path, nursery: trio.Nursery) -> None:
