@@ -4,6 +4,7 @@ server, client in a thread or as a real `nsinitctl` subprocess), and end to end 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -97,10 +98,10 @@ class Background:
         assert self.proc.stdout is not None
         with trio.fail_after(timeout):
             while b"\n" not in self.buffer:
+                await trio.lowlevel.wait_readable(self.proc.stdout.fileno())
                 try:
                     chunk = os.read(self.proc.stdout.fileno(), 65536)
                 except BlockingIOError:
-                    await trio.sleep(0.02)
                     continue
                 if not chunk:
                     raise EOFError(self.proc.stderr.read().decode() if self.proc.stderr else "")
@@ -108,11 +109,32 @@ class Background:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line.decode()
 
+    def read_offset(self, path: Path) -> int:
+        """How far the follower has read ``path`` (its descriptor's offset, from /proc)."""
+        fds = Path(f"/proc/{self.proc.pid}/fd")
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == str(path):
+                    info = Path(f"/proc/{self.proc.pid}/fdinfo/{fd.name}").read_text()
+                    return int(info.split("pos:")[1].split()[0])
+        raise AssertionError(f"the follower has no descriptor open on {path}")
+
     async def interrupt(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGINT)
-        with trio.fail_after(5):
-            while self.proc.poll() is None:
-                await trio.sleep(0.02)
+        # A SIGINT the follower can't receive would look like a hang: say so instead. Blocked or
+        # ignored signals are inherited through fork and exec, from whatever set them in pytest.
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        masks = dict(line.split(":\t") for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn")))
+        bit = 1 << (signal.SIGINT - 1)
+        assert not int(masks["SigBlk"], 16) & bit, f"the follower inherited SIGINT blocked: {masks}"
+        assert not int(masks["SigIgn"], 16) & bit, f"the follower inherited SIGINT ignored: {masks}"
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            self.proc.send_signal(signal.SIGINT)
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self.proc.wait()
         assert self.proc.stderr is not None
         return self.proc.returncode, self.proc.stderr.read().decode()
 
@@ -303,6 +325,35 @@ async def test_logs_follow_across_rotation(sock: Path, api: Any, background: Any
     assert status == 0 and "Traceback" not in err
 
 
+async def test_a_follower_is_woken_by_the_change_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctl.Follower, "RECHECK", 3600.0)  # no timer may be what wakes it
+    monkeypatch.setattr(ctl.Follower, "POLL", 3600.0)
+    log = tmp_path / "web.stdout.log"
+    log.write_bytes(b"")
+    follower = ctl.Follower(log, log.open("rb"))
+    try:
+        assert follower.read() == b""
+
+        async def woken_by(change: Any) -> bytes:
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lambda: trio.to_thread.run_sync(follower.wait, abandon_on_cancel=True))
+                    change()
+            return follower.read()
+
+        assert await woken_by(lambda: log.write_bytes(b"appended\n")) == b"appended\n"
+        assert await woken_by(lambda: log.write_bytes(b"")) == b""  # truncated: nothing new yet
+        assert await woken_by(lambda: log.write_bytes(b"after truncation\n")) == b"after truncation\n"
+
+        def rotate() -> None:
+            log.rename(log.with_suffix(".log.1"))
+            log.write_bytes(b"a new file\n")
+
+        assert await woken_by(rotate) == b"a new file\n"
+    finally:
+        follower.close()
+
+
 def test_tail_bytes(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"".join(b"%d\n" % i for i in range(100_000)))
@@ -414,7 +465,9 @@ async def test_events_file_follow(event_log: Path, background: Any) -> None:
         f.write(json.dumps({**new, "program": "web"}) + "\n")
         f.write(json.dumps(new)[:20])  # half a line: printed once it is complete
         f.flush()
-        await trio.sleep(0.4)
+        with trio.fail_after(5):  # the follower has read the half line
+            while follower.read_offset(event_log) < event_log.stat().st_size:
+                await trio.sleep(0.01)
         f.write(json.dumps(new)[20:] + "\n")
     assert json.loads(await follower.line()) == new
     status, _ = await follower.interrupt()
@@ -424,8 +477,7 @@ async def test_events_file_follow(event_log: Path, background: Any) -> None:
 async def test_events_live_follow_sees_a_new_event(sock: Path, api: Any, background: Any) -> None:
     follower = background("-s", str(sock), "events", "-f", "--program", "web")
     with trio.fail_after(5):
-        while not api.subscribers:
-            await trio.sleep(0.02)
+        await api.subscribed.wait()
     api.emit("program.stopping", program="db")
     api.emit("program.stopping", program="web", pid=4)
     got = json.loads(await follower.line())
@@ -437,8 +489,7 @@ async def test_events_live_follow_sees_a_new_event(sock: Path, api: Any, backgro
 async def test_events_live_stream_dropped_is_1(sock: Path, api: Any) -> None:
     async def drop_soon() -> None:
         with trio.fail_after(5):
-            while not api.subscribers:
-                await trio.sleep(0.02)
+            await api.subscribed.wait()
         send, _ = api.subscribers.pop()
         send.send_nowait({"event": "subscriber.dropped", "reason": "fell 100 events behind"})
         send.close()

@@ -54,6 +54,7 @@ class FakeAPI:
         self.socket_group: int | None = None
         self.stats_calls = 0
         self.event_log: Path | None = tmp / "events.jsonl"
+        self.subscribed = trio.Event()  # set at the first subscribe()
 
     @property
     def pid(self) -> int:
@@ -126,6 +127,7 @@ class FakeAPI:
     def subscribe(self, max_buffer: int) -> trio.MemoryReceiveChannel[dict[str, Any]]:
         send, receive = trio.open_memory_channel[dict[str, Any]](max_buffer + 1)
         self.subscribers.append((send, max_buffer))
+        self.subscribed.set()
         return receive
 
     def reread(self) -> dict[str, list[str]]:
