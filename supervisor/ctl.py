@@ -4,7 +4,8 @@ Usage: ``nsinitctl [-s SOCKET] [-c CONFIG] [--json] [--timeout S] COMMAND ...``
 
 The socket is ``-s``, else ``[supervisor] socket`` of the config file given with ``-c``, else
 ``/run/nsinit/nsinitd.sock``. Commands: status, start, stop, restart, signal, exec, pid, logs, events,
-top, reload, shutdown, version (``nsinitctl COMMAND -h`` for each).
+top, reload, reread, shutdown, version (``nsinitctl COMMAND -h`` for each). Each answer is awaited
+30 s for start/stop/restart/reload/shutdown, 10 s for the rest, or ``--timeout``.
 
 Exit statuses:
 
@@ -16,7 +17,8 @@ Exit statuses:
 2     usage error: bad arguments, unknown command, unknown program, unreadable config or file
 3     a program is not running: ``status NAME...`` with a named program not RUNNING, ``pid NAME``,
       ``signal`` or ``exec`` on a program that isn't running
-4     nsinitd unreachable: no socket, nobody listening, connection lost, no reply within --timeout
+4     nsinitd unreachable: no socket, not a socket, nobody listening, connection lost, no answer
+      within the timeout (--timeout, default 30 s or 10 s)
 5     refused: the socket's permissions or the daemon's SO_PEERCRED check (not root, not in the
       configured group)
 125   exec: the runtime failed to join the container (the command never ran)
@@ -1117,8 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nsinitctl",
         description="Control nsinitd.",
         parents=[common()],
-        epilog="Exit statuses: 0 ok, 1 failed, 2 usage/unknown program, 3 not running, "
-        "4 nsinitd unreachable, 5 refused; exec: the command's own.",
+        epilog="Exit statuses: 0 ok, 1 failed (also: start of a running program, stop of a stopped one), "
+        "2 usage/unknown program, 3 not running, 4 nsinitd unreachable or no answer in time, 5 refused; "
+        "exec: the command's own.",
     )
     parser.set_defaults(socket=None, config=None, json=False, timeout=None)
     parser.add_argument("--version", action="version", version=f"nsinitctl {__version__}")
