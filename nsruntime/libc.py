@@ -255,6 +255,37 @@ def read_signalfd(fd: int) -> tuple[int, int, int] | None:
     return signo, pid, code
 
 
+# inotify(7): for nsinitctl's `logs -f` / `events -f --file`, which wait for a file to grow
+IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_inotify_init1 = _libc.inotify_init1
+_inotify_init1.argtypes = [_c.c_int]
+_inotify_init1.restype = _c.c_int
+_inotify_add_watch = _libc.inotify_add_watch
+_inotify_add_watch.argtypes = [_c.c_int, _c.c_char_p, _c.c_uint32]
+_inotify_add_watch.restype = _c.c_int
+
+
+def inotify_init1(flags: int = IN_CLOEXEC | IN_NONBLOCK) -> int:
+    fd = _inotify_init1(flags)
+    if fd < 0:
+        raise _fail("inotify_init1()")
+    return int(fd)
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    wd = _inotify_add_watch(fd, _b(path), mask)
+    if wd < 0:
+        raise _fail(f"inotify_add_watch({path!r})")
+    return int(wd)
+
+
 # clone3(2) into a cgroup: a child born inside a cgroup2 directory. Moving a process in by writing
 # cgroup.procs takes the kernel's threadgroup rwsem for writing, and the first writer after a quiet
 # spell waits out an RCU grace period (5-20 ms here); CLONE_INTO_CGROUP only takes it for reading.

@@ -83,6 +83,10 @@ class SupervisorAPI(Protocol):
     async def reload(self) -> dict[str, list[str]]:
         """Reread the config; returns {"added": [...], "removed": [...], "changed": [...]}."""
 
+    def reread(self) -> dict[str, list[str]]:
+        """What reload() would change, changing nothing: the same dict. ControlError(failed) when
+        the config can't be loaded."""
+
     def request_shutdown(self) -> None:
         """Begin the ordered shutdown (as SIGTERM); returns at once."""
 
@@ -97,6 +101,10 @@ class SupervisorAPI(Protocol):
 
     @property
     def pid(self) -> int: ...
+
+    @property
+    def event_log(self) -> Path | None:
+        """The JSON-lines file nsinitd appends its events to, None when it keeps none."""
 
     @property
     def socket_group(self) -> int | None:

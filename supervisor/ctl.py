@@ -4,7 +4,8 @@ Usage: ``nsinitctl [-s SOCKET] [-c CONFIG] [--json] [--timeout S] COMMAND ...``
 
 The socket is ``-s``, else ``[supervisor] socket`` of the config file given with ``-c``, else
 ``/run/nsinit/nsinitd.sock``. Commands: status, start, stop, restart, signal, exec, pid, logs, events,
-top, reload, shutdown, version (``nsinitctl COMMAND -h`` for each).
+top, reload, reread, shutdown, version (``nsinitctl COMMAND -h`` for each). Each answer is awaited
+30 s for start/stop/restart/reload/shutdown, 10 s for the rest, or ``--timeout``.
 
 Exit statuses:
 
@@ -16,7 +17,8 @@ Exit statuses:
 2     usage error: bad arguments, unknown command, unknown program, unreadable config or file
 3     a program is not running: ``status NAME...`` with a named program not RUNNING, ``pid NAME``,
       ``signal`` or ``exec`` on a program that isn't running
-4     nsinitd unreachable: no socket, nobody listening, connection lost, no reply within --timeout
+4     nsinitd unreachable: no socket, not a socket, nobody listening, connection lost, no answer
+      within the timeout (--timeout, default 30 s or 10 s)
 5     refused: the socket's permissions or the daemon's SO_PEERCRED check (not root, not in the
       configured group)
 125   exec: the runtime failed to join the container (the command never ran)
@@ -41,6 +43,8 @@ import os
 import re
 import signal as signal_module
 import socket
+import stat
+import struct
 import sys
 import time
 import tomllib
@@ -53,6 +57,13 @@ from supervisor import __version__
 from supervisor import protocol as proto
 
 DEFAULT_SOCKET = "/run/nsinit/nsinitd.sock"
+
+# How long nsinitctl waits for nsinitd. A daemon stuck in a blocking call accepts connections (the
+# kernel does that for it) and never answers: without a bound, nsinitctl would wait with it forever.
+CONNECT_TIMEOUT = 5.0  # a live nsinitd takes a connection at once; a full backlog is a stuck one
+QUICK_TIMEOUT = 10.0  # a request answered from the daemon's memory (status, pid, logs, ...)
+ACTION_TIMEOUT = 30.0  # a request that waits on programs: a start waits startsecs, a stop stopwaitsecs
+ACTION_COMMANDS = frozenset({"start", "stop", "restart", "reload", "shutdown"})
 
 OK, FAILED, USAGE, NOT_RUNNING, UNREACHABLE, REFUSED = 0, 1, 2, 3, 4, 5
 EXEC_FAILED = 125
@@ -86,9 +97,9 @@ class RemoteError(Exception):
 class Client:
     """One connection to nsinitd; requests are answered in order."""
 
-    def __init__(self, path: str, timeout: float | None) -> None:
+    def __init__(self, path: str, timeout: float) -> None:
         self.path = path
-        self.timeout = timeout
+        self.timeout = timeout  # for each answer; a stream's items after the first answer wait without limit
         self._sock: socket.socket | None = None
         self._conn = proto.Connection(proto.Role.CLIENT)
         self.ended = ""
@@ -108,23 +119,42 @@ class Client:
         if self._sock is not None:
             return self._sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout if self.timeout is not None else 10.0)
+        connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
+        # A unix socket's connect never waits when non-blocking (a full backlog is EAGAIN at once),
+        # which is what settimeout() would make it. Blocking, it waits for room in the backlog,
+        # for as long as SO_SNDTIMEO says, then fails with EAGAIN.
+        seconds = int(connect_timeout)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            struct.pack("ll", seconds, max(int((connect_timeout - seconds) * 1e6), 1)),
+        )
         try:
             sock.connect(self.path)
+        except BlockingIOError:
+            sock.close()
+            raise CtlError(
+                UNREACHABLE, f"nsinitd at {self.path} accepts no connection within {connect_timeout:g} s"
+            ) from None
         except PermissionError:
             sock.close()
             raise CtlError(REFUSED, f"permission denied on {self.path} (only root or the socket's group)") from None
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
+            kind = _not_a_socket(self.path)
+            if kind:
+                raise CtlError(UNREACHABLE, f"cannot connect to {self.path}: not a socket ({kind})") from None
             raise CtlError(UNREACHABLE, f"cannot connect to {self.path}: {e.strerror} (is nsinitd running?)") from None
         except OSError as e:
             sock.close()
             raise CtlError(UNREACHABLE, f"cannot connect to {self.path}: {e.strerror or e}") from None
-        sock.settimeout(self.timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
         self._sock = sock
         return sock
 
-    def _receive(self) -> proto.Message:
+    def _receive(self, deadline: float | None) -> proto.Message:
+        """The next message; ``deadline`` (time.monotonic()) bounds the wait for it as a whole, so a
+        daemon that trickles bytes can't stretch it."""
         sock = self._connect()
         while True:
             try:
@@ -137,23 +167,32 @@ class Client:
                 raise CtlError(UNREACHABLE, "nsinitd closed the connection")
             if event is not proto.NEED_DATA:
                 return event
+            if deadline is None:
+                sock.settimeout(None)
+            else:
+                sock.settimeout(max(deadline - time.monotonic(), 1e-6))
             try:
                 data = sock.recv(1 << 16)
             except TimeoutError:
-                raise CtlError(UNREACHABLE, f"no reply from nsinitd within {self.timeout:g}s") from None
+                raise CtlError(
+                    UNREACHABLE, f"no answer from nsinitd at {self.path} within {self.timeout:g} s"
+                ) from None
             except ConnectionResetError:
                 data = b""
             self._conn.receive_data(data)
 
-    def _send(self, command: str, args: dict[str, Any]) -> int:
+    def _send(self, command: str, args: dict[str, Any], deadline: float) -> int:
         sock = self._connect()
         request_id, data = self._conn.request(command, **args)
         try:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-6))
             sock.sendall(data)
+        except TimeoutError:
+            raise CtlError(UNREACHABLE, f"no answer from nsinitd at {self.path} within {self.timeout:g} s") from None
         except OSError as e:
             # The server may already have refused us and closed: its reason is waiting to be read.
             try:
-                reply: proto.Message | None = self._receive()
+                reply: proto.Message | None = self._receive(deadline)
             except CtlError:
                 reply = None
             if isinstance(reply, proto.Error):
@@ -162,8 +201,9 @@ class Client:
         return request_id
 
     def call(self, command: str, **args: Any) -> Any:
-        self._send(command, args)
-        reply = self._receive()
+        deadline = time.monotonic() + self.timeout
+        self._send(command, args, deadline)
+        reply = self._receive(deadline)
         if isinstance(reply, proto.Error):
             raise _remote(reply)
         if isinstance(reply, proto.Reply):
@@ -174,10 +214,8 @@ class Client:
         """Items of a streaming request. Returns at the end of the stream (``self.ended`` says
         why), raises CtlError (FAILED) if the daemon dropped us."""
         self.call(command, **args)
-        if self._sock is not None:
-            self._sock.settimeout(None)  # --timeout bounds the reply; a stream may be quiet for long
         while True:
-            message = self._receive()
+            message = self._receive(None)  # the timeout bounds the first answer; a stream may be quiet for long
             if isinstance(message, proto.StreamItem):
                 yield dict(message.data)
             elif isinstance(message, proto.StreamEnd):
@@ -187,6 +225,21 @@ class Client:
                 return
             elif isinstance(message, proto.Error):
                 raise _remote(message)
+
+
+def _not_a_socket(path: str) -> str:
+    """What ``path`` is when it exists and isn't a socket ("a regular file"), else ""."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISSOCK(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "some other kind of file"
 
 
 def _remote(error: proto.Error) -> RemoteError:
@@ -210,33 +263,68 @@ def _status_for(code: str, *, not_running: int = FAILED) -> int:
 # -- the socket path -----------------------------------------------------------------------------------
 
 
-def read_config(path: str) -> dict[str, Any]:
+_TABLE = re.compile(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?")
+
+
+def config_path(config: str, key: str) -> str | None:
+    """``[supervisor] KEY`` of an nsinitd config, relative paths taken from the config's directory;
+    None when the key isn't there.
+
+    Read leniently: nsinitctl needs one path, and a typo elsewhere in the file (which nsinitd
+    refuses on reload, and says so) must not cut the operator off from the daemon still running
+    the previous version. A file that isn't valid TOML is read line by line: every ``key = value``
+    line of the [supervisor] table that parses alone counts."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        with open(config, "rb") as f:
+            text = f.read().decode(errors="replace")
     except OSError as e:
-        raise CtlError(USAGE, f"cannot read config {path}: {e.strerror}") from None
+        raise CtlError(USAGE, f"cannot read config {config}: {e.strerror}") from None
+    broken: tomllib.TOMLDecodeError | None = None
+    try:
+        section = tomllib.loads(text).get("supervisor", {})
     except tomllib.TOMLDecodeError as e:
-        raise CtlError(USAGE, f"config {path}: {e}") from None
-    section = data.get("supervisor", {})
-    return section if isinstance(section, dict) else {}
-
-
-def _config_path(config: str, section: dict[str, Any], key: str) -> str | None:
-    value = section.get(key)
+        broken = e
+        section = _supervisor_lines(text)
+    value = section.get(key) if isinstance(section, dict) else None
     if value is None:
+        if broken is not None:
+            raise CtlError(USAGE, f"config {config}: {broken}; no [supervisor] {key} could be read from it")
         return None
     if not isinstance(value, str):
         raise CtlError(USAGE, f"config {config}: supervisor.{key}: expected a string")
-    # Relative paths are relative to the config file, as everything else in it.
     return os.path.join(os.path.dirname(os.path.abspath(config)), value)
+
+
+def _supervisor_lines(text: str) -> dict[str, Any]:
+    """The one-line keys of the [supervisor] table of a file that isn't valid TOML as a whole."""
+    found: dict[str, Any] = {}
+    table = ""
+    for line in text.splitlines():
+        header = _TABLE.fullmatch(line)
+        if header:
+            table = header.group(1)
+        elif table == "supervisor":
+            with contextlib.suppress(tomllib.TOMLDecodeError):
+                found.update(tomllib.loads(line))
+    return found
+
+
+def answer_timeout(args: argparse.Namespace) -> float:
+    if args.timeout is not None:
+        return float(args.timeout)
+    return ACTION_TIMEOUT if args.command in ACTION_COMMANDS else QUICK_TIMEOUT
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """A client for the daemon the command line names, with the command's timeout."""
+    return Client(socket_path(args), answer_timeout(args))
 
 
 def socket_path(args: argparse.Namespace) -> str:
     if args.socket:
         return str(args.socket)
     if args.config:
-        path = _config_path(args.config, read_config(args.config), "socket")
+        path = config_path(args.config, "socket")
         if path:
             return path
     return DEFAULT_SOCKET
@@ -308,7 +396,7 @@ def format_bytes(n: int | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace, o: Output) -> int:
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         programs: list[dict[str, Any]] = client.call("status")
     status = OK
     if args.names:
@@ -346,7 +434,7 @@ def cmd_action(args: argparse.Namespace, o: Output) -> int:
     word, wanted, picked = _ACTIONS[args.command]
     results: list[dict[str, Any]] = []
     status = OK
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         names = _expand_all(client, args.names, lambda p: p["state"] in picked)
         if args.command == "stop" and "all" in args.names:
             names.reverse()  # the daemon lists by name; stop in the opposite order of start
@@ -396,7 +484,7 @@ def cmd_signal(args: argparse.Namespace, o: Output) -> int:
         signame = str(signum)  # a real-time signal
     results: list[dict[str, Any]] = []
     status = OK
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         for name in _expand_all(client, args.names, lambda p: p["state"] == "RUNNING"):
             try:
                 client.call("signal", name=name, signum=signum)
@@ -415,12 +503,8 @@ def cmd_signal(args: argparse.Namespace, o: Output) -> int:
 
 
 def cmd_exec(args: argparse.Namespace, o: Output) -> int:
-    command = list(args.cmd)
-    if command[:1] == ["--"]:
-        command = command[1:]
-    if not command:
-        raise CtlError(USAGE, "exec: no command given (nsinitctl exec NAME -- CMD...)")
-    with Client(socket_path(args), args.timeout) as client:
+    command: list[str] = args.cmd
+    with connect(args) as client:
         try:
             state_dir = client.call("exec_target", name=args.name)
         except RemoteError as e:
@@ -438,7 +522,7 @@ def cmd_exec(args: argparse.Namespace, o: Output) -> int:
 
 
 def cmd_pid(args: argparse.Namespace, o: Output) -> int:
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         try:
             pid = client.call("pid", **({"name": args.name} if args.name else {}))
         except RemoteError as e:
@@ -473,11 +557,49 @@ def tail_bytes(f: IO[bytes], lines: int) -> bytes:
 
 class Follower:
     """``tail -F`` for one path: reads what is appended, reopens when the file is rotated
-    (replaced by a new inode) or truncated, and waits for a file that doesn't exist yet."""
+    (replaced by a new inode) or truncated, and waits for a file that doesn't exist yet.
+
+    :meth:`wait` sleeps until the kernel says something changed in the file's directory (inotify
+    on the directory reports writes to the files in it, and renames and creations: appends,
+    truncation and rotation alike). The watch is made before the first read, so a write between
+    a read that found nothing and the wait still wakes it."""
+
+    # inotify sees every local write; the re-check covers what it can't see (a network
+    # filesystem written from another machine), or a watch that couldn't be made
+    RECHECK = 2.0
+    POLL = 0.2  # without inotify at all
 
     def __init__(self, path: Path, f: IO[bytes] | None) -> None:
         self.path = path
         self.f = f
+        self._inotify: int | None = None
+        try:
+            from nsruntime import libc  # only a follower pays for it
+
+            fd = libc.inotify_init1()
+            try:
+                mask = libc.IN_MODIFY | libc.IN_ATTRIB | libc.IN_CREATE | libc.IN_MOVED_TO | libc.IN_MOVED_FROM
+                libc.inotify_add_watch(fd, os.fspath(path.parent), mask | libc.IN_DELETE)
+            except OSError:
+                os.close(fd)
+                raise
+            self._inotify = fd
+        except (OSError, ImportError):
+            pass
+
+    def wait(self) -> None:
+        """Until the file may have changed (bounded by RECHECK)."""
+        if self._inotify is None:
+            time.sleep(self.POLL)
+            return
+        import select
+
+        poller = select.poll()
+        poller.register(self._inotify, select.POLLIN)
+        if poller.poll(self.RECHECK * 1000):
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._inotify, 64 * 1024):
+                    pass
 
     def _reopen(self) -> bool:
         try:
@@ -516,11 +638,14 @@ class Follower:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+        if self._inotify is not None:
+            os.close(self._inotify)
+            self._inotify = None
 
 
 def cmd_logs(args: argparse.Namespace, o: Output) -> int:
     stream = "stderr" if args.stderr else "stdout"
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         try:
             path = Path(client.call("log_path", name=args.name, stream=stream))
         except RemoteError as e:
@@ -558,7 +683,7 @@ def cmd_logs(args: argparse.Namespace, o: Output) -> int:
             if data:
                 write(data)
             else:
-                time.sleep(0.2)
+                follower.wait()
     finally:
         follower.close()
 
@@ -666,6 +791,32 @@ class EventPrinter:
         self.o.line(pretty(event))
 
 
+def _event_log(args: argparse.Namespace) -> str:
+    """The event log to read: the config's ``event_log``, else the one the daemon names."""
+    if args.config:
+        path = config_path(args.config, "event_log")
+        if path:
+            return path
+    try:
+        with connect(args) as client:
+            path = client.call("event_log")
+    except (CtlError, RemoteError) as e:
+        if isinstance(e, CtlError) and e.status != UNREACHABLE:
+            raise
+        raise CtlError(
+            USAGE,
+            f"events: nothing to read: no nsinitd answers at {socket_path(args)} to say where its event log is; "
+            "use -f for the live stream, or --file PATH (or -c CONFIG with [supervisor] event_log)",
+        ) from None
+    if not isinstance(path, str):
+        raise CtlError(
+            USAGE,
+            f"events: nsinitd at {socket_path(args)} keeps no event log ([supervisor] event_log): "
+            "use -f for the live stream",
+        )
+    return path
+
+
 def cmd_events(args: argparse.Namespace, o: Output) -> int:
     keep = EventFilter(
         programs=frozenset(args.program or ()),
@@ -674,16 +825,10 @@ def cmd_events(args: argparse.Namespace, o: Output) -> int:
     )
     printer = EventPrinter(o, keep, args.pretty)
     path = args.file
-    if path is None and not args.follow and args.config:
-        path = _config_path(args.config, read_config(args.config), "event_log")
     if path is None and not args.follow:
-        raise CtlError(
-            USAGE,
-            "events: nothing to read: use -f for the live stream, or --file PATH "
-            "(or -c CONFIG with [supervisor] event_log)",
-        )
+        path = _event_log(args)
     if path is None:
-        with Client(socket_path(args), args.timeout) as client:
+        with connect(args) as client:
             for event in client.stream("events"):
                 printer.event(event)
         o.error(f"the event stream ended: {client.ended or 'nsinitd closed it'}")
@@ -703,14 +848,17 @@ def cmd_events(args: argparse.Namespace, o: Output) -> int:
             printer.line(pending)
             return OK
         follower = Follower(Path(path), f)
-        while True:
-            data = follower.read()
-            if not data:
-                time.sleep(0.2)
-                continue
-            *lines, pending = (pending + data).split(b"\n")
-            for raw in lines:
-                printer.line(raw)
+        try:
+            while True:
+                data = follower.read()
+                if not data:
+                    follower.wait()
+                    continue
+                *lines, pending = (pending + data).split(b"\n")
+                for raw in lines:
+                    printer.line(raw)
+        finally:
+            follower.close()
     finally:
         f.close()
         if printer.malformed:
@@ -768,7 +916,7 @@ def cmd_top(args: argparse.Namespace, o: Output) -> int:
     interactive = o.out.isatty() and not o.json
     previous: Sample | None = None
     frames = 0
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
 
         def sample() -> Sample:
             try:
@@ -809,7 +957,7 @@ def cmd_top(args: argparse.Namespace, o: Output) -> int:
 
 
 def cmd_reload(args: argparse.Namespace, o: Output) -> int:
-    with Client(socket_path(args), args.timeout) as client:
+    with connect(args) as client:
         try:
             changes = client.call("reload")
         except RemoteError as e:
@@ -827,19 +975,39 @@ def cmd_reload(args: argparse.Namespace, o: Output) -> int:
     return OK
 
 
+def cmd_reread(args: argparse.Namespace, o: Output) -> int:
+    with connect(args) as client:
+        try:
+            changes = client.call("reread")
+        except RemoteError as e:
+            raise CtlError(_status_for(e.code), f"reread: {e.message}") from None
+    if o.json:
+        o.dump(changes)
+        return OK
+    lines = [
+        f"{name}: {word}"
+        for key, word in (("added", "available"), ("changed", "changed"), ("removed", "disappeared"))
+        for name in changes.get(key, ())
+    ]
+    for line in lines or ["no config updates to programs"]:
+        o.line(line)
+    return OK
+
+
 def cmd_shutdown(args: argparse.Namespace, o: Output) -> int:
     path = socket_path(args)
-    with Client(path, args.timeout) as client:
+    timeout = answer_timeout(args)
+    with Client(path, timeout) as client:
         try:
             result = client.call("shutdown")
         except RemoteError as e:
             raise CtlError(_status_for(e.code), f"shutdown: {e.message}") from None
     pid = result.get("pid") if isinstance(result, dict) else None
     if args.wait:
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        deadline = time.monotonic() + timeout
         while os.path.exists(path) and _listening(path):
-            if deadline is not None and time.monotonic() > deadline:
-                raise CtlError(FAILED, f"nsinitd (pid {pid}) still running after {args.timeout:g}s")
+            if time.monotonic() > deadline:
+                raise CtlError(FAILED, f"nsinitd (pid {pid}) still running after {timeout:g} s")
             time.sleep(0.1)
     if o.json:
         o.dump({"pid": pid, "stopped": bool(args.wait)})
@@ -859,7 +1027,7 @@ def _listening(path: str) -> bool:
 
 def cmd_version(args: argparse.Namespace, o: Output) -> int:
     try:
-        with Client(socket_path(args), args.timeout) as client:
+        with connect(args) as client:
             daemon = client.call("version")
     except CtlError as e:
         if o.json:
@@ -880,8 +1048,40 @@ def cmd_version(args: argparse.Namespace, o: Output) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        # argparse's shape (usage, then "PROG: error: ..."), always under one name, and exit 2
+        # through run() like every other usage error
         self.print_usage(sys.stderr)
-        raise CtlError(USAGE, message)
+        raise CtlError(USAGE, f"error: {message}")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return whole_number
+
+
+class _ExecCommand(argparse.Action):
+    """exec's command: everything after ``--``. Anything else after NAME that looks like an option
+    is a mistake (``exec web -t -- sh`` would run ``-t``), refused rather than run."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        command = list(values)
+        if command[:1] == ["--"]:
+            command = command[1:]
+        elif command and command[0].startswith("-"):
+            parser.error(f"exec: options go before NAME, the command after --: {command[0]!r}")
+        if not command:
+            parser.error("exec: no command given (nsinitctl exec NAME -- CMD...)")
+        setattr(namespace, self.dest, command)
 
 
 def _positive(text: str) -> float:
@@ -908,7 +1108,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--timeout",
             type=_positive,
             default=argparse.SUPPRESS,
-            help="give up waiting for nsinitd after this many seconds (default: wait)",
+            metavar="S",
+            help=f"seconds to wait for an answer from nsinitd (default {ACTION_TIMEOUT:g} for start, stop, restart, "
+            f"reload, shutdown; {QUICK_TIMEOUT:g} for the rest; a following -f waits without limit after the "
+            "first answer)",
         )
         return p
 
@@ -916,8 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nsinitctl",
         description="Control nsinitd.",
         parents=[common()],
-        epilog="Exit statuses: 0 ok, 1 failed, 2 usage/unknown program, 3 not running, "
-        "4 nsinitd unreachable, 5 refused; exec: the command's own.",
+        epilog="Exit statuses: 0 ok, 1 failed (also: start of a running program, stop of a stopped one), "
+        "2 usage/unknown program, 3 not running, 4 nsinitd unreachable or no answer in time, 5 refused; "
+        "exec: the command's own.",
     )
     parser.set_defaults(socket=None, config=None, json=False, timeout=None)
     parser.add_argument("--version", action="version", version=f"nsinitctl {__version__}")
@@ -944,12 +1148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("exec", cmd_exec, "run a command inside a program's live container")
     p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, action=_ExecCommand, metavar="-- CMD...")
     p = add("pid", cmd_pid, "the pid of nsinitd, or of a program")
     p.add_argument("name", nargs="?", metavar="NAME")
     p = add("logs", cmd_logs, "a program's captured output")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended")
-    p.add_argument("-n", "--lines", type=int, default=10, metavar="N", help="last N lines (default 10)")
+    p.add_argument("-n", "--lines", type=_at_least(0), default=10, metavar="N", help="last N lines (default 10)")
     p.add_argument("--stderr", action="store_true", help="the stderr capture instead of stdout")
     p.add_argument("name", metavar="NAME")
     p = add("events", cmd_events, "lifecycle events: live from nsinitd, or from an event log file")
@@ -961,8 +1165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true", help="a human-readable table instead of JSON lines")
     p = add("top", cmd_top, "live cpu, memory, pids and restarts of every program")
     p.add_argument("-d", "--delay", type=_positive, default=2.0, metavar="S", help="seconds between refreshes")
-    p.add_argument("-n", "--iterations", type=int, default=None, metavar="N", help="stop after N refreshes")
+    p.add_argument("-n", "--iterations", type=_at_least(1), default=None, metavar="N", help="stop after N refreshes")
     add("reload", cmd_reload, "reread the config and apply additions, removals and changes")
+    add("reread", cmd_reread, "what a reload would change (available, changed, disappeared), changing nothing")
     p = add("shutdown", cmd_shutdown, "stop every program and nsinitd")
     p.add_argument("--wait", action="store_true", help="wait until nsinitd has exited")
     add("version", cmd_version, "versions of nsinitctl and nsinitd")

@@ -485,6 +485,27 @@ class Daemon:
     def subscribe(self, max_buffer: int) -> Any:
         return self.bus.subscribe(max_buffer)
 
+    def _changes(self, new: Config) -> tuple[list[str], list[str], list[str]]:
+        """Programs added, removed and changed from the running config to ``new``."""
+        old = self.config.programs
+        added = sorted(new.programs.keys() - old.keys())
+        removed = sorted(old.keys() - new.programs.keys())
+        changed = sorted(n for n in old.keys() & new.programs.keys() if old[n] != new.programs[n])
+        return added, removed, changed
+
+    def reread(self) -> dict[str, list[str]]:
+        """What reload() would change, changing nothing (nsinitctl reread)."""
+        try:
+            new = config_mod.load(self.config.path)
+        except ConfigError as e:
+            raise ControlError("failed", str(e)) from None
+        added, removed, changed = self._changes(new)
+        return {"added": added, "removed": removed, "changed": changed}
+
+    @property
+    def event_log(self) -> Path | None:
+        return self.config.supervisor.event_log
+
     async def reload(self) -> dict[str, list[str]]:
         async with self._lock:
             self._check_open()
@@ -493,10 +514,7 @@ class Daemon:
             except ConfigError as e:
                 self.bus.emit("config.error", error=str(e))
                 raise ControlError("failed", str(e)) from None
-            old = self.config.programs
-            added = sorted(new.programs.keys() - old.keys())
-            removed = sorted(old.keys() - new.programs.keys())
-            changed = sorted(n for n in old.keys() & new.programs.keys() if old[n] != new.programs[n])
+            added, removed, changed = self._changes(new)
             going = sorted((self.programs[n] for n in removed + changed),
                            key=lambda p: p.cfg.priority, reverse=True)
             for prog in going:

@@ -68,6 +68,8 @@ COMMANDS: Final[Mapping[str, Mapping[str, tuple[_Kind, bool]]]] = {
     "pid": {"name": (_Kind.STR, False)},
     "events": {},
     "reload": {},
+    "reread": {},
+    "event_log": {},
     "shutdown": {},
     "version": {},
 }

@@ -17,7 +17,8 @@ What this module promises, and how:
   listens and the process that called listen() on it is alive, :class:`SocketInUseError` is
   raised and the daemon must not start. A listener whose process is dead (its socket kept open by
   an orphaned child) counts as stale. The probe and the bind run under a lock file so two daemons
-  starting together can't both take the path.
+  starting together can't both take the path; at shutdown the socket and the lock file are
+  removed under the same lock (see :func:`_lock`).
 * **Nobody blocks anybody.** Each connection is its own task and every wait on a peer is bounded:
   a half-written request line is dropped after ``request_timeout``, a reply the peer doesn't read
   after ``send_timeout``, an idle connection after ``idle_timeout``. Connections beyond
@@ -49,6 +50,7 @@ import trio
 from supervisor import __version__
 from supervisor import protocol as proto
 from supervisor.api import ControlError, SupervisorAPI
+from supervisor.states import STOPPED_STATES
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python doesn't name it
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -56,6 +58,10 @@ _RECEIVE_CHUNK = 64 * 1024
 
 
 _STREAM_BATCH = 256  # events per write to an event reader, at most
+
+# What supervisorctl refuses: starting a program that runs, stopping one that doesn't. The daemon's
+# start and stop return the status whatever it was; the refusal is the control socket's to make.
+_NOT_RUNNING = frozenset(s.value for s in STOPPED_STATES)
 
 
 class SocketInUseError(OSError):
@@ -112,7 +118,7 @@ async def serve(
                 task_status.started()
                 await server.accept_loop(listener, nursery)
     finally:
-        _unlink_if_ours(path, identity)
+        _remove_files(path, identity)
 
 
 # -- the socket file -------------------------------------------------------------------------------
@@ -151,19 +157,55 @@ async def _bind(path: Path, group: int | None, backlog: int) -> tuple[trio.socke
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    """Serialise the stale-check-and-bind of daemons starting at the same time. Held only while
-    binding: a lock held for the daemon's life would be inherited by every child it forks and
-    outlive a SIGKILLed daemon."""
+    """Serialise the stale-check-and-bind of daemons starting at the same time, and the removal of
+    the socket and this lock file by a daemon stopping. Held only while binding or removing: a
+    lock held for the daemon's life would be inherited by every child it forks and outlive a
+    SIGKILLed daemon.
+
+    Removing a lock file races with opening it: a daemon that opened the file just before another
+    removed it would lock a file nobody else can find, while the next daemon creates a new one and
+    locks that. So a lock counts only when the locked file is still the one at the path; if not,
+    lock the new one."""
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
+    for _ in range(16):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SocketInUseError(f"another nsinitd is starting on {path} right now") from None
+            os.close(fd)
+            raise SocketInUseError(f"another nsinitd is starting or stopping on {path} right now") from None
+        if _is_at(fd, lock_path):
+            break
+        os.close(fd)
+    else:
+        raise SocketInUseError(f"{lock_path} keeps being replaced; is another nsinitd starting and stopping?")
+    try:
         yield
     finally:
         os.close(fd)
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _remove_files(path: Path, identity: tuple[int, int]) -> None:
+    """At shutdown: the socket we made (if still ours) and the lock file, under the lock. If a
+    daemon starting right now holds the lock, both are left to it: it finds our socket dead
+    (nothing listens any more) and replaces it, and it uses the lock file."""
+    try:
+        with _lock(path):
+            _unlink_if_ours(path, identity)
+            path.with_name(path.name + ".lock").unlink()
+    except SocketInUseError:
+        pass
+    except OSError:
+        _unlink_if_ours(path, identity)  # no lock to be had at all (the directory went read-only?)
 
 
 async def _remove_if_stale(path: Path) -> None:
@@ -419,8 +461,13 @@ class _Server:
         if command == "status":
             return [s.to_json() for s in api.status(tuple(args.get("names", ())))]
         if command == "start":
+            # no checkpoint between the look and the start: nothing can change the state in between
+            if api.status((args["name"],))[0].state == "RUNNING":
+                raise ControlError("bad_state", "already started")
             return (await api.start(args["name"])).to_json()
         if command == "stop":
+            if api.status((args["name"],))[0].state in _NOT_RUNNING:
+                raise ControlError("bad_state", "not running")
             return (await api.stop(args["name"])).to_json()
         if command == "restart":
             return (await api.restart(args["name"])).to_json()
@@ -445,6 +492,10 @@ class _Server:
             return status.pid
         if command == "reload":
             return await api.reload()
+        if command == "reread":
+            return api.reread()
+        if command == "event_log":
+            return None if api.event_log is None else os.fspath(api.event_log)
         if command == "shutdown":
             api.request_shutdown()
             return {"pid": api.pid}

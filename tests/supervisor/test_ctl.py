@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from supervisor import ctl, server
+from supervisor import __version__, ctl, server
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -119,10 +120,10 @@ class Background:
         assert self.proc.stdout is not None
         with trio.fail_after(timeout):
             while b"\n" not in self.buffer:
+                await trio.lowlevel.wait_readable(self.proc.stdout.fileno())
                 try:
                     chunk = os.read(self.proc.stdout.fileno(), 65536)
                 except BlockingIOError:
-                    await trio.sleep(0.02)
                     continue
                 if not chunk:
                     raise EOFError(self.proc.stderr.read().decode() if self.proc.stderr else "")
@@ -131,10 +132,21 @@ class Background:
         return line.decode()
 
     async def interrupt(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGINT)
-        with trio.fail_after(5):
-            while self.proc.poll() is None:
-                await trio.sleep(0.02)
+        # A SIGINT the follower can't receive would look like a hang: say so instead. Blocked or
+        # ignored signals are inherited through fork and exec, from whatever set them in pytest.
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        masks = dict(line.split(":\t") for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn")))
+        bit = 1 << (signal.SIGINT - 1)
+        assert not int(masks["SigBlk"], 16) & bit, f"the follower inherited SIGINT blocked: {masks}"
+        assert not int(masks["SigIgn"], 16) & bit, f"the follower inherited SIGINT ignored: {masks}"
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            self.proc.send_signal(signal.SIGINT)
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self.proc.wait()
         assert self.proc.stderr is not None
         return self.proc.returncode, self.proc.stderr.read().decode()
 
@@ -203,8 +215,8 @@ async def test_start_stop_restart(sock: Path, api: Any) -> None:
     s = str(sock)
     assert await nsinitctl("-s", s, "stop", "web", "db") == (0, "web: stopped\ndb: stopped\n", "")
     assert api.programs["web"].state == "STOPPED"
-    status, out, _ = await nsinitctl("-s", s, "stop", "web")
-    assert status == 1 and out == "web: ERROR (web is not running)\n"
+    assert await nsinitctl("-s", s, "stop", "web") == (1, "web: ERROR (not running)\n", "")
+    assert await nsinitctl("-s", s, "start", "worker") == (1, "worker: ERROR (already started)\n", "")
     assert await nsinitctl("-s", s, "start", "web") == (0, "web: started\n", "")
     assert await nsinitctl("-s", s, "restart", "web") == (0, "web: restarted\n", "")
     status, out, _ = await nsinitctl("-s", s, "start", "nope")
@@ -325,6 +337,35 @@ async def test_logs_follow_across_rotation(sock: Path, api: Any, background: Any
     assert status == 0 and "Traceback" not in err
 
 
+async def test_a_follower_is_woken_by_the_change_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctl.Follower, "RECHECK", 3600.0)  # no timer may be what wakes it
+    monkeypatch.setattr(ctl.Follower, "POLL", 3600.0)
+    log = tmp_path / "web.stdout.log"
+    log.write_bytes(b"")
+    follower = ctl.Follower(log, log.open("rb"))
+    try:
+        assert follower.read() == b""
+
+        async def woken_by(change: Any) -> bytes:
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lambda: trio.to_thread.run_sync(follower.wait, abandon_on_cancel=True))
+                    change()
+            return follower.read()
+
+        assert await woken_by(lambda: log.write_bytes(b"appended\n")) == b"appended\n"
+        assert await woken_by(lambda: log.write_bytes(b"")) == b""  # truncated: nothing new yet
+        assert await woken_by(lambda: log.write_bytes(b"after truncation\n")) == b"after truncation\n"
+
+        def rotate() -> None:
+            log.rename(log.with_suffix(".log.1"))
+            log.write_bytes(b"a new file\n")
+
+        assert await woken_by(rotate) == b"a new file\n"
+    finally:
+        follower.close()
+
+
 def test_tail_bytes(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"".join(b"%d\n" % i for i in range(100_000)))
@@ -395,7 +436,11 @@ async def test_events_pretty(event_log: Path) -> None:
 
 async def test_events_needs_a_source(tmp_path: Path) -> None:
     status, _, err = await nsinitctl("-s", str(tmp_path / "none"), "events")
-    assert status == 2 and "--file" in err
+    assert (status, err) == (
+        2,
+        f"nsinitctl: events: nothing to read: no nsinitd answers at {tmp_path / 'none'} to say where its event "
+        "log is; use -f for the live stream, or --file PATH (or -c CONFIG with [supervisor] event_log)\n",
+    )
     status, _, err = await nsinitctl("events", "--file", str(tmp_path / "missing.jsonl"))
     assert status == 2 and "cannot read" in err
     status, _, err = await nsinitctl("events", "--file", "x", "--since", "yesterday")
@@ -407,6 +452,21 @@ async def test_events_read_the_config_event_log(tmp_path: Path, event_log: Path)
     config.write_text(f'[supervisor]\nevent_log = "{event_log.name}"\n')
     status, got, _ = await events("-c", str(config), "--program", "db")
     assert status == 0 and got == [EVENTS[3]]
+
+
+async def test_events_without_a_file_read_the_log_of_the_daemon_that_answers(
+    sock: Path, api: Any, event_log: Path
+) -> None:
+    api.event_log = event_log
+    status, got, _ = await events("-s", str(sock), "--program", "db")
+    assert (status, got) == (0, [EVENTS[3]])
+    api.event_log = None
+    status, out, err = await nsinitctl("-s", str(sock), "events")
+    assert (status, out) == (2, "")
+    assert err == (
+        f"nsinitctl: events: nsinitd at {sock} keeps no event log ([supervisor] event_log): "
+        "use -f for the live stream\n"
+    )
 
 
 async def test_events_file_follow(event_log: Path, background: Any) -> None:
@@ -426,9 +486,8 @@ async def test_events_file_follow(event_log: Path, background: Any) -> None:
 
 async def test_events_live_follow_sees_a_new_event(sock: Path, api: Any, background: Any) -> None:
     follower = background("-s", str(sock), "events", "-f", "--program", "web")
-    with trio.fail_after(STARTUP):
-        while not api.subscribers:
-            await trio.sleep(0.02)
+    with trio.fail_after(STARTUP):  # the follower's interpreter starts, imports and connects
+        await api.subscribed.wait()
     api.emit("program.stopping", program="db")
     api.emit("program.stopping", program="web", pid=4)
     got = json.loads(await follower.line())
@@ -440,8 +499,7 @@ async def test_events_live_follow_sees_a_new_event(sock: Path, api: Any, backgro
 async def test_events_live_stream_dropped_is_1(sock: Path, api: Any) -> None:
     async def drop_soon() -> None:
         with trio.fail_after(5):
-            while not api.subscribers:
-                await trio.sleep(0.02)
+            await api.subscribed.wait()
         send, _ = api.subscribers.pop()
         send.send_nowait({"event": "subscriber.dropped", "reason": "fell 100 events behind"})
         send.close()
@@ -516,6 +574,14 @@ async def test_top_when_the_daemon_has_no_stats(sock: Path, api: Any) -> None:
     assert status == 1 and "resource usage" in err
 
 
+async def test_reread_says_what_a_reload_would_change(sock: Path, api: Any) -> None:
+    assert await nsinitctl("-s", str(sock), "reread") == (0, "new: available\ndb: changed\nworker: disappeared\n", "")
+    status, out, _ = await nsinitctl("-s", str(sock), "--json", "reread")
+    assert (status, json.loads(out)) == (0, {"added": ["new"], "changed": ["db"], "removed": ["worker"]})
+    api.reread = lambda: {"added": [], "removed": [], "changed": []}
+    assert await nsinitctl("-s", str(sock), "reread") == (0, "no config updates to programs\n", "")
+
+
 async def test_reload_shutdown_version(sock: Path, api: Any) -> None:
     s = str(sock)
     assert await nsinitctl("-s", s, "reload") == (0, "new: added\n", "")
@@ -540,6 +606,38 @@ async def test_socket_from_config(sock: Path, tmp_path: Path) -> None:
     assert status == 2 and "cannot read config" in err
 
 
+async def test_a_config_with_a_typo_elsewhere_still_names_the_socket(sock: Path, tmp_path: Path) -> None:
+    config = tmp_path / "conf" / "nsinitd.toml"
+    config.parent.mkdir()
+    config.write_text(
+        '[supervisor]\nsocket = "../nsinitd.sock"  # next to the config\nlog_dir = "logs"\n\n'
+        '[programs.web]\ncommand = ["sleep", 1000\n'  # unclosed: nsinitd would refuse it, nsinitctl needn't
+    )
+    assert await nsinitctl("-c", str(config), "pid") == (0, f"{os.getpid()}\n", "")
+
+
+async def test_a_config_whose_socket_line_is_broken_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "nsinitd.toml"
+    config.write_text('[supervisor]\nsocket = "run/nsinitd.sock\n')
+    status, _, err = await nsinitctl("-c", str(config), "pid")
+    assert (status, err) == (
+        2,
+        f"nsinitctl: config {config}: Illegal character '\\n' (at line 2, column 27); "
+        "no [supervisor] socket could be read from it\n",
+    )
+
+
+async def test_a_socket_path_that_is_not_a_socket_says_so(tmp_path: Path) -> None:
+    regular = tmp_path / "nsinitd.sock"
+    regular.write_text("")
+    assert await nsinitctl("-s", str(regular), "status") == (
+        4, "", f"nsinitctl: cannot connect to {regular}: not a socket (a regular file)\n"
+    )
+    assert await nsinitctl("-s", str(tmp_path), "status") == (
+        4, "", f"nsinitctl: cannot connect to {tmp_path}: not a socket (a directory)\n"
+    )
+
+
 async def test_unreachable_socket_is_4(tmp_path: Path) -> None:
     result = await run_real("-s", str(tmp_path / "none.sock"), "status")
     assert result.returncode == 4
@@ -547,8 +645,6 @@ async def test_unreachable_socket_is_4(tmp_path: Path) -> None:
         f"nsinitctl: cannot connect to {tmp_path / 'none.sock'}: No such file or directory (is nsinitd running?)\n"
     )
     stale = tmp_path / "stale.sock"
-    import socket
-
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(stale))
     s.close()
@@ -556,9 +652,139 @@ async def test_unreachable_socket_is_4(tmp_path: Path) -> None:
     assert result.returncode == 4 and b"Connection refused" in result.stderr
 
 
+@pytest.fixture
+async def stuck_daemon(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Path]:
+    """A socket whose listener accepts every connection and never answers: a stuck nsinitd."""
+    path = tmp_path / "stuck.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen()
+    accepted: list[trio.socket.SocketType] = []
+
+    async def accept_and_say_nothing() -> None:
+        while True:
+            conn, _ = await listener.accept()
+            accepted.append(conn)
+
+    nursery.start_soon(accept_and_say_nothing)
+    yield path
+    nursery.cancel_scope.cancel()
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+async def test_a_daemon_that_never_answers_is_given_up_on_by_default(
+    stuck_daemon: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ctl, "QUICK_TIMEOUT", 0.3)  # the real default, 10 s, is too long for a test
+    status, out, err = await nsinitctl("-s", str(stuck_daemon), "status")
+    assert (status, out, err) == (4, "", f"nsinitctl: no answer from nsinitd at {stuck_daemon} within 0.3 s\n")
+
+
+async def test_actions_on_programs_wait_longer_by_default(stuck_daemon: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctl, "QUICK_TIMEOUT", 0.1)
+    monkeypatch.setattr(ctl, "ACTION_TIMEOUT", 0.4)  # the real default, 30 s: a stop waits on stopwaitsecs
+    status, out, err = await nsinitctl("-s", str(stuck_daemon), "stop", "web")
+    assert (status, out, err) == (4, "", f"nsinitctl: no answer from nsinitd at {stuck_daemon} within 0.4 s\n")
+
+
+async def test_timeout_overrides_the_default(stuck_daemon: Path) -> None:
+    status, _, err = await nsinitctl("-s", str(stuck_daemon), "pid", "--timeout", "0.2")
+    assert (status, err) == (4, f"nsinitctl: no answer from nsinitd at {stuck_daemon} within 0.2 s\n")
+
+
+async def test_a_daemon_whose_backlog_is_full_is_given_up_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctl, "CONNECT_TIMEOUT", 0.3)
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as queued:
+        listener.bind(str(path))
+        listener.listen(0)  # room for one connection that nobody accepts: the next connect blocks
+        queued.connect(str(path))
+        status, _, err = await nsinitctl("-s", str(path), "status", "--timeout", "60")
+    assert (status, err) == (4, f"nsinitctl: nsinitd at {path} accepts no connection within 0.3 s\n")
+
+
+async def test_a_live_event_stream_may_stay_quiet_longer_than_the_timeout(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    path = tmp_path / "quiet.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen()
+
+    async def answer_then_wait() -> None:
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.recv(65536)
+            await conn.send(b'{"id":1,"ok":true,"result":{"stream":true}}\n')
+            await trio.sleep(1.0)  # quiet for longer than --timeout: a quiet stream is not a stuck daemon
+            await conn.send(b'{"id":1,"item":{"event":"program.running","program":"web"}}\n')
+            await conn.send(b'{"id":1,"end":{"reason":"closed","message":"nsinitd is stopping"}}\n')
+
+    nursery.start_soon(answer_then_wait)
+    status, out, err = await nsinitctl("-s", str(path), "events", "-f", "--timeout", "0.2")
+    listener.close()
+    assert (status, out) == (0, '{"event": "program.running", "program": "web"}\n')
+    assert err == "nsinitctl: the event stream ended: nsinitd is stopping\n"
+
+
+def test_help_documents_the_default_timeouts() -> None:
+    text = " ".join(ctl.build_parser().format_help().split())
+    assert ("--timeout S seconds to wait for an answer from nsinitd (default 30 for start, stop, restart, "
+            "reload, shutdown; 10 for the rest; a following -f waits without limit after the first answer)") in text
+
+
 async def test_global_options_after_the_command(sock: Path) -> None:
     status, out, _ = await nsinitctl("status", "web", "-s", str(sock), "--json")
     assert status == 0 and json.loads(out)[0]["name"] == "web"
+
+
+async def test_help_and_version_exit_0() -> None:
+    result = await run_real("--help")
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith(b"usage: nsinitctl [-h]")
+    result = await run_real("status", "--help")
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith(b"usage: nsinitctl status [-h]")
+    result = await run_real("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"nsinitctl {__version__}\n".encode(), b"")
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "message"),
+    [
+        ((), "nsinitctl", "the following arguments are required: COMMAND"),
+        (("status", "--bogus"), "nsinitctl", "unrecognized arguments: --bogus"),
+        (("version", "extra"), "nsinitctl", "unrecognized arguments: extra"),
+        (("reload", "extra"), "nsinitctl", "unrecognized arguments: extra"),
+        (("reread", "extra"), "nsinitctl", "unrecognized arguments: extra"),
+        (("shutdown", "now"), "nsinitctl", "unrecognized arguments: now"),
+        (("pid", "web", "db"), "nsinitctl", "unrecognized arguments: db"),
+        (("logs", "web", "db"), "nsinitctl", "unrecognized arguments: db"),
+        (("start",), "nsinitctl start", "the following arguments are required: NAME"),
+        (("signal", "HUP"), "nsinitctl signal", "the following arguments are required: NAME"),
+        (("--timeout",), "nsinitctl", "argument --timeout: expected one argument"),
+        (("status", "--timeout", "0"), "nsinitctl status", "argument --timeout: must be > 0"),
+        (("logs", "-n", "-1", "web"), "nsinitctl logs", "argument -n/--lines: expected a whole number >= 0, got '-1'"),
+        (("top", "-n", "0"), "nsinitctl top", "argument -n/--iterations: expected a whole number >= 1, got '0'"),
+        (("top", "-d", "0"), "nsinitctl top", "argument -d/--delay: must be > 0"),
+        (("exec", "web", "--bogus"), "nsinitctl exec",
+         "exec: options go before NAME, the command after --: '--bogus'"),
+        (("exec", "web", "-t", "--", "sh"), "nsinitctl exec",
+         "exec: options go before NAME, the command after --: '-t'"),
+        (("exec", "web"), "nsinitctl exec", "exec: no command given (nsinitctl exec NAME -- CMD...)"),
+    ],
+)
+async def test_usage_errors_exit_2_with_the_usage_and_one_error_line(
+    argv: tuple[str, ...], usage: str, message: str, tmp_path: Path
+) -> None:
+    result = await run_real("-s", str(tmp_path / "none.sock"), *argv)
+    err = result.stderr.decode()
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert err.startswith(f"usage: {usage} [-h]")
+    assert err.endswith(f"\nnsinitctl: error: {message}\n")
+    assert err.count("nsinitctl: error:") == 1
 
 
 async def test_usage_errors_are_2(sock: Path) -> None:
@@ -675,6 +901,7 @@ async def test_end_to_end_with_a_real_nsinitd(tmp_path: Path, background: Any) -
                 await trio.sleep(0.05)
         assert daemon.returncode == 0
         assert not sock.exists()
+        assert not sock.with_name("nsinitd.sock.lock").exists()
         assert (await run_real("-c", c, "status")).returncode == 4
         with trio.fail_after(5):  # the live follower was told the stream ended, and exits 0
             while follower.proc.poll() is None:
@@ -694,6 +921,57 @@ async def test_end_to_end_with_a_real_nsinitd(tmp_path: Path, background: Any) -
             daemon.stderr.close()
     # give the follower's end a moment, then it is killed by its fixture
     time.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_a_real_nsinitd_refuses_to_start_a_running_program_and_to_stop_a_stopped_one(tmp_path: Path) -> None:
+    config = tmp_path / "nsinitd.toml"
+    head = '[supervisor]\nsocket = "run/nsinitd.sock"\nlog_dir = "logs"\nstate_dir = "state"\n\n'
+    config.write_text(
+        head + '[programs.sleeper]\ncommand = ["sleep", "1000"]\nstartsecs = 0.2\n\n'
+        '[programs.manual]\ncommand = ["sleep", "1000"]\nautostart = false\n'
+    )
+    c = str(config)
+    daemon = _start_daemon(config)
+    try:
+        with trio.fail_after(15):
+            while (await run_real("-c", c, "status", "sleeper")).returncode != 0:
+                assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+                await trio.sleep(0.1)
+        result = await run_real("-c", c, "start", "sleeper")
+        assert (result.returncode, result.stdout, result.stderr) == (1, b"sleeper: ERROR (already started)\n", b"")
+        result = await run_real("-c", c, "stop", "manual")
+        assert (result.returncode, result.stdout, result.stderr) == (1, b"manual: ERROR (not running)\n", b"")
+        result = await run_real("-c", c, "--json", "start", "sleeper", "manual")
+        assert result.returncode == 1
+        assert [r.get("state") or r["error"] for r in json.loads(result.stdout)] == [
+            {"code": "bad_state", "message": "already started"}, "RUNNING"
+        ]
+        assert (await run_real("-c", c, "stop", "manual")).stdout == b"manual: stopped\n"
+
+        # reread says what a reload would do, and does none of it
+        config.write_text(
+            head + '[programs.sleeper]\ncommand = ["sleep", "2000"]\nstartsecs = 0.2\n\n'
+            '[programs.extra]\ncommand = ["sleep", "1000"]\n'
+        )
+        result = await run_real("-c", c, "reread")
+        assert (result.returncode, result.stdout) == (0, b"extra: available\nsleeper: changed\nmanual: disappeared\n")
+        result = await run_real("-c", c, "status")
+        assert [line.split()[:2] for line in result.stdout.decode().splitlines()] == [
+            ["manual", "STOPPED"], ["sleeper", "RUNNING"]
+        ]
+        pid = int((await run_real("-c", c, "pid", "sleeper")).stdout)
+        assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"  # not restarted
+
+        # a config with a typo: nsinitctl still reaches nsinitd, and reread reports the error
+        config.write_text(config.read_text() + "startsecs = \n")
+        assert (await run_real("-c", c, "pid")).stdout == f"{daemon.pid}\n".encode()
+        result = await run_real("-c", c, "reread")
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"nsinitctl: reread: {config}".encode())
+        assert result.stderr.count(b"\n") == 1
+    finally:
+        _stop_daemon(daemon)
 
 
 def _start_daemon(config: Path) -> subprocess.Popen[bytes]:

@@ -8,6 +8,7 @@ requests, a flood of connections, an event reader that never reads).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -52,6 +53,8 @@ class FakeAPI:
         self.action_delay = 0.0
         self.socket_group: int | None = None
         self.stats_calls = 0
+        self.event_log: Path | None = tmp / "events.jsonl"
+        self.subscribed = trio.Event()  # set at the first subscribe()
 
     @property
     def pid(self) -> int:
@@ -74,9 +77,11 @@ class FakeAPI:
         self.emit(f"program.{status.state.lower()}", program=name, pid=status.pid)
         return status
 
+    # start and stop answer like the daemon's: with the program's status, whatever state it was in
+    # (the control server decides what "already started" and "not running" are)
     async def start(self, name: str) -> ProgramStatus:
         if self._get(name).state == "RUNNING":
-            raise ControlError("bad_state", f"{name} is already running")
+            return self._get(name)
         await trio.sleep(self.action_delay)
         if name in self.fail_start:
             return self._set(name, state="FATAL", pid=None, exit_code=1,
@@ -85,7 +90,7 @@ class FakeAPI:
 
     async def stop(self, name: str) -> ProgramStatus:
         if self._get(name).state not in ("RUNNING", "STARTING", "BACKOFF"):
-            raise ControlError("bad_state", f"{name} is not running")
+            return self._get(name)
         await trio.sleep(self.action_delay)
         return self._set(name, state="STOPPED", pid=None, exit_code=143, signal="SIGTERM",
                          description="stopped")
@@ -122,7 +127,11 @@ class FakeAPI:
     def subscribe(self, max_buffer: int) -> trio.MemoryReceiveChannel[dict[str, Any]]:
         send, receive = trio.open_memory_channel[dict[str, Any]](max_buffer + 1)
         self.subscribers.append((send, max_buffer))
+        self.subscribed.set()
         return receive
+
+    def reread(self) -> dict[str, list[str]]:
+        return {"added": ["new"], "removed": ["worker"], "changed": ["db"]}
 
     async def reload(self) -> dict[str, list[str]]:
         self.programs["new"] = replace(self.programs[sorted(self.programs)[0]], name="new", state="STOPPED",
@@ -237,6 +246,22 @@ async def test_control_errors_keep_their_code(sock: Path) -> None:
     assert isinstance(error, proto.Error) and error.code == "bad_request"
 
 
+async def test_start_of_a_running_program_and_stop_of_a_stopped_one_are_refused(sock: Path, api: FakeAPI) -> None:
+    assert await call(sock, "start", name="web") == proto.Error(1, "bad_state", "already started")
+    assert (await call(sock, "stop", name="web")).result["state"] == "STOPPED"
+    assert await call(sock, "stop", name="web") == proto.Error(1, "bad_state", "not running")
+    api.programs["db"] = replace(api.programs["db"], state="FATAL", pid=None)
+    assert await call(sock, "stop", name="db") == proto.Error(1, "bad_state", "not running")
+    assert [e["event"] for e in api.emitted] == ["program.stopped"]  # nothing else happened
+
+
+async def test_reread_and_event_log(sock: Path, api: FakeAPI) -> None:
+    assert (await call(sock, "reread")).result == {"added": ["new"], "removed": ["worker"], "changed": ["db"]}
+    assert (await call(sock, "event_log")).result == os.fspath(api.tmp / "events.jsonl")
+    api.event_log = None
+    assert (await call(sock, "event_log")).result is None
+
+
 async def test_actions(sock: Path, api: FakeAPI) -> None:
     reply = await call(sock, "stop", name="web")
     assert reply.result["state"] == "STOPPED"
@@ -341,6 +366,60 @@ async def test_socket_removed_on_exit(api: FakeAPI, tmp_path: Path) -> None:
         assert path.exists()
         nursery.cancel_scope.cancel()
     assert not path.exists()
+
+
+async def test_the_lock_file_goes_with_the_socket(api: FakeAPI, tmp_path: Path) -> None:
+    path = tmp_path / "x.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, api, path)
+        assert (tmp_path / "x.sock.lock").exists()
+        nursery.cancel_scope.cancel()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+async def test_a_daemon_starting_while_one_stops_keeps_the_lock_file(api: FakeAPI, tmp_path: Path) -> None:
+    """The lock file is removed under the lock: if another daemon holds it (it is checking the
+    socket right now), the one stopping leaves both files to it (the socket is then a dead one's,
+    which the starter replaces)."""
+    path = tmp_path / "x.sock"
+    lock_path = tmp_path / "x.sock.lock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, api, path)
+        starter = os.open(lock_path, os.O_RDWR)
+        fcntl.flock(starter, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        nursery.cancel_scope.cancel()
+    try:
+        assert os.stat(lock_path).st_ino == os.fstat(starter).st_ino  # the starter's lock still guards the path
+    finally:
+        os.close(starter)
+
+
+def test_a_lock_file_removed_while_waiting_for_it_is_locked_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between open() and flock() a stopping daemon may remove the lock file: a lock on the removed
+    file guards nothing, since the next daemon creates a new file and locks that."""
+    path = tmp_path / "x.sock"
+    lock_path = tmp_path / "x.sock.lock"
+    real_flock = fcntl.flock
+    removed = []
+
+    def flock_after_removal(fd: int, operation: int) -> None:
+        if not removed:
+            lock_path.unlink()  # the stopping daemon's removal, just before our flock
+            removed.append(True)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(server.fcntl, "flock", flock_after_removal)
+    with server._lock(path):
+        monkeypatch.setattr(server.fcntl, "flock", real_flock)
+        other = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)  # a second daemon starting
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    assert removed
 
 
 async def test_stale_socket_is_replaced(api: FakeAPI, tmp_path: Path, nursery: trio.Nursery) -> None:
