@@ -7,7 +7,9 @@ the fields later libcontainer added (user, working_dir, readonly_fs, no_pivot_ro
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 from . import capabilities
 from .consts import (
@@ -640,12 +642,28 @@ def load(path: str | PathLike[str]) -> ContainerConfig:
     """Read and validate a container.json file."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        # the file may stand in a rootfs, the container's to replace: a symlink is not followed
+        # (onto a host file), and a FIFO or device does not hang or feed the read
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(p, "no such file (a container directory holds a container.json)") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(p, "a symbolic link: refused (it is read without following links)") from None
         raise ConfigError(p, f"cannot read: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(p, "not a regular file")
+        raw = b""
+        while len(raw) <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
+    except OSError as e:
+        raise ConfigError(p, f"cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(p, f"larger than {MAX_CONFIG_BYTES} bytes")
     try:

@@ -3,7 +3,7 @@
 Order matters and is the kernel's, not ours: propagation private first (or every mount below
 reaches the host), the rootfs bound onto itself (pivot_root wants a mount point), /proc, /sys,
 /dev, then the config's mounts (on top of those three, not hidden below them), then pivot_root,
-then masks and read-only remounts from inside.
+then masks and read-only remounts from inside (/container.json among them).
 
 Everything under the rootfs is the container's to replace by a symlink, even while we set it up
 (its earlier run, or another container on the same rootfs). So no path below the rootfs is ever
@@ -22,6 +22,9 @@ from .config import ContainerConfig, Mount
 from .errors import SetupError, SyscallError
 from .lean import suppress
 
+#: The config at the rootfs's top (libcontainer's layout): the next `nsinit exec` there reads it,
+#: so the container sees it read-only (a container that keeps CAP_SYS_ADMIN can still unmount it).
+CONFIG_FILE = "container.json"
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
@@ -270,6 +273,18 @@ def _open_existing(path: str) -> int | None:
         return None
 
 
+def _open_config_file() -> int | None:
+    """An O_PATH fd of /container.json when it is a regular file (not through a symlink), or None."""
+    try:
+        fd = os.open("/" + CONFIG_FILE, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    os.close(fd)
+    return None
+
+
 def finish(cfg: ContainerConfig) -> None:
     """Masks and read-only parts, from inside the new root: through an fd each, so what is
     looked at is what gets mounted on."""
@@ -297,6 +312,18 @@ def finish(cfg: ContainerConfig) -> None:
             fd = os.open(path, _O_PATH | os.O_CLOEXEC)  # the bind just made, on top of what fd named
             try:
                 _mount_fd(fd, path, None, None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
+            finally:
+                os.close(fd)
+        path = "/" + CONFIG_FILE
+        fd = _open_config_file()
+        if fd is not None:
+            try:  # the config of the container's next run: read-only for this one
+                _mount_fd(fd, path, f"/proc/self/fd/{fd}", None, libc.MS_BIND)
+            finally:
+                os.close(fd)
+            fd = os.open(path, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)  # the bind just made
+            try:
+                _mount_fd(fd, path, None, None, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY)
             finally:
                 os.close(fd)
         if cfg.readonly_fs:

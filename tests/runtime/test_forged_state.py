@@ -205,3 +205,35 @@ def test_symlinks_planted_at_the_pid_file_and_its_temporary_names_are_not_writte
     finally:
         _stop(p)
     assert {n: t.read_text() for n, t in targets.items()} == dict.fromkeys(targets, "host data\n")
+
+
+# ------------------------------------------------------------------ the config in the rootfs
+
+
+def test_the_container_sees_its_container_json_read_only(busybox_rootfs: Path) -> None:
+    before = (busybox_rootfs / "container.json").read_text()
+    r = nsinit(busybox_rootfs, "exec", "sh", "-c",
+               'echo "{}" > /container.json; echo "write $?"; cat /container.json >/dev/null && echo read')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["write 1", "read"]
+    assert "Read-only file system" in r.stderr
+    assert (busybox_rootfs / "container.json").read_text() == before
+
+
+def test_a_container_json_replaced_by_a_symlink_to_a_host_file_is_refused_not_followed(
+        busybox_rootfs: Path, tmp_path: Path) -> None:
+    host_file = tmp_path / "host-secret.json"
+    host_file.write_text((busybox_rootfs / "container.json").read_text())  # valid: it would run
+    (busybox_rootfs / "container.json").unlink()
+    (busybox_rootfs / "container.json").symlink_to(host_file)
+    r = nsinit(busybox_rootfs, "exec", "true")
+    assert (r.returncode, r.stdout) == (125, "")
+    assert r.stderr == (f"nsinit: {busybox_rootfs}/container.json: a symbolic link: refused "
+                        "(it is read without following links)\n")
+
+
+def test_a_container_json_replaced_by_a_fifo_is_refused_at_once(busybox_rootfs: Path) -> None:
+    (busybox_rootfs / "container.json").unlink()
+    os.mkfifo(busybox_rootfs / "container.json")
+    r = nsinit(busybox_rootfs, "exec", "true", timeout=20)  # nobody ever writes the FIFO: no hang
+    assert (r.returncode, r.stderr) == (125, f"nsinit: {busybox_rootfs}/container.json: not a regular file\n")
