@@ -71,7 +71,9 @@ def test_mounts_seen_inside(busybox_rootfs: Path) -> None:
     assert " - tmpfs " in mounts["/dev/shm"] and " - mqueue " in mounts["/dev/mqueue"]
     # nothing of the host's mount table shows through
     assert "/sys/fs/cgroup" not in mounts and not any(m.startswith("/work") for m in mounts)
-    assert {m for m in mounts if not m.startswith(("/dev/", "/proc/", "/sys/"))} == {"/", "/proc", "/sys", "/dev"}
+    assert {m for m in mounts if not m.startswith(("/dev/", "/proc/", "/sys/"))} == {
+        "/", "/proc", "/sys", "/dev", "/container.json"}
+    assert " ro," in mounts["/container.json"].split(" - ")[0] + ","  # the config of the next run
 
 
 @pytest.mark.parametrize("dest", ["/proc/sys/kernel", "/dev/extra", "/sys/kernel"])
