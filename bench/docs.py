@@ -1,8 +1,8 @@
-"""Write the figures of the last run (bench/out/) into README.md (its Performance section), between its markers.
+"""Write the figures of the last run (bench/out/) into docs/performance.md, between its markers.
 
     python -m bench.docs
 
-The README material is never edited by hand where it quotes the report: what it says is what the
+The document is never edited by hand where it quotes the report: what it says is what the
 last run printed, the machine it ran on, and the targets of issue 7 checked against it.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from .lib import REPO
 from .main import OUT
 
-DOC = REPO / "README.md"
+DOC = REPO / "docs" / "performance.md"
 
 
 def _med(part: dict[str, Any], name: str) -> float | None:

@@ -1,7 +1,7 @@
 """container.json -> typed, frozen objects. Every error names the field path.
 
 The format is libcontainer's (the sample in configs/libcontainer-sample/container.json) plus
-the fields later libcontainer added (user, working_dir, readonly_fs, no_pivot_root). The README's
+the fields later libcontainer added (user, working_dir, readonly_fs, no_pivot_root). docs/nsinit.md's
 "container.json reference" documents every field; keep the two in step.
 """
 

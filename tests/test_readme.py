@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -29,3 +30,16 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_demo_config_exists() -> None:
     assert (REPO / "configs" / "demo.toml").exists()
     assert (REPO / "configs" / "host" / "container.json").exists()
+
+
+def test_the_tours_config_is_one_nsinitd_accepts(tmp_path: Path) -> None:
+    from supervisor.config import load
+
+    text = (REPO / "README.md").read_text()
+    toml = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert len(toml) == 1
+    conf = tmp_path / "supervisor.toml"
+    conf.write_text(toml[0].replace('"/srv/web"', f'"{REPO / "configs" / "host"}"')
+                    .replace('"/run/nsinitd.sock"', f'"{tmp_path / "sock"}"'))
+    cfg = load(conf)
+    assert sorted(cfg.programs) == ["ticker", "web"]
