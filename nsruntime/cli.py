@@ -194,11 +194,12 @@ def _exec(rootfs: str, args: Args) -> int:
         return _err("the rootfs is the current directory (/), the host's root: cd to the container's root "
                     "directory (the one holding its /bin, /etc...) and run nsinit from there")
     sdir = _records(rootfs, args.root)
-    cfg = load(os.path.join(sdir.path if args.root is not None else rootfs, "container.json"))
     # blocked from here on and read from a signalfd: nothing sent to us is lost or kills us halfway
     init.block_signals()
     sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
     if sdir.live_pid() is None:
+        # read only to make a container: a join takes the config recorded when it was made
+        cfg = load(os.path.join(sdir.path if args.root is not None else rootfs, "container.json"))
         try:
             # started at once (a terminal still waits for raw mode and its size before start())
             c = creator.create(cfg, rootfs, args.command, sdir, die_with_parent=True, start=True,

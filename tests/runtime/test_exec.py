@@ -188,6 +188,18 @@ def test_join_enters_the_same_namespaces(busybox_rootfs: Path) -> None:
         p.communicate(timeout=10)
 
 
+def test_a_join_takes_the_recorded_config_not_the_container_json_beside_it(busybox_rootfs: Path) -> None:
+    p = _start_long(busybox_rootfs, "sleep 30")
+    try:
+        assert live_pid(busybox_rootfs)
+        (busybox_rootfs / "container.json").write_text("{broken")  # edited for the next run, say
+        r = nsinit(busybox_rootfs, "exec", "hostname")
+        assert (r.returncode, r.stdout, r.stderr) == (0, "koye\n", "")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=10)
+
+
 def test_pid1_death_kills_everything_including_joined(busybox_rootfs: Path) -> None:
     p = _start_long(busybox_rootfs, "sleep 300 & sleep 300")
     joined = nsinit_bg(busybox_rootfs, "exec", "sh", "-c", "echo in; sleep 300")
