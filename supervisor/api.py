@@ -96,8 +96,7 @@ class SupervisorAPI(Protocol):
     def stats(self, name: str) -> dict[str, int]:
         """Resource usage of a program, read from its cgroup: any of ``cpu_usage_ns`` (int,
         cumulative), ``memory_bytes`` (int), ``pids`` (int); keys that can't be read are left
-        out. ControlError(no_such_program). Added for ``nsinitctl top``; the control server
-        answers ``unsupported`` when the daemon doesn't offer it."""
+        out. ControlError(no_such_program). For ``nsinitctl top``."""
 
     def emit(self, event: str, **fields: object) -> None:
         """Emit an event (the server reports e.g. control.refused through this)."""
