@@ -28,28 +28,36 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .cgroups.detect import Hierarchy
+    from .cgroups.detect import detect as detect_cgroups
     from .container import Container, describe
     from .creator import Creating, begin_create, cleanup_stale, create
     from .joiner import Joined, join, open_join
+    from .libc import set_subreaper
     from .state import proc_state
+    from .zygote import Zygote
 
-# where each lazily loaded name lives: `nsinit state` and config checks don't pay for the rest
+# where each lazily loaded name lives (module, or module:name when exported under another name):
+# `nsinit state` and config checks don't pay for the rest
 _LAZY = {
     "Container": "container", "describe": "container",
     "Creating": "creator", "begin_create": "creator", "cleanup_stale": "creator", "create": "creator",
     "Joined": "joiner", "join": "joiner", "open_join": "joiner",
     "proc_state": "state",
+    "Zygote": "zygote", "set_subreaper": "libc",
+    "Hierarchy": "cgroups.detect", "detect_cgroups": "cgroups.detect:detect",
 }  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module 'nsruntime' has no attribute {name!r}")
     import sys
 
+    module, _, attr = where.partition(":")
     __import__(f"{__name__}.{module}")
-    return getattr(sys.modules[f"{__name__}.{module}"], name)
+    return getattr(sys.modules[f"{__name__}.{module}"], attr or name)
 
 
 __all__ = [
@@ -58,21 +66,25 @@ __all__ = [
     "ContainerConfig",
     "Creating",
     "ExitStatus",
+    "Hierarchy",
     "Joined",
     "NsRuntimeError",
     "SetupError",
     "StateError",
     "SyscallError",
     "TeardownError",
+    "Zygote",
     "__version__",
     "begin_create",
     "cleanup_stale",
     "create",
     "describe",
+    "detect_cgroups",
     "join",
     "load_config",
     "open_join",
     "proc_state",
+    "set_subreaper",
     "signal_name",
     "signal_number",
     "status_to_code",

@@ -92,17 +92,22 @@ def is_zombie(pid: int) -> bool:
 
 
 def proc_state(pid: int) -> str:
-    """'in state D (wchan: ...)' for a process that won't die, as far as /proc tells."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        letter = data[data.rindex(b")") + 2 :].split()[0].decode()
-    except OSError:
-        return "gone"
+    """What /proc says of a process that won't die, for the message that reports it: the State line
+    of /proc/PID/status (``D (disk sleep)``), then where it waits when the kernel tells
+    (``D (disk sleep) waiting in __refrigerator``); ``gone`` once it is gone. One reading for the
+    runtime's errors and nsinitd's ``program.stuck`` event."""
+    state = "gone"
+    with suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("State:"):
+                state = line.split(":", 1)[1].strip()
+                break
+    if state == "gone":
+        return state
     wchan = ""
     with suppress(OSError), open(f"/proc/{pid}/wchan") as f:
         wchan = f.read().strip()
-    return f"in state {letter}" + (f" (waiting in {wchan})" if wchan and wchan != "0" else "")
+    return state + (f" waiting in {wchan}" if wchan and wchan != "0" else "")
 
 
 def namespace_inodes(pid: int, kinds: list[str]) -> dict[str, int]:

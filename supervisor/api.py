@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # the contract alone loads neither trio nor structlog
+    from .events import Subscription
 
 
 class ControlError(Exception):
@@ -75,7 +78,7 @@ class SupervisorAPI(Protocol):
     def log_path(self, name: str, stream: str) -> Path:
         """Captured output file of a program, stream is "stdout" or "stderr"."""
 
-    def subscribe(self, max_buffer: int) -> Any:
+    def subscribe(self, max_buffer: int) -> Subscription:
         """A trio MemoryReceiveChannel of event dicts (the same JSON objects as the event log),
         starting with the next event. When the subscriber falls max_buffer behind it is dropped:
         the channel then yields a final {"event": "subscriber.dropped", ...} and closes."""
@@ -90,13 +93,12 @@ class SupervisorAPI(Protocol):
     def request_shutdown(self) -> None:
         """Begin the ordered shutdown (as SIGTERM); returns at once."""
 
-    def stats(self, name: str) -> dict[str, Any]:
+    def stats(self, name: str) -> dict[str, int]:
         """Resource usage of a program, read from its cgroup: any of ``cpu_usage_ns`` (int,
         cumulative), ``memory_bytes`` (int), ``pids`` (int); keys that can't be read are left
-        out. ControlError(no_such_program). Added for ``nsinitctl top``; the control server
-        answers ``unsupported`` when the daemon doesn't offer it."""
+        out. ControlError(no_such_program). For ``nsinitctl top``."""
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: str, **fields: object) -> None:
         """Emit an event (the server reports e.g. control.refused through this)."""
 
     @property

@@ -1,4 +1,4 @@
-"""``supervisor.toml`` -> frozen records (nsruntime.lean), validated before anything starts.
+"""``supervisor.toml`` -> frozen dataclasses, validated before anything starts.
 
 Every error names its table and key, e.g. ``programs.web.autorestart: expected one of always,
 on-failure, never``, and nsinitd exits with status 2 without starting anything. Unknown keys are
@@ -6,6 +6,10 @@ errors too (a typo must not silently fall back to a default).
 
 Relative paths (``container``, ``socket``, ``event_log``, ``log_dir``, ``state_dir``) are taken
 relative to the directory of the config file, so a config and its containers can move together.
+
+The converters of user-written values live here, one per value type; ``parse_signal`` is also
+nsinitctl's (``nsinitctl signal``): this module loads neither trio nor structlog, and whatever
+names a signal in the config names it on the command line too.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import re
 import signal as _signal
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsruntime.lean import frozen
+from nsruntime import ConfigError as ContainerConfigError
+from nsruntime import load_config as load_container_config
+from nsruntime import signal_number
 
 from .machine import AutoRestart, Policy
 
@@ -50,14 +57,14 @@ def _printable(s: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in s)
 
 
-@frozen
+@dataclass(frozen=True)
 class Backoff:
     initial: float = 1.0
     factor: float = 2.0
     max: float = 60.0
 
 
-@frozen
+@dataclass(frozen=True)
 class ProgramConfig:
     name: str
     command: tuple[str, ...]
@@ -91,7 +98,7 @@ class ProgramConfig:
         return dict(self.environment)
 
 
-@frozen
+@dataclass(frozen=True)
 class SupervisorConfig:
     socket: Path
     log_dir: Path
@@ -100,7 +107,7 @@ class SupervisorConfig:
     socket_group: int | None = None
 
 
-@frozen
+@dataclass(frozen=True)
 class Config:
     path: Path
     supervisor: SupervisorConfig
@@ -173,17 +180,17 @@ def _no_unknown(key: str, table: Mapping[str, Any], known: set[str]) -> None:
 
 
 def parse_signal(key: str, v: object) -> int:
-    """``"TERM"``, ``"SIGTERM"``, ``"term"`` or ``15`` -> 15."""
+    """``"TERM"``, ``"SIGTERM"``, ``"term"``, ``"15"`` or ``15`` -> 15; ConfigError(key, ...) for
+    what names no signal of this system. The names and numbers are the runtime's (nsruntime's
+    signal table), so a real-time signal by number is one too."""
     if isinstance(v, int) and not isinstance(v, bool):
-        if 1 <= v < _signal.NSIG and v in {s.value for s in _signal.Signals}:
+        if v in _signal.valid_signals():
             return v
         raise ConfigError(key, f"not a signal number: {v}")
-    s = _str(key, v).upper()
-    name = s if s.startswith("SIG") else "SIG" + s
-    try:
-        return int(_signal.Signals[name])
-    except KeyError:
-        raise ConfigError(key, f"unknown signal {v!r}") from None
+    number = signal_number(_str(key, v))
+    if number is None:
+        raise ConfigError(key, f"unknown signal {v!r}")
+    return number
 
 
 def _size(key: str, v: object) -> int:
@@ -320,9 +327,6 @@ def _check_containers(sup: SupervisorConfig, progs: Mapping[str, ProgramConfig])
     containers = [p for p in progs.values() if p.container is not None]
     if not containers:
         return
-    from nsruntime import config as container_config  # only when there are containers: a few ms
-    from nsruntime.errors import ConfigError as ContainerConfigError
-
     state_dir = os.path.realpath(sup.state_dir)
     cgroups: dict[tuple[str, str], str] = {}
     for p in containers:
@@ -334,7 +338,7 @@ def _check_containers(sup: SupervisorConfig, progs: Mapping[str, ProgramConfig])
                                                       f"{p.container}: a container could forge nsinitd's records there")
         file = p.container / "container.json"
         try:
-            cc = container_config.load(file)
+            cc = load_container_config(file)
         except ContainerConfigError as e:  # the file's own problems name it; a field's doesn't
             raise ConfigError(key, str(e) if e.path == str(file) else f"{file}: {e}") from None
         if cc.cgroups.name is not None:  # unset: a name of its own, derived from the container

@@ -24,7 +24,6 @@ Exit status:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -34,19 +33,25 @@ import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import trio
+
+from nsruntime import ExitStatus
 
 from . import __version__, machine
 from . import config as config_mod
 from .api import ControlError, ProgramStatus
 from .config import Config, ConfigError
-from .events import EventBus
+from .events import EventBus, Subscription
 from .options import Options, parse_args
 from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, proc_start_time, set_child_subreaper
 from .program import Context, Program
+from .spawner import NsRuntime, Spawner
 from .states import SIGNALLABLE_STATES, ProcessState
+
+if TYPE_CHECKING:
+    from nsruntime import Zygote
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -157,8 +162,10 @@ class Daemon:
     """The supervisor; implements :class:`supervisor.api.SupervisorAPI` for the control server."""
 
     def __init__(self, config: Config, *, stream: TextIO | None = None, use_socket: bool = True,
-                 runtime: Any = None, subreaper: bool = True, zygote: Any = None,
+                 spawner: Spawner | None = None, subreaper: bool = True, zygote: Zygote | None = None,
                  log_format: str = "json") -> None:
+        """spawner: how containers are made, nsruntime's (NsRuntime) unless given; zygote: one
+        launched early by supervisor.nsinitd, before the heavy imports, for NsRuntime to use."""
         self.config = config
         self.stream = stream if stream is not None else sys.stdout
         self.use_socket = use_socket
@@ -166,10 +173,9 @@ class Daemon:
         sup = config.supervisor
         self.bus = EventBus(self.stream, sup.event_log, stream_format=log_format)
         self.reaper = Reaper()
-        self.ctx = Context(self.bus, self.reaper, sup.log_dir, sup.state_dir, runtime=runtime)
-        if zygote is not None:  # launched by supervisor.nsinitd before the heavy imports
-            self.ctx.zygote = zygote
-            self.reaper.own(zygote.pid)
+        if spawner is None:
+            spawner = NsRuntime(self.reaper, zygote)
+        self.ctx = Context(self.bus, self.reaper, sup.log_dir, sup.state_dir, spawner)
         self.programs: dict[str, Program] = {}
         self._programs_nursery: trio.Nursery | None = None
         self._root: trio.Nursery | None = None
@@ -250,20 +256,15 @@ class Daemon:
             self.exit_code = EXIT_FAILED
             raise
         finally:
-            self.ctx.close_zygote()
+            self.ctx.spawner.close()
             self._remove_cgroup_root()
             self.bus.emit("supervisor.stopped", exit_code=self.exit_code)
             self.bus.close()
         return self.exit_code
 
     async def _start_server(self, nursery: trio.Nursery) -> bool:
-        try:
-            from . import server  # written separately; nsinitd runs without it
-        except ImportError:
-            return True
-        serve = getattr(server, "serve", None)
-        if serve is None:
-            return True
+        from .server import serve  # only when the socket is wanted (--no-socket runs without it)
+
         try:
             await nursery.start(serve, self, self.config.supervisor.socket)
         except OSError as e:
@@ -303,7 +304,7 @@ class Daemon:
         except OSError:
             pass
 
-    def _stranger_reaped(self, pid: int, info: Any) -> None:
+    def _stranger_reaped(self, pid: int, info: ExitStatus) -> None:
         self.bus.emit("stranger.reaped", pid=pid, exit_code=info.exit_code)
 
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -453,28 +454,10 @@ class Daemon:
             raise ControlError("bad_state", f"{name} is not running ({prog.state.value})")
         return prog.state_dir
 
-    def stats(self, name: str) -> dict[str, Any]:
-        """cpu_usage_ns, memory_bytes, pids (and the container's other counters), where readable."""
-        prog = self._get(name)
-        child = prog.child
-        if child is None:
-            return {}
-        container = getattr(child, "c", None)
-        if container is not None and hasattr(container, "stats"):
-            return dict(container.stats())
-        out: dict[str, Any] = {}
-        if self.ctx.cgroup_root is not None:  # a plain program's own cgroup2 directory
-            d = self.ctx.cgroup_root / name
-            with contextlib.suppress(OSError, ValueError):
-                out["pids"] = len((d / "cgroup.procs").read_text().split())
-            with contextlib.suppress(OSError, ValueError):
-                for line in (d / "cpu.stat").read_text().splitlines():
-                    key, _, value = line.partition(" ")
-                    if key == "usage_usec":
-                        out["cpu_usage_ns"] = int(value) * 1000
-            with contextlib.suppress(OSError, ValueError):
-                out["memory_bytes"] = int((d / "memory.current").read_text())
-        return out
+    def stats(self, name: str) -> dict[str, int]:
+        """cpu_usage_ns, memory_bytes, pids (and a container's other counters), where readable."""
+        child = self._get(name).child
+        return dict(child.stats()) if child is not None else {}
 
     def log_path(self, name: str, stream: str) -> Path:
         prog = self._get(name)
@@ -482,7 +465,7 @@ class Daemon:
             raise ControlError("bad_request", f"stream must be stdout or stderr, not {stream!r}")
         return prog.logs.path(stream)
 
-    def subscribe(self, max_buffer: int) -> Any:
+    def subscribe(self, max_buffer: int) -> Subscription:
         return self.bus.subscribe(max_buffer)
 
     def _changes(self, new: Config) -> tuple[list[str], list[str], list[str]]:
@@ -537,12 +520,12 @@ class Daemon:
             self._shutdown.set()
             self._startup_scope.cancel()
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: str, **fields: object) -> None:
         program = fields.pop("program", None)
-        self.bus.emit(event, program, **fields)
+        self.bus.emit(event, program if isinstance(program, str) else None, **fields)
 
 
-def run_main(opts: Options, *, zygote: Any = None) -> None:
+def run_main(opts: Options, *, zygote: Zygote | None = None) -> None:
     """nsinitd once its command line is read (supervisor.nsinitd); exits with its status."""
     try:
         cfg = config_mod.load(opts.config)
@@ -558,7 +541,7 @@ def run_main(opts: Options, *, zygote: Any = None) -> None:
     sys.exit(trio.run(daemon.run))
 
 
-def main(argv: Sequence[str] | None = None, *, zygote: Any = None) -> None:
+def main(argv: Sequence[str] | None = None, *, zygote: Zygote | None = None) -> None:
     run_main(parse_args(sys.argv[1:] if argv is None else argv), zygote=zygote)
 
 

@@ -362,6 +362,10 @@ class _StreamSink:
             self.queue = None
 
 
+#: What a subscriber reads: each event as the JSON object of the event log, until it is dropped.
+Subscription = trio.MemoryReceiveChannel[dict[str, Any]]
+
+
 class _Subscriber:
     def __init__(self, max_buffer: int) -> None:
         self.max_buffer = max(1, max_buffer)
@@ -425,7 +429,7 @@ class EventBus:
         return max((sub.send.statistics().current_buffer_used / sub.max_buffer for sub in self.subscribers),
                    default=0.0)
 
-    def subscribe(self, max_buffer: int = 1000) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+    def subscribe(self, max_buffer: int = 1000) -> Subscription:
         sub = _Subscriber(max_buffer)
         if self.closed:
             sub.send.close()

@@ -18,10 +18,9 @@ retries. Reaching RUNNING (up for ``startsecs``) resets the count, and with it t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
-
-from nsruntime.lean import frozen, replace
 
 from .states import ProcessState as S
 from .states import Wanted
@@ -38,7 +37,7 @@ class InvalidTransition(Exception):
         self.event = event
 
 
-@frozen
+@dataclass(frozen=True)
 class Policy:
     autorestart: AutoRestart = "on-failure"
     startretries: int = 3
@@ -47,7 +46,7 @@ class Policy:
     backoff_max: float = 60.0
 
 
-@frozen
+@dataclass(frozen=True)
 class Status:
     state: S = S.STOPPED
     wanted: Wanted = Wanted.DOWN
@@ -57,46 +56,46 @@ class Status:
 # -- events (inputs) ------------------------------------------------------------------------------
 
 
-@frozen
+@dataclass(frozen=True)
 class Event:
     pass
 
 
-@frozen
+@dataclass(frozen=True)
 class Start(Event):
     """The operator (autostart, control socket, reload) wants the program up."""
 
 
-@frozen
+@dataclass(frozen=True)
 class Stop(Event):
     """The operator wants the program down."""
 
 
-@frozen
+@dataclass(frozen=True)
 class Started(Event):
     """The process has stayed up for startsecs."""
 
 
-@frozen
+@dataclass(frozen=True)
 class SpawnFailed(Event):
     reason: str = ""
     #: a config error (a container.json that can't be parsed): no retry can mend it
     fatal: bool = False
 
 
-@frozen
+@dataclass(frozen=True)
 class Exited(Event):
     """The process exited (and was reaped, and its container or cgroup released)."""
 
     expected: bool = False
 
 
-@frozen
+@dataclass(frozen=True)
 class BackoffElapsed(Event):
     pass
 
 
-@frozen
+@dataclass(frozen=True)
 class StopTimeout(Event):
     """stopwaitsecs passed in STOPPING without the process exiting."""
 
@@ -104,37 +103,37 @@ class StopTimeout(Event):
 # -- actions (outputs) ----------------------------------------------------------------------------
 
 
-@frozen
+@dataclass(frozen=True)
 class Action:
     pass
 
 
-@frozen
+@dataclass(frozen=True)
 class Spawn(Action):
     """Spawn the process; on success arm the startsecs timer."""
 
 
-@frozen
+@dataclass(frozen=True)
 class SignalStop(Action):
     """Send stopsignal and arm the stopwaitsecs timer."""
 
 
-@frozen
+@dataclass(frozen=True)
 class Kill(Action):
     """SIGKILL every process of the program (its cgroup / container)."""
 
 
-@frozen
+@dataclass(frozen=True)
 class ScheduleRetry(Action):
     delay: float
 
 
-@frozen
+@dataclass(frozen=True)
 class Emit(Action):
     """Emit a lifecycle event; the caller adds the facts it owns (pid, ...)."""
 
     event: str
-    fields: Mapping[str, Any] = MappingProxyType({})  # shared, and immutable
+    fields: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # immutable
 
     def __hash__(self) -> int:  # a record holding a dict: hash on the name only
         return hash(self.event)

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .options import Options, parse_args
 
+if TYPE_CHECKING:
+    from nsruntime import Zygote
 
-def _early_zygote(opts: Options) -> Any:
+
+def _early_zygote(opts: Options) -> Zygote | None:
     if opts.check:
         return None
     try:
         with open(opts.config, encoding="utf-8", errors="replace") as f:
             if "container" not in f.read(1 << 20):
                 return None
-        from nsruntime.zygote import Zygote
+        from nsruntime import Zygote
 
         return Zygote.launch()
     except (OSError, ImportError):

@@ -1,4 +1,4 @@
-"""Spawning and reaping plain processes; cgroup2 tracking; the container adapter.
+"""Spawning and reaping plain processes; cgroup2 tracking; what every started program is (Child).
 
 A plain program (no ``container`` key) is forked here, not through ``subprocess``: the child
 needs to join the program's cgroup *before* exec (so nothing it forks can escape), start a new
@@ -11,53 +11,31 @@ Every child is waited for through a pidfd (readable once it exited), then reaped
 exception is :class:`Reaper`: nsinitd is a child subreaper (and may be PID 1), so orphans are
 reparented to it; the reaper reaps exactly the children that no program owns.
 
-Exit codes follow the shell: ``exit_code`` is the status, or 128+N when killed by signal N.
+Exit codes follow the shell: ``exit_code`` is the status, or 128+N when killed by signal N. The
+record is the runtime's ``ExitStatus``, the same for a plain process and a container: one
+definition of how a process ended, one table of signal names (both in nsruntime.signals).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
-from nsruntime import libc
-from nsruntime.cgroups.detect import Hierarchy
-from nsruntime.cgroups.detect import detect as detect_cgroups
+from nsruntime import ExitStatus, Hierarchy, detect_cgroups, set_subreaper
+
+#: What a teardown released, by kind: ``cgroups`` (and, for a container, ``links``, ``files``).
+Released = Mapping[str, Sequence[str]]
 
 
 class SpawnError(Exception):
     """The program could not be started; ``str()`` is one line."""
-
-
-@dataclass(frozen=True)
-class ExitInfo:
-    exit_code: int  # exit status, or 128+N when killed by signal N
-    signal: int | None
-    oom_killed: bool | None = None  # None when unknown (plain processes)
-
-    @property
-    def signal_name(self) -> str | None:
-        return signal_name(self.signal) if self.signal else None
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"SIG{signum}"
-
-
-def decode_wait_status(status: int) -> ExitInfo:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return ExitInfo(128 + sig, sig)
-    return ExitInfo(os.WEXITSTATUS(status), None)
 
 
 # -- subreaper and strangers ----------------------------------------------------------------------
@@ -65,7 +43,7 @@ def decode_wait_status(status: int) -> ExitInfo:
 
 def set_child_subreaper() -> None:
     """SyscallError (an OSError) naming prctl when the kernel refuses."""
-    libc.set_subreaper()
+    set_subreaper()
 
 
 def children() -> set[int]:
@@ -93,7 +71,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self.owned: set[int] = set()
-        self.on_reaped: Callable[[int, ExitInfo], None] | None = None
+        self.on_reaped: Callable[[int, ExitStatus], None] | None = None
         self.pressure: Callable[[], bool] | None = None
 
     def own(self, pid: int) -> None:
@@ -102,7 +80,7 @@ class Reaper:
     def disown(self, pid: int) -> None:
         self.owned.discard(pid)
 
-    def reap_strangers(self) -> list[tuple[int, ExitInfo]]:
+    def reap_strangers(self) -> list[tuple[int, ExitStatus]]:
         reaped = []
         for pid in children() - self.owned:
             try:
@@ -110,7 +88,7 @@ class Reaper:
             except ChildProcessError:
                 continue
             if got == pid:
-                info = decode_wait_status(status)
+                info = ExitStatus.from_wait_status(status)
                 reaped.append((pid, info))
                 if self.on_reaped is not None:
                     self.on_reaped(pid, info)
@@ -131,7 +109,7 @@ class Reaper:
             except ChildProcessError:
                 continue
             if got == pid and self.on_reaped is not None:
-                self.on_reaped(pid, decode_wait_status(status))
+                self.on_reaped(pid, ExitStatus.from_wait_status(status))
             n += 1
             if n % 16 == 0:  # let the stream tasks run; less often costs readers, more often costs rate
                 await trio.lowlevel.checkpoint()
@@ -151,7 +129,7 @@ class Reaper:
 
 
 def _unified() -> Hierarchy | None:
-    # the runtime's detection (nsruntime.cgroups.detect) is the one reading of mountinfo
+    # the runtime's detection is the one reading of mountinfo
     try:
         unified = detect_cgroups().unified
     except OSError:
@@ -197,6 +175,21 @@ class Cgroup:
         except FileNotFoundError:
             return False
         return bool(self.procs())
+
+    def stats(self) -> dict[str, int]:
+        """pids, cpu_usage_ns, memory_bytes: those whose files can be read (cgroup2 has no
+        controllers enabled here, so often only pids)."""
+        out: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError):
+            out["pids"] = len((self.path / "cgroup.procs").read_text().split())
+        with contextlib.suppress(OSError, ValueError):
+            for line in (self.path / "cpu.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    out["cpu_usage_ns"] = int(value) * 1000
+        with contextlib.suppress(OSError, ValueError):
+            out["memory_bytes"] = int((self.path / "memory.current").read_text())
+        return out
 
     def kill(self) -> None:
         """SIGKILL every process in the cgroup (cgroup.kill, else one by one)."""
@@ -246,15 +239,26 @@ class Cgroup:
 
 
 class Child(Protocol):
-    """A started program: a plain process or a container's PID 1."""
+    """A started program: a plain process (PlainChild) or a container's PID 1 (program.ContainerChild)."""
 
-    pid: int
-    pidfd: int
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def pidfd(self) -> int:
+        """Readable once the process has exited (wait_exit)."""
 
     def signal(self, signum: int) -> None: ...
     def kill(self) -> None: ...
-    def reap(self) -> ExitInfo | None: ...
-    async def teardown(self) -> dict[str, Any]: ...
+
+    def reap(self) -> ExitStatus | None:
+        """How it ended, once it has (reaping it); None while it runs. Never blocks."""
+
+    def stats(self) -> Mapping[str, int]:
+        """Resource usage from its cgroup(s), where readable: see SupervisorAPI.stats."""
+
+    async def teardown(self) -> Released:
+        """Kill what it left behind and release its cgroup (or container); bounded."""
 
 
 class PlainChild:
@@ -264,7 +268,7 @@ class PlainChild:
         self.pidfd = pidfd
         self.cgroup = cgroup
         self.reaper = reaper
-        self.exit: ExitInfo | None = None
+        self.exit: ExitStatus | None = None
 
     def signal(self, signum: int) -> None:
         if self.exit is None:
@@ -282,7 +286,7 @@ class PlainChild:
             except (ProcessLookupError, PermissionError):
                 self.signal(signal.SIGKILL)
 
-    def reap(self) -> ExitInfo | None:
+    def reap(self) -> ExitStatus | None:
         if self.exit is None:
             try:
                 got, status = os.waitpid(self.pid, os.WNOHANG)
@@ -290,7 +294,7 @@ class PlainChild:
                 got, status = self.pid, 255 << 8
             if got == 0:
                 return None
-            self.exit = decode_wait_status(status)
+            self.exit = ExitStatus.from_wait_status(status)
             self.reaper.disown(self.pid)
             try:
                 os.close(self.pidfd)
@@ -299,17 +303,18 @@ class PlainChild:
             self.pidfd = -1
         return self.exit
 
-    async def teardown(self) -> dict[str, Any]:
+    def stats(self) -> Mapping[str, int]:
+        return self.cgroup.stats() if self.cgroup is not None else {}
+
+    async def teardown(self) -> Released:
         """Kill whatever the program left running (grandchildren) and release its cgroup."""
-        released: dict[str, Any] = {"cgroups": []}
         if self.cgroup is not None:
-            released["cgroups"] = await self.cgroup.remove(self.reaper, timeout=self.teardown_timeout)
-        else:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)  # its session's process group, if any is left
-            except (ProcessLookupError, PermissionError):
-                pass
-        return released
+            return {"cgroups": await self.cgroup.remove(self.reaper, timeout=self.teardown_timeout)}
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # its session's process group, if any is left
+        except (ProcessLookupError, PermissionError):
+            pass
+        return {"cgroups": []}
 
 
 def _exec_child(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, int, int],
@@ -403,18 +408,6 @@ def spawn_plain(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, i
 async def wait_exit(child: Child) -> None:
     """Return once the child has exited (its pidfd is readable); does not reap."""
     await trio.lowlevel.wait_readable(child.pidfd)
-
-
-def proc_state(pid: int) -> str:
-    """The State line of /proc/PID/status, e.g. ``D (disk sleep)``, or ``gone``."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "gone"
 
 
 def proc_start_time(pid: int) -> int | None:

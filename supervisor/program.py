@@ -10,6 +10,9 @@ closes the race between a timer and an exit arriving together.
 Cancellation reaps: however the task ends (shutdown, removal on reload, a bug), its ``finally``
 stops the live process in a shielded, bounded scope (stopsignal, stopwaitsecs, SIGKILL of the
 whole cgroup/container, wait, teardown), as trio's ``run_process`` does.
+
+A container program reaches the runtime only through the context's :class:`~supervisor.spawner.Spawner`;
+:class:`ContainerChild` makes what it creates one more :class:`~supervisor.process.Child`.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from __future__ import annotations
 import math
 import os
 import signal as _signal
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
+
+from nsruntime import ConfigError, ExitStatus, proc_state, signal_name
 
 from . import machine
 from .config import ProgramConfig
@@ -33,17 +36,16 @@ from .logs import ProgramLogs, pump
 from .process import (
     Cgroup,
     Child,
-    ExitInfo,
     PlainChild,
     Reaper,
+    Released,
     SpawnError,
-    proc_state,
     remove_pid_files,
-    signal_name,
     spawn_plain,
     wait_exit,
     write_pid_files,
 )
+from .spawner import Created, Creation, Spawner
 from .states import STOPPED_STATES, ProcessState, Wanted
 
 #: Bound on the teardown of one incarnation (cgroup emptying, container destroy).
@@ -69,8 +71,8 @@ class Context:
     reaper: Reaper
     log_dir: Path
     state_dir: Path
+    spawner: Spawner  # containers are made through it, and only through it
     cgroup_root: Path | None = None  # nsinitd-<pid>-<ticks>/ in the cgroup2 tree, or None
-    runtime: Any = None  # the nsruntime module (or a fake in tests); loaded on first use
     base_env: dict[str, str] = field(default_factory=lambda: inherited_env())
     #: Held around every transition and around the synchronous part of each spawn (the fork, or
     #: a container's cgroups and its request to the zygote): one at a time, in turn, so a restart
@@ -80,61 +82,20 @@ class Context:
     #: how long a SIGKILLed program may take to disappear before it is reported stuck
     kill_wait: float = 5.0
 
-    #: the process container PID 1s are forked from (nsruntime.zygote), started on first use
-    zygote: Any = None
-
-    def load_runtime(self) -> Any:
-        if self.runtime is None:
-            import nsruntime  # lazily: plain-process setups never pay for it
-
-            self.runtime = nsruntime
-        return self.runtime
-
-    def zygote_for(self, rt: Any) -> Any:
-        """A live zygote for the real runtime (None for a fake one, or if it can't start).
-
-        Forked from the zygote, a container's PID 1 keeps sharing that small, idle process's
-        pages instead of owning a copy of the daemon's: about 3 MiB of PSS per container, not 7.
-        """
-        if getattr(rt, "__name__", "") != "nsruntime":
-            return None
-        if self.zygote is not None and self.zygote.alive():
-            try:
-                self.zygote.wait_ready()  # launched early (supervisor.nsinitd): booted meanwhile
-                return self.zygote
-            except (OSError, rt.NsRuntimeError):
-                pass  # gone: start another
-        self.close_zygote()
-        from nsruntime.zygote import Zygote
-
-        try:
-            self.zygote = Zygote.start()
-        except (OSError, rt.NsRuntimeError) as e:
-            print(f"nsinitd: warning: no zygote, containers fork from nsinitd itself: {e}", file=sys.stderr)
-            return None
-        self.reaper.own(self.zygote.pid)
-        return self.zygote
-
-    def close_zygote(self) -> None:
-        if self.zygote is not None:
-            self.zygote.close()
-            self.reaper.disown(self.zygote.pid)
-            self.zygote = None
-
 
 class ContainerConfigError(Exception):
     """The container's container.json is unreadable or invalid: FATAL at once, not retried."""
 
 
 class ContainerChild:
-    """Adapter from an ``nsruntime`` container to :class:`supervisor.process.Child`."""
+    """A created container as a :class:`supervisor.process.Child`."""
 
-    def __init__(self, container: Any, reaper: Reaper) -> None:
+    def __init__(self, container: Created, reaper: Reaper) -> None:
         self.c = container
-        self.pid: int = container.pid
-        self.pidfd: int = container.pidfd
+        self.pid = container.pid
+        self.pidfd = container.pidfd
         self.reaper = reaper
-        self.exit: ExitInfo | None = None
+        self.exit: ExitStatus | None = None
         self.destroyed = False
 
     def signal(self, signum: int) -> None:
@@ -144,24 +105,29 @@ class ContainerChild:
     def kill(self) -> None:
         self.c.kill()
 
-    def reap(self) -> ExitInfo | None:
+    def reap(self) -> ExitStatus | None:
         if self.exit is None:
-            st = self.c.poll()
-            if st is None:
+            self.exit = self.c.poll()
+            if self.exit is None:
                 return None
-            sig = getattr(st, "signal", None)
-            code = st.exit_code if st.exit_code is not None else 128 + (sig or 0)
-            self.exit = ExitInfo(int(code), sig, getattr(st, "oom_killed", None))
             self.reaper.disown(self.pid)
         return self.exit
 
-    async def teardown(self) -> dict[str, Any]:
+    def stats(self) -> Mapping[str, int]:
+        return self.c.stats()
+
+    async def teardown(self) -> Released:
         if self.destroyed:
             return {}
         self.destroyed = True
         released = self.c.destroy()
         self.reaper.disown(self.pid)
-        return dict(released or {})
+        return released
+
+
+def _oom_killed(child: Child, info: ExitStatus) -> bool | None:
+    """A container's cgroups count OOM kills; a plain process's exit can't tell: unknown (null)."""
+    return info.oom_killed if isinstance(child, ContainerChild) else None
 
 
 @dataclass(frozen=True)
@@ -196,7 +162,7 @@ class Program:
         self.since = time.time()
         self.child: Child | None = None
         self.started_at = 0.0
-        self.last_exit: ExitInfo | None = None
+        self.last_exit: ExitStatus | None = None
         self.fatal_reason = ""
         self.restarts = 0
         self.logs = ProgramLogs(ctx.log_dir, cfg.name, cfg.stdout_maxbytes, cfg.stdout_backups,
@@ -326,23 +292,23 @@ class Program:
             stopping = self.state is ProcessState.STOPPING
             expected = stopping or (info.signal is None and info.exit_code in self.cfg.exitcodes)
             self._emit("program.exited", pid=item.child.pid, exit_code=info.exit_code,
-                       signal=info.signal_name, expected=expected, oom_killed=info.oom_killed)
+                       signal=info.signal_name, expected=expected, oom_killed=_oom_killed(item.child, info))
             await self._release(item.child, info)
             async with self.ctx.spawn_lock:
                 self._by_operator = False
                 self._apply(machine.Exited(expected=expected))
             await self._spawn_pending()
 
-    async def _release(self, child: Child, info: ExitInfo) -> None:
+    async def _release(self, child: Child, info: ExitStatus) -> None:
         """The incarnation is over: kill its leftovers, release its container/cgroup."""
         self.last_exit = info
         self.child = None
-        released: dict[str, Any] = {}
+        released: Mapping[str, object] = {}
         if isinstance(child, PlainChild):
             child.teardown_timeout = self.ctx.kill_wait
         try:
             with trio.fail_after(max(TEARDOWN_TIMEOUT, self.ctx.kill_wait * 2)):
-                released = await child.teardown()
+                released = dict(await child.teardown())
         except OSError as e:
             released = {"error": e.strerror or str(e)}
         except trio.TooSlowError:
@@ -394,7 +360,7 @@ class Program:
         elif isinstance(action, machine.ScheduleRetry):
             self._arm(action.delay, machine.BackoffElapsed())
 
-    def _emit(self, name: str, **facts: Any) -> None:
+    def _emit(self, name: str, **facts: object) -> None:
         self.ctx.bus.emit(name, self.name, **facts)
 
     # -- timers -----------------------------------------------------------------------------------
@@ -487,25 +453,15 @@ class Program:
 
     async def _spawn_container(self, stdio: tuple[int, int, int], env: dict[str, str]) -> Child:
         assert self.cfg.container is not None
-        rt = self.ctx.load_runtime()
-        begin = getattr(rt, "begin_create", None)  # a fake runtime in tests may have create() only
+        spawner = self.ctx.spawner
         try:  # checked when nsinitd read its config too, but the file may have changed since
-            cfg = rt.load_config(self.cfg.container / "container.json")
-        except Exception as e:
+            cfg = spawner.load(self.cfg.container / "container.json")
+        except ConfigError as e:
             raise ContainerConfigError(f"{type(e).__name__}: {e}") from None
-        await self._reclaim_stale(rt)
+        await self._reclaim_stale()
         async with self.ctx.spawn_lock:
-            # rootfs, command and state_dir positionally: the runtime names the first one rootfs_dir
-            zygote = self.ctx.zygote_for(rt)
-            args = (cfg, self.cfg.container, list(self.cfg.command), self.state_dir)
-            kwargs = {"env": env, "stdio": stdio, "die_with_parent": False, **({"zygote": zygote} if zygote else {})}
-            if begin is None:
-                c = rt.create(*args, **kwargs)
-            else:
-                # on the event loop: a lock held elsewhere is refused at once, never waited for
-                making = begin(*args, **kwargs, wait_lock=False)
-        if begin is not None:
-            c = await _finish_create(making)
+            making = spawner.begin(cfg, self.cfg.container, self.cfg.command, self.state_dir, env=env, stdio=stdio)
+        c = await _finish_create(making)
         self.ctx.reaper.own(c.pid)
         child = ContainerChild(c, self.ctx.reaper)
         try:
@@ -516,36 +472,25 @@ class Program:
             self.ctx.reaper.disown(c.pid)
             raise
         self._emit("container.created", host_pid=c.pid, container=str(self.cfg.container),
-                   namespaces=_namespaces(cfg))
+                   namespaces=list(cfg.namespaces))
         return child
 
-    async def _reclaim_stale(self, rt: Any) -> None:
+    async def _reclaim_stale(self) -> None:
         """Kill a live container a previous nsinitd (killed with SIGKILL) left in our state dir.
 
-        ``describe`` reports a pid only if the pid file's start time still matches, so a reused
-        pid is never killed; the pidfd is opened and the start time checked again before the
-        signal, which closes the window in between. create() then releases what it recorded.
+        The spawner hands its PID 1 over as a pidfd, checked to be that process, so a reused pid
+        is never killed. create() then releases what it recorded.
         """
-        describe = getattr(rt, "describe", None)
-        if describe is None or not (self.state_dir / "pid").exists():
-            return
-        desc = describe(self.state_dir)
-        pid = desc.get("pid") if desc.get("status") == "running" else None
-        if not pid:
+        stale = self.ctx.spawner.find_stale(self.state_dir)
+        if stale is None:
             return
         try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return
-        try:
-            if describe(self.state_dir).get("pid") != pid:
-                return
-            _signal.pidfd_send_signal(pidfd, _signal.SIGKILL)  # PID 1: the whole pid namespace goes
+            _signal.pidfd_send_signal(stale.pidfd, _signal.SIGKILL)  # PID 1: the whole pid namespace goes
             with trio.move_on_after(KILL_WAIT):  # on the loop's time: other programs carry on
-                await trio.lowlevel.wait_readable(pidfd)
+                await trio.lowlevel.wait_readable(stale.pidfd)
         finally:
-            os.close(pidfd)
-        self._emit("container.reclaimed", host_pid=pid, action="killed",
+            os.close(stale.pidfd)
+        self._emit("container.reclaimed", host_pid=stale.pid, action="killed",
                    reason="left running by a previous nsinitd")
 
     def _watch(self, child: Child) -> None:
@@ -587,10 +532,10 @@ class Program:
             self.ctx.reaper.disown(child.pid)
             self._emit("program.stuck", pid=child.pid, state=proc_state(child.pid),
                        reason=f"still there {self.ctx.kill_wait:g}s after SIGKILL")
-            info = ExitInfo(128 + int(_signal.SIGKILL), int(_signal.SIGKILL))
+            info = ExitStatus(128 + int(_signal.SIGKILL), int(_signal.SIGKILL))
         else:
             self._emit("program.exited", pid=child.pid, exit_code=info.exit_code, signal=info.signal_name,
-                       expected=True, oom_killed=info.oom_killed)
+                       expected=True, oom_killed=_oom_killed(child, info))
         await self._release(child, info)
         self.status = machine.Status(ProcessState.STOPPED, Wanted.DOWN, 0)
         self.since = time.time()
@@ -598,9 +543,9 @@ class Program:
         self._emit("program.stopped")
 
 
-async def _finish_create(making: Any) -> Any:
-    """Drive nsruntime.begin_create's handshake from the event loop: other programs' containers
-    come up meanwhile. Cancelled or failed, the half-made container is released."""
+async def _finish_create(making: Creation) -> Created:
+    """Drive a Creation's handshake from the event loop: other programs' containers come up
+    meanwhile. Cancelled or failed, the half-made container is released."""
     try:
         while True:
             with trio.move_on_at(trio.current_time() + max(0.0, making.deadline - time.monotonic())):
@@ -613,11 +558,3 @@ async def _finish_create(making: Any) -> Any:
     except BaseException:
         making.abort()
         raise
-
-
-def _namespaces(cfg: Any) -> list[str]:
-    out: list[str] = []
-    for ns in getattr(cfg, "namespaces", None) or []:
-        t = getattr(ns, "type", None) or (ns.get("type") if isinstance(ns, dict) else ns)
-        out.append(str(t))
-    return out

@@ -3,6 +3,7 @@ and a check that every test leaves no child process and no cgroup directory behi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import json
@@ -10,30 +11,24 @@ import os
 import signal
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import trio
 
+from nsruntime import ContainerConfig, ExitStatus, NsRuntimeError, load_config
 from supervisor import config as config_mod
 from supervisor.daemon import Daemon, cgroup_root_name
 from supervisor.events import validate
 from supervisor.process import cgroup2_mount, children, own_cgroup2, proc_start_time
+from supervisor.spawner import Spawner, Stale
 
-# -- a fake nsruntime: containers whose "PID 1" is a pipe we make readable ------------------------
-
-
-@dataclass(frozen=True)
-class FakeExitStatus:
-    exit_code: int
-    signal: int | None
-    oom_killed: bool
+# -- a fake runtime: containers whose "PID 1" is a pipe we make readable --------------------------
 
 
-class FakeRuntimeError(Exception):
+class FakeRuntimeError(NsRuntimeError):
     pass
 
 
@@ -51,7 +46,7 @@ class FakeContainer:
         self.state_dir = state_dir
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         self.pidfd = self._r
-        self.exit: FakeExitStatus | None = None
+        self.exit: ExitStatus | None = None
         self.signals: list[int] = []
         self.destroyed = False
         self.out = os.dup(stdio[1])
@@ -62,11 +57,11 @@ class FakeContainer:
         os.write(self.out, f"started {' '.join(self.command)}\n".encode())
         os.close(self.out)
         if self.command[0] == "crash":
-            self._die(FakeExitStatus(int(self.command[1]), None, False))
+            self._die(ExitStatus(int(self.command[1]), None))
         elif self.command[0] == "oom":
-            self._die(FakeExitStatus(137, signal.SIGKILL, True))
+            self._die(ExitStatus(137, signal.SIGKILL, oom_killed=True))
 
-    def _die(self, st: FakeExitStatus) -> None:
+    def _die(self, st: ExitStatus) -> None:
         if self.exit is None:
             self.exit = st
             os.write(self._w, b"x")
@@ -74,13 +69,16 @@ class FakeContainer:
     def signal(self, signum: int) -> None:
         self.signals.append(signum)
         if self.command[0] != "stubborn":
-            self._die(FakeExitStatus(128 + signum, signum, False))
+            self._die(ExitStatus(128 + signum, signum))
 
     def kill(self) -> None:
-        self._die(FakeExitStatus(137, signal.SIGKILL, False))
+        self._die(ExitStatus(137, signal.SIGKILL))
 
-    def poll(self) -> FakeExitStatus | None:
+    def poll(self) -> ExitStatus | None:
         return self.exit
+
+    def stats(self) -> dict[str, int]:
+        return {"pids": 0 if self.exit else 1}
 
     def destroy(self) -> dict[str, list[str]]:
         if not self.destroyed:
@@ -92,30 +90,66 @@ class FakeContainer:
         return {"cgroups": [f"/fake/{self.pid}"], "links": [], "files": ["pid"]}
 
 
+class FakeCreation:
+    """A create whose PID 1 is ready at once: fd is readable, the first step() hands it over."""
+
+    def __init__(self, container: FakeContainer) -> None:
+        self.container: FakeContainer | None = container
+        self.deadline = time.monotonic() + 30
+        self._r, self._w = os.pipe2(os.O_CLOEXEC)
+        os.write(self._w, b"r")
+
+    @property
+    def fd(self) -> int:
+        return self._r
+
+    def step(self) -> FakeContainer | None:
+        c, self.container = self.container, None
+        self._close()
+        return c
+
+    def time_out(self) -> NoReturn:
+        self.abort()
+        raise FakeRuntimeError("create: container init did not answer within 30 s")
+
+    def abort(self) -> None:
+        if self.container is not None:
+            self.container.destroy()
+            self.container = None
+        self._close()
+
+    def _close(self) -> None:
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class FakeRuntime:
-    NsRuntimeError = FakeRuntimeError
-    ConfigError = FakeRuntimeError
-    ExitStatus = FakeExitStatus
+    """A Spawner in full (supervisor.spawner), with no kernel: configs are parsed for real."""
 
     def __init__(self) -> None:
         self.count = 0
         self.live: set[FakeContainer] = set()
         self.created: list[FakeContainer] = []
+        self.closed = False
 
-    def load_config(self, path: Path) -> Any:
-        data = json.loads(Path(path).read_text())
-        if data.get("broken"):
-            raise FakeRuntimeError(f"{path}: broken: true")
-        return data
+    def load(self, path: Path) -> ContainerConfig:
+        return load_config(path)
 
-    def create(self, cfg: Any, rootfs_dir: Path, command: list[str], state_dir: Path, *, env: dict[str, str],
-               stdio: tuple[int, int, int], die_with_parent: bool) -> FakeContainer:
+    def find_stale(self, state_dir: Path) -> Stale | None:
+        return None  # a fake container never outlives its test
+
+    def begin(self, config: ContainerConfig, rootfs: Path, command: Sequence[str], state_dir: Path, *,
+              env: Mapping[str, str], stdio: tuple[int, int, int]) -> FakeCreation:
         if command[0] == "fail-create":
             raise FakeRuntimeError("create: clone(CLONE_NEWPID): EPERM (Operation not permitted)")
-        c = FakeContainer(self, command, state_dir, stdio, env)
+        c = FakeContainer(self, list(command), state_dir, stdio, dict(env))
         self.live.add(c)
         self.created.append(c)
-        return c
+        return FakeCreation(c)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @pytest.fixture
@@ -212,7 +246,7 @@ def _subreaper(value: int | None = None) -> int:
 
 @pytest.fixture
 async def run_daemon(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]:
-    """``await run_daemon(config, runtime=None)`` -> Running; shut down (and checked) at teardown.
+    """``await run_daemon(config, spawner=None)`` -> Running; shut down (and checked) at teardown.
 
     The in-process daemon makes the test process a child subreaper; the flag is restored after,
     so later tests' orphans still go to init instead of becoming our zombies.
@@ -220,9 +254,9 @@ async def run_daemon(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]
     was_subreaper = _subreaper()
     started: list[Running] = []
 
-    async def start(config: config_mod.Config, runtime: Any = None, wait_ready: bool = True) -> Running:
+    async def start(config: config_mod.Config, spawner: Spawner | None = None, wait_ready: bool = True) -> Running:
         stream = io.StringIO()
-        daemon = Daemon(config, stream=stream, use_socket=False, runtime=runtime)
+        daemon = Daemon(config, stream=stream, use_socket=False, spawner=spawner)
         watcher = Watcher()
         daemon.bus.taps.append(watcher.feed)
         done = trio.Event()

@@ -118,6 +118,25 @@ def test_every_error_names_table_and_key(base: Path, line: str, message: str) ->
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(("value", "number"), [
+    ("TERM", signal.SIGTERM), ("sigint", signal.SIGINT), ("SIGUSR1", signal.SIGUSR1), ("15", 15),
+    (9, 9), (int(signal.SIGRTMIN) + 2, int(signal.SIGRTMIN) + 2),
+])
+def test_a_signal_is_written_as_in_the_config_so_on_the_command_line(value: object, number: int) -> None:
+    # one converter for supervisor.toml's stopsignal and `nsinitctl signal`, on the runtime's table
+    assert c.parse_signal("signal", value) == number
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("BOGUS", "signal: unknown signal 'BOGUS'"), ("99", "signal: unknown signal '99'"),
+    (0, "signal: not a signal number: 0"), (True, "signal: expected a string, got a boolean"),
+])
+def test_what_names_no_signal_is_refused_with_the_key(value: object, message: str) -> None:
+    with pytest.raises(c.ConfigError) as e:
+        c.parse_signal("signal", value)
+    assert str(e.value) == message
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

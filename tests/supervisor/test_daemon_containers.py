@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import trio
 
+from supervisor.spawner import NsRuntime
+
 pytestmark = [
     pytest.mark.privileged,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -164,7 +166,8 @@ async def test_a_containers_pid1_is_named_nsinit_init_not_the_hosts_python(cfg: 
         startsecs = 0.2
     """))
     running = await r.watcher.wait("program.running", "web")
-    assert r.daemon.ctx.zygote is not None  # forked from the zygote, the path that showed the venv
+    spawner = r.daemon.ctx.spawner  # forked from the zygote, the path that showed the venv:
+    assert isinstance(spawner, NsRuntime) and spawner.zygote is not None
     pid1 = running["pid"]
     assert Path(f"/proc/{pid1}/cmdline").read_bytes() == b"nsinit-init\0"
     assert Path(f"/proc/{pid1}/comm").read_text() == "nsinit-init\n"

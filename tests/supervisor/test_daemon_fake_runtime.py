@@ -24,7 +24,7 @@ async def test_backoff_timing_on_a_fake_clock(cfg: ConfigWriter, run_daemon, fak
         startsecs = 5
         startretries = 5
         backoff = { initial = 1.0, factor = 2.0, max = 5.0 }
-    """), runtime=fake_runtime)
+    """), spawner=fake_runtime)
     await r.watcher.wait("program.fatal", "crashy", timeout=1000)
     starts = r.watcher.find("program.starting", "crashy")
     backoffs = r.watcher.find("program.backoff", "crashy")
@@ -49,7 +49,7 @@ async def test_backoff_delays_measured_on_the_clock(cfg: ConfigWriter, run_daemo
         command = ["crash", "1"]
         startretries = 3
         backoff = { initial = 0.5, factor = 3.0, max = 60.0 }
-    """), runtime=fake_runtime, wait_ready=False)
+    """), spawner=fake_runtime, wait_ready=False)
     r.daemon.bus.taps.append(lambda e: times.append(trio.current_time()) if e["event"] == "program.starting"
                              else None)
     await r.watcher.wait("program.fatal", "crashy", timeout=1000)
@@ -65,7 +65,7 @@ async def test_running_after_startsecs_resets_the_backoff(cfg: ConfigWriter, run
         command = ["run"]
         startsecs = 3
         autorestart = "always"
-    """), runtime=fake_runtime, wait_ready=False)
+    """), spawner=fake_runtime, wait_ready=False)
     t0 = trio.current_time()
     running = await r.watcher.wait("program.running", "c", timeout=1000)
     assert trio.current_time() - t0 >= 3
@@ -92,7 +92,7 @@ async def test_stubborn_container_is_killed_after_stopwaitsecs(cfg: ConfigWriter
         startsecs = 1
         stopsignal = "INT"
         stopwaitsecs = 7
-    """), runtime=fake_runtime)
+    """), spawner=fake_runtime)
     t0 = trio.current_time()
     await r.daemon.stop("s")
     assert trio.current_time() - t0 == 7
@@ -113,7 +113,7 @@ async def test_oom_and_create_failure(cfg: ConfigWriter, run_daemon, fake_runtim
         container = "box"
         command = ["fail-create"]
         startretries = 1
-    """), runtime=fake_runtime)
+    """), spawner=fake_runtime)
     exited = await r.watcher.wait("program.exited", "oom")
     assert exited["oom_killed"] is True
     fatal = await r.watcher.wait("program.fatal", "broken", timeout=1000)
@@ -129,7 +129,7 @@ async def test_container_output_and_environment(cfg: ConfigWriter, run_daemon, f
         command = ["run", "x"]
         startsecs = 0
         environment = { GREETING = "hi" }
-    """), runtime=fake_runtime)
+    """), spawner=fake_runtime)
     await r.watcher.wait("program.running", "e")
     assert fake_runtime.created[0].env == {"GREETING": "hi"}
     with trio.fail_after(5):
@@ -155,7 +155,7 @@ async def test_shutdown_during_startup(cfg: ConfigWriter, run_daemon, fake_runti
         container = "box"
         command = ["run"]
         priority = 2
-    """), runtime=fake_runtime, wait_ready=False)
+    """), spawner=fake_runtime, wait_ready=False)
     await r.watcher.wait("container.created", "slow")
     r.daemon.request_shutdown("SIGTERM")
     with trio.fail_after(60):
@@ -174,7 +174,7 @@ async def test_usr2_reopens_capture_files(cfg: ConfigWriter, run_daemon, fake_ru
         command = ["run", "one"]
         startsecs = 0
         autorestart = "always"
-    """), runtime=fake_runtime)
+    """), spawner=fake_runtime)
     logs = cfg.root / "logs"
     with trio.fail_after(5):
         while (logs / "a.out").read_text() != "started run one\n":
@@ -195,10 +195,10 @@ async def test_a_container_json_broken_after_the_check_is_fatal_at_once(cfg: Con
                                                                        fake_runtime) -> None:
     config = cfg.load('[programs.b]\ncontainer = "box"\ncommand = ["run"]\nstartretries = 5\n')
     (cfg.root / "box" / "container.json").write_text("{not json")  # edited after nsinitd read its config
-    r = await run_daemon(config, runtime=fake_runtime)
+    r = await run_daemon(config, spawner=fake_runtime)
     fatal = await r.watcher.wait("program.fatal", "b")
-    assert fatal["reason"] == ("JSONDecodeError: Expecting property name enclosed in double quotes: "
-                               "line 1 column 2 (char 1)")
+    assert fatal["reason"] == (f"ConfigError: {cfg.root / 'box' / 'container.json'}: malformed JSON: "
+                               "Expecting property name enclosed in double quotes at line 1 column 2")
     assert r.watcher.names("b") == ["program.starting", "program.fatal"]  # no backoff: no retry mends it
     assert fake_runtime.created == []
     assert r.daemon.status(["b"])[0].state == ProcessState.FATAL.value
