@@ -16,8 +16,6 @@ signal names), libc.py (every syscall), state.py (the records on the host).
 
 from __future__ import annotations
 
-from .config import ContainerConfig
-from .config import load as load_config
 from .errors import ConfigError, NsRuntimeError, SetupError, StateError, SyscallError, TeardownError
 from .signals import ExitStatus, signal_name, signal_number, status_to_code
 
@@ -30,6 +28,8 @@ if TYPE_CHECKING:
 
     from .cgroups.detect import Hierarchy
     from .cgroups.detect import detect as detect_cgroups
+    from .config import ContainerConfig
+    from .config import load as load_config
     from .container import Container, describe
     from .creator import Creating, begin_create, cleanup_stale, create
     from .joiner import Joined, join, open_join
@@ -38,8 +38,10 @@ if TYPE_CHECKING:
     from .zygote import Zygote
 
 # where each lazily loaded name lives (module, or module:name when exported under another name):
-# `nsinit state` and config checks don't pay for the rest
+# `nsinit state` and config checks don't pay for the rest, and the supervisor's pure modules
+# (machine, config) load no ctypes through this package
 _LAZY = {
+    "ContainerConfig": "config", "load_config": "config:load",
     "Container": "container", "describe": "container",
     "Creating": "creator", "begin_create": "creator", "cleanup_stale": "creator", "create": "creator",
     "Joined": "joiner", "join": "joiner", "open_join": "joiner",

@@ -6,8 +6,6 @@ from the container; every other one the runtime has stays.
 
 from __future__ import annotations
 
-from . import libc
-
 NAMES: tuple[str, ...] = (
     "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
     "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
@@ -48,6 +46,8 @@ def drop(numbers: frozenset[int] | set[int]) -> None:
     """
     if not numbers:
         return
+    from . import libc  # here: reading a config (names and numbers) loads no ctypes
+
     last = last_cap()
     for n in sorted(numbers):
         if n <= last and libc.prctl(libc.PR_CAPBSET_READ, n) == 1:
@@ -66,6 +66,8 @@ def drop(numbers: frozenset[int] | set[int]) -> None:
 def set_no_new_privs() -> None:
     """From here on, execve never grants privileges (setuid bits, file capabilities). Inherited by
     children and kept across execve; cannot be undone."""
+    from . import libc
+
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
 
 

@@ -84,3 +84,16 @@ def test_the_graph_sees_lazy_and_type_checking_imports(tmp_path: Path) -> None:
 @pytest.mark.parametrize("module", ["nsruntime.spawn", "nsruntime.creator", "supervisor.process"])
 def test_the_graph_knows_the_modules_of_both_packages(module: str) -> None:
     assert module in import_graph(REPO)
+
+
+@pytest.mark.parametrize(("module", "absent"), [
+    ("supervisor.machine", ["_ctypes", "trio", "structlog", "nsruntime.config"]),  # pure: no I/O, no clock
+    ("supervisor.config", ["_ctypes", "trio", "structlog"]),  # nsinitctl and --check read it: keep it light
+])
+def test_a_pure_module_loads_nothing_heavy(module: str, absent: list[str]) -> None:
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(' '.join(m for m in {absent!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stderr, out.stdout.strip()) == (0, "", "")
