@@ -162,6 +162,7 @@ class ContainerConfig:
     gid_mappings: tuple[IdMap, ...] = ()
     masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
+    seccomp: Filter | None = None  # built at parse time, loaded just before execve (seccomp.py)
     # the decoded container.json this was parsed from: recorded in state.json for joins and cleanup
     source: Any = None
     _uncompared = ("source",)
@@ -195,6 +196,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from os import PathLike
     from typing import Any, TypeVar
+
+    from .seccomp import Filter
 
     T = TypeVar("T")
 
@@ -514,6 +517,12 @@ def _hostname(path: str, value: object) -> str:
     return s
 
 
+def _seccomp(path: str, value: object) -> Filter:
+    from . import seccomp  # only for a profile: it opens libseccomp, which nothing else needs
+
+    return seccomp.compile(value, path)
+
+
 def _path_list(path: str, value: object) -> tuple[str, ...]:
     return tuple(_abs_path(f"{path}[{i}]", v) for i, v in enumerate(_list(path, value)))
 
@@ -521,7 +530,7 @@ def _path_list(path: str, value: object) -> tuple[str, ...]:
 _FIELDS = {
     "hostname", "environment", "tty", "namespaces", "capabilities_mask", "mounts", "networks", "routes",
     "cgroups", "context", "user", "working_dir", "readonly_fs", "no_pivot_root", "no_new_privileges",
-    "uid_mappings", "gid_mappings", "masked_paths", "readonly_paths",
+    "uid_mappings", "gid_mappings", "masked_paths", "readonly_paths", "seccomp",
 }  # fmt: skip
 
 
@@ -569,6 +578,7 @@ def parse(data: object) -> ContainerConfig:
         gid_mappings=gid_maps,
         masked_paths=_opt(d, "masked_paths", "", _path_list, DEFAULT_MASKED_PATHS),
         readonly_paths=_opt(d, "readonly_paths", "", _path_list, DEFAULT_READONLY_PATHS),
+        seccomp=_opt(d, "seccomp", "", _seccomp, None),
         source=data,
     )
 
