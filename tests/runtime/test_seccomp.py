@@ -372,8 +372,9 @@ def test_the_filter_holds_for_the_first_command_and_for_a_joined_one(busybox_roo
     r, w = os.pipe()
     c = None
     try:
-        c = nsruntime.create(cfg, busybox_rootfs, ["sh", "-c", "mkdir /tmp/a 2>&1; echo done; exec sleep 60"], tmp_path / "s",
-                             die_with_parent=False, stdio=(0, w, w), zygote=z)
+        command = ["sh", "-c", "mkdir /tmp/a 2>&1; echo done; exec sleep 60"]
+        c = nsruntime.create(cfg, busybox_rootfs, command, tmp_path / "s", die_with_parent=False, stdio=(0, w, w),
+                             zygote=z)
         os.close(w)
         w = -1
         c.start()
