@@ -22,6 +22,7 @@ from .consts import (
     CLONE_NEWUTS,
 )
 from .errors import ConfigError
+from .fields import _bool, _cap, _expect, _int, _list, _obj, _q, _str
 from .lean import JSONError, dumps, frozen, loads
 
 NAMESPACE_FLAGS: dict[str, int] = {
@@ -59,23 +60,6 @@ _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" + _DIGITS
 def _made_of(s: str, chars: str) -> bool:
     """s is not empty and every character of s is in chars."""
     return bool(s) and not s.strip(chars)
-
-
-_SHOWN = 40  # characters of a value echoed in an error: a 100,000-character hostname is not repeated whole
-
-
-def _cap(s: str, *, quote: bool = False) -> str:
-    """s as an error shows it: on one line (JSON escapes for what is not printable), its first
-    40 characters, then how long it really was."""
-    if not s.isprintable():
-        s = dumps(s)[1:-1]
-    head = f'"{s[:_SHOWN]}"' if quote else s[:_SHOWN]
-    return f"{head}... ({len(s)} characters)" if len(s) > _SHOWN else head
-
-
-def _q(s: str) -> str:
-    """s quoted for an error message (see _cap)."""
-    return _cap(s, quote=True)
 
 
 def _is_hostname(s: str) -> bool:
@@ -178,6 +162,7 @@ class ContainerConfig:
     gid_mappings: tuple[IdMap, ...] = ()
     masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
+    seccomp: Filter | None = None  # built at parse time, loaded just before execve (seccomp.py)
     # the decoded container.json this was parsed from: recorded in state.json for joins and cleanup
     source: Any = None
     _uncompared = ("source",)
@@ -212,54 +197,10 @@ if TYPE_CHECKING:
     from os import PathLike
     from typing import Any, TypeVar
 
+    from .seccomp import Filter
+
     T = TypeVar("T")
 
-
-def _type_name(v: object) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object"}.get(
-        type(v), type(v).__name__
-    )
-
-
-def _expect(path: str, value: object, kind: type[T], what: str) -> T:
-    # bool is an int in Python; JSON true is never a number here
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(path, f"expected {what}, got {_type_name(value)}")
-    return value
-
-
-def _obj(path: str, value: object, known: set[str]) -> dict[str, Any]:
-    d = _expect(path, value, dict, "an object")
-    for key in d:
-        if key not in known:
-            shown = _cap(key) if key.isprintable() and key.strip() == key and key else _cap(dumps(key))  # one line
-            raise ConfigError(f"{path}.{shown}" if path else shown, "unknown field")
-    return d
-
-
-def _str(path: str, value: object, *, empty: bool = False) -> str:
-    s = _expect(path, value, str, "a string")
-    if not empty and not s:
-        raise ConfigError(path, "must not be empty")
-    if "\x00" in s:
-        raise ConfigError(path, "must not contain a NUL byte")
-    return s
-
-
-def _bool(path: str, value: object) -> bool:
-    return _expect(path, value, bool, "a boolean")
-
-
-def _int(path: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
-    n = _expect(path, value, int, "an integer")
-    if (lo is not None and n < lo) or (hi is not None and n > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ConfigError(path, f"{_cap(str(n))} out of range ({rng})")
-    return n
-
-
-def _list(path: str, value: object) -> list[Any]:
-    return _expect(path, value, list, "a list")
 
 
 def _abs_path(path: str, value: object) -> str:
@@ -576,6 +517,12 @@ def _hostname(path: str, value: object) -> str:
     return s
 
 
+def _seccomp(path: str, value: object) -> Filter:
+    from . import seccomp  # only for a profile: it opens libseccomp, which nothing else needs
+
+    return seccomp.compile(value, path)
+
+
 def _path_list(path: str, value: object) -> tuple[str, ...]:
     return tuple(_abs_path(f"{path}[{i}]", v) for i, v in enumerate(_list(path, value)))
 
@@ -583,7 +530,7 @@ def _path_list(path: str, value: object) -> tuple[str, ...]:
 _FIELDS = {
     "hostname", "environment", "tty", "namespaces", "capabilities_mask", "mounts", "networks", "routes",
     "cgroups", "context", "user", "working_dir", "readonly_fs", "no_pivot_root", "no_new_privileges",
-    "uid_mappings", "gid_mappings", "masked_paths", "readonly_paths",
+    "uid_mappings", "gid_mappings", "masked_paths", "readonly_paths", "seccomp",
 }  # fmt: skip
 
 
@@ -631,6 +578,7 @@ def parse(data: object) -> ContainerConfig:
         gid_mappings=gid_maps,
         masked_paths=_opt(d, "masked_paths", "", _path_list, DEFAULT_MASKED_PATHS),
         readonly_paths=_opt(d, "readonly_paths", "", _path_list, DEFAULT_READONLY_PATHS),
+        seccomp=_opt(d, "seccomp", "", _seccomp, None),
         source=data,
     )
 

@@ -111,6 +111,8 @@ def exec_command(cfg: ContainerConfig, argv: list[str], env: dict[str, str], tty
             apparmor.apply(cfg.apparmor_profile)
         if cfg.no_new_privileges:
             libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+        elif cfg.seccomp is not None:
+            cfg.seccomp.load()  # without no_new_privs the kernel wants CAP_SYS_ADMIN: before the drop
         capabilities.drop(cfg.capabilities_mask)
         if ids:
             uid, gid, extra, _home = ids
@@ -122,6 +124,8 @@ def exec_command(cfg: ContainerConfig, argv: list[str], env: dict[str, str], tty
         except OSError as e:
             raise NsRuntimeError(f"working_dir: {cfg.working_dir}: {e.strerror}") from None
         libc.close_range(3)
+        if cfg.seccomp is not None and cfg.no_new_privileges:
+            cfg.seccomp.load()  # last: the filter sees the command's calls (and execve), not ours
     except (NsRuntimeError, OSError) as e:
         _die(EXIT_RUNTIME_FAILED, f"nsinit: {e}")
     try:

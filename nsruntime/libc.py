@@ -21,6 +21,7 @@ from .errors import SetupError, SyscallError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes as _c
+    from typing import Any
 
     def _open_lib(name: str | None, *, python_api: bool = False) -> _c.CDLL:
         """A shared object's functions by name (``lib.mount``), errno kept for get_errno(); with
@@ -392,3 +393,121 @@ def loopback_up() -> None:
             s.close()
     except OSError as e:
         raise SetupError("loopback", f"lo up: {errno.errorcode.get(e.errno or 0, e.errno)} ({e.strerror})") from None
+
+
+# libseccomp (seccomp.py compiles OCI profiles with it): opened on first use only, so a container
+# without a profile never maps it. Its calls return -errno rather than setting errno.
+LIBSECCOMP = "libseccomp.so.2"
+SCMP_FLTATR_ACT_BADARCH = 2
+SCMP_FLTATR_CTL_NNP = 3
+SCMP_FLTATR_CTL_TSYNC = 4
+SCMP_FLTATR_CTL_LOG = 6
+SCMP_FLTATR_CTL_SSB = 7
+SCMP_FLTATR_CTL_OPTIMIZE = 8
+SCMP_FLTATR_API_SYSRAWRC = 9
+_NR_SCMP_ERROR = -1
+
+
+class ScmpArgCmp(_c.Structure):
+    """struct scmp_arg_cmp: one condition on one argument of a call."""
+
+    _fields_ = [("arg", _c.c_uint), ("op", _c.c_int), ("datum_a", _c.c_uint64), ("datum_b", _c.c_uint64)]
+
+
+class _ScmpVersion(_c.Structure):
+    _fields_ = [("major", _c.c_uint), ("minor", _c.c_uint), ("micro", _c.c_uint)]
+
+
+_seccomp_fns: dict[str, _c._NamedFuncPointer] = {}  # name -> the declared function; empty until first use
+
+
+def _libseccomp(name: str) -> _c._NamedFuncPointer:
+    """A libseccomp function, declared (argtypes/restype) on the first call of any. SetupError
+    when the library can't be opened."""
+    if not _seccomp_fns:
+        try:
+            lib = _open_lib(LIBSECCOMP)
+        except OSError as e:
+            raise SetupError("seccomp", f"{LIBSECCOMP}: cannot be loaded ({e}); install libseccomp2") from None
+        ctx, u32 = _c.c_void_p, _c.c_uint32
+        table: tuple[tuple[str, list[type[_c._SimpleCData[Any]]], type[_c._SimpleCData[Any]] | None], ...] = (
+            ("seccomp_init", [u32], ctx),
+            ("seccomp_release", [ctx], None),
+            ("seccomp_arch_resolve_name", [_c.c_char_p], u32),
+            ("seccomp_arch_add", [ctx, u32], _c.c_int),
+            ("seccomp_attr_set", [ctx, _c.c_int, u32], _c.c_int),
+            ("seccomp_syscall_resolve_name", [_c.c_char_p], _c.c_int),
+            ("seccomp_rule_add_array", [ctx, u32, _c.c_int, _c.c_uint, _c.c_void_p], _c.c_int),
+            ("seccomp_load", [ctx], _c.c_int),
+            ("seccomp_api_get", [], _c.c_uint),
+            ("seccomp_version", [], ctx),
+        )
+        for fname, args, res in table:
+            fn = lib[fname]
+            fn.argtypes = args
+            fn.restype = res
+            _seccomp_fns[fname] = fn
+    return _seccomp_fns[name]
+
+
+def _scmp_check(rc: int, call: str) -> None:
+    if rc < 0:
+        raise SyscallError(call, -rc)
+
+
+def seccomp_version() -> str:
+    """libseccomp's version, "2.5.4"."""
+    v = _ScmpVersion.from_address(_libseccomp("seccomp_version")())
+    return f"{v.major}.{v.minor}.{v.micro}"
+
+
+def seccomp_api_get() -> int:
+    """The API level libseccomp finds in this kernel (3: KILL_PROCESS and LOG; 5: NOTIFY...)."""
+    return int(_libseccomp("seccomp_api_get")())
+
+
+def seccomp_init(default_action: int) -> int:
+    """A new filter context (libseccomp's memory; nothing in the kernel until seccomp_load)."""
+    ctx = _libseccomp("seccomp_init")(default_action)
+    if not ctx:  # libseccomp says no more than NULL: a bad action or no memory
+        raise SyscallError(f"seccomp_init({default_action:#x})", errno.EINVAL)
+    return int(ctx)
+
+
+def seccomp_release(ctx: int) -> None:
+    _libseccomp("seccomp_release")(ctx)
+
+
+def seccomp_arch_resolve_name(name: str) -> int:
+    """libseccomp's token for an architecture ("x86_64"); 0 when it knows no such name."""
+    return int(_libseccomp("seccomp_arch_resolve_name")(name.encode()))
+
+
+def seccomp_arch_add(ctx: int, token: int) -> None:
+    rc = _libseccomp("seccomp_arch_add")(ctx, token)
+    if rc != -errno.EEXIST:  # the native architecture is in every new context already
+        _scmp_check(rc, f"seccomp_arch_add({token:#x})")
+
+
+def seccomp_attr_set(ctx: int, attr: int, value: int) -> None:
+    _scmp_check(_libseccomp("seccomp_attr_set")(ctx, attr, value), f"seccomp_attr_set({attr}, {value})")
+
+
+def seccomp_syscall_resolve_name(name: str) -> int | None:
+    """The call's number for libseccomp (negative for one the native architecture lacks but
+    another has), or None when libseccomp knows no call of that name."""
+    nr = int(_libseccomp("seccomp_syscall_resolve_name")(name.encode()))
+    return None if nr == _NR_SCMP_ERROR else nr
+
+
+def seccomp_rule_add(ctx: int, action: int, nr: int, conditions: list[tuple[int, int, int, int]],
+                     what: str = "") -> None:
+    """Add a rule: ``action`` for call ``nr`` when every (arg, op, datum_a, datum_b) holds."""
+    arr = (ScmpArgCmp * max(1, len(conditions)))(*(ScmpArgCmp(*c) for c in conditions))
+    rc = _libseccomp("seccomp_rule_add_array")(ctx, action, nr, len(conditions), _c.byref(arr))
+    _scmp_check(rc, f"seccomp_rule_add({what or nr}, action={action:#x})")
+
+
+def seccomp_load(ctx: int) -> None:
+    """Install the filter in the kernel for the calling thread: from here on, every call is checked."""
+    _scmp_check(_libseccomp("seccomp_load")(ctx), "seccomp_load()")

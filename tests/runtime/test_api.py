@@ -343,12 +343,14 @@ def _imported(argv: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[s
 
 def test_the_nsinit_launcher_runs_a_container_without_the_heavy_modules(rootfs: Path) -> None:
     """bin/nsinit (installed as a script, not a pip-generated wrapper) and the exec path import
-    neither re nor ctypes/__init__ nor dataclasses, typing, json, zlib, or the terminal module."""
+    neither re nor ctypes/__init__ nor dataclasses, typing, json, zlib, the terminal module, or seccomp
+    (libseccomp is for a container.json with a profile only)."""
     _, startup = _imported(["-c", "pass"], rootfs)  # what the interpreter's own start brings
     p, mods = _imported([str(Path(__file__).resolve().parents[2] / "bin" / "nsinit"), "exec", "/bin/true"], rootfs)
     assert p.returncode == 0, p.stderr[-800:]
     assert {"nsruntime.container", "nsruntime.libc", "_ctypes"} <= mods
-    heavy = {"re", "ctypes", "enum", "dataclasses", "typing", "json", "zlib", "termios", "nsruntime.console"}
+    heavy = {"re", "ctypes", "enum", "dataclasses", "typing", "json", "zlib", "termios", "nsruntime.console",
+             "nsruntime.seccomp"}
     assert not (mods - startup) & heavy, sorted((mods - startup) & heavy)
 
 
