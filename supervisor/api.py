@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import trio
 
 
 class ControlError(Exception):
@@ -75,7 +78,7 @@ class SupervisorAPI(Protocol):
     def log_path(self, name: str, stream: str) -> Path:
         """Captured output file of a program, stream is "stdout" or "stderr"."""
 
-    def subscribe(self, max_buffer: int) -> Any:
+    def subscribe(self, max_buffer: int) -> trio.MemoryReceiveChannel[dict[str, Any]]:
         """A trio MemoryReceiveChannel of event dicts (the same JSON objects as the event log),
         starting with the next event. When the subscriber falls max_buffer behind it is dropped:
         the channel then yields a final {"event": "subscriber.dropped", ...} and closes."""
@@ -93,8 +96,8 @@ class SupervisorAPI(Protocol):
     def stats(self, name: str) -> dict[str, Any]:
         """Resource usage of a program, read from its cgroup: any of ``cpu_usage_ns`` (int,
         cumulative), ``memory_bytes`` (int), ``pids`` (int); keys that can't be read are left
-        out. ControlError(no_such_program). Added for ``nsinitctl top``; the control server
-        answers ``unsupported`` when the daemon doesn't offer it."""
+        out. ControlError(no_such_program). Added for ``nsinitctl top``; NotImplementedError
+        where the daemon can't read usage at all, which the control server answers ``unsupported``."""
 
     def emit(self, event: str, **fields: Any) -> None:
         """Emit an event (the server reports e.g. control.refused through this)."""
