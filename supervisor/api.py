@@ -96,7 +96,8 @@ class SupervisorAPI(Protocol):
     def stats(self, name: str) -> dict[str, int]:
         """Resource usage of a program, read from its cgroup: any of ``cpu_usage_ns`` (int,
         cumulative), ``memory_bytes`` (int), ``pids`` (int); keys that can't be read are left
-        out. ControlError(no_such_program). For ``nsinitctl top``."""
+        out. ControlError(no_such_program). For ``nsinitctl top``; NotImplementedError where the
+        daemon can't read usage at all, which the control server answers ``unsupported``."""
 
     def emit(self, event: str, **fields: object) -> None:
         """Emit an event (the server reports e.g. control.refused through this)."""

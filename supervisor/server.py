@@ -4,6 +4,10 @@ The daemon runs ``await serve(api, socket_path, task_status=...)`` in its root n
 calls ``task_status.started()`` once the socket accepts connections and runs until cancelled, then
 removes the socket file it made.
 
+Each command of :data:`supervisor.protocol.COMMANDS` has one handler, in one of two tables:
+:data:`CALLS` (one reply) and :data:`STREAMS` (a channel of items). A protocol command without a
+handler, or a handler for no command, makes importing this module fail (:func:`table_errors`).
+
 What this module promises, and how:
 
 * **Access.** The socket is created mode 0600 (0660 with the config's group) under a restrictive
@@ -40,10 +44,10 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -119,6 +123,139 @@ async def serve(
                 await server.accept_loop(listener, nursery)
     finally:
         _remove_files(path, identity)
+
+
+# -- the commands ----------------------------------------------------------------------------------
+#
+# One handler per command of supervisor.protocol.COMMANDS, in two tables: a call is answered by one
+# reply, a stream by an ok reply and then the items of a channel. The protocol has already checked
+# each argument's presence and type (protocol.check_request), so a handler reads ``args`` as given.
+
+Json = Any  # what a protocol.Reply carries: anything json.dumps takes
+Args = Mapping[str, Any]
+Call = Callable[[SupervisorAPI, Args], Awaitable[Json]]
+Stream = Callable[[SupervisorAPI, Limits], trio.MemoryReceiveChannel[dict[str, Any]]]
+
+
+async def _status(api: SupervisorAPI, args: Args) -> Json:
+    return [s.to_json() for s in api.status(tuple(args.get("names", ())))]
+
+
+async def _start(api: SupervisorAPI, args: Args) -> Json:
+    # no checkpoint between the look and the start: nothing can change the state in between
+    if api.status((args["name"],))[0].state == "RUNNING":
+        raise ControlError("bad_state", "already started")
+    return (await api.start(args["name"])).to_json()
+
+
+async def _stop(api: SupervisorAPI, args: Args) -> Json:
+    if api.status((args["name"],))[0].state in _NOT_RUNNING:
+        raise ControlError("bad_state", "not running")
+    return (await api.stop(args["name"])).to_json()
+
+
+async def _restart(api: SupervisorAPI, args: Args) -> Json:
+    return (await api.restart(args["name"])).to_json()
+
+
+async def _signal(api: SupervisorAPI, args: Args) -> Json:
+    signum = args["signum"]
+    if signum not in signal.valid_signals() or signum == 0:
+        raise ControlError("bad_request", f"signal: no such signal {signum}")
+    api.signal(args["name"], signum)
+    return None
+
+
+async def _exec_target(api: SupervisorAPI, args: Args) -> Json:
+    return os.fspath(api.exec_target(args["name"]))
+
+
+async def _log_path(api: SupervisorAPI, args: Args) -> Json:
+    return os.fspath(api.log_path(args["name"], args["stream"]))
+
+
+async def _stats(api: SupervisorAPI, args: Args) -> Json:
+    result: dict[str, Json] = {}
+    for status in api.status(tuple(args.get("names", ()))):
+        try:
+            usage = dict(api.stats(status.name))
+        except NotImplementedError:
+            raise ControlError(proto.UNSUPPORTED, "this nsinitd doesn't report resource usage") from None
+        result[status.name] = {"status": status.to_json(), "stats": usage}
+    return result
+
+
+async def _pid(api: SupervisorAPI, args: Args) -> Json:
+    if "name" not in args:
+        return api.pid
+    status = api.status((args["name"],))[0]
+    if status.pid is None:
+        raise ControlError("bad_state", f"{status.name} is not running ({status.state})")
+    return status.pid
+
+
+async def _reload(api: SupervisorAPI, args: Args) -> Json:
+    return await api.reload()
+
+
+async def _reread(api: SupervisorAPI, args: Args) -> Json:
+    return api.reread()
+
+
+async def _event_log(api: SupervisorAPI, args: Args) -> Json:
+    return None if api.event_log is None else os.fspath(api.event_log)
+
+
+async def _shutdown(api: SupervisorAPI, args: Args) -> Json:
+    api.request_shutdown()
+    return {"pid": api.pid}
+
+
+async def _version(api: SupervisorAPI, args: Args) -> Json:
+    return {"version": __version__, "protocol": proto.PROTOCOL_VERSION, "pid": api.pid}
+
+
+def _events(api: SupervisorAPI, limits: Limits) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+    return api.subscribe(limits.event_buffer)
+
+
+CALLS: Final[Mapping[str, Call]] = {
+    "status": _status,
+    "start": _start,
+    "stop": _stop,
+    "restart": _restart,
+    "signal": _signal,
+    "exec_target": _exec_target,
+    "log_path": _log_path,
+    "stats": _stats,
+    "pid": _pid,
+    "reload": _reload,
+    "reread": _reread,
+    "event_log": _event_log,
+    "shutdown": _shutdown,
+    "version": _version,
+}
+STREAMS: Final[Mapping[str, Stream]] = {"events": _events}
+
+
+def table_errors(calls: Mapping[str, Call], streams: Mapping[str, Stream]) -> list[str]:
+    """What is wrong with a pair of command tables against the protocol's command list (nothing,
+    for the tables above: checked when this module is imported)."""
+    errors = []
+    for command in proto.COMMANDS:
+        if command not in calls and command not in streams:
+            errors.append(f"the protocol's command {command!r} has no handler")
+    for command in sorted(calls.keys() | streams.keys()):
+        if command not in proto.COMMANDS:
+            errors.append(f"a handler for {command!r}, which is no command of the protocol")
+        elif (command in streams) != (command in proto.STREAMING_COMMANDS):
+            kind = "streams" if command in proto.STREAMING_COMMANDS else "is answered once"
+            errors.append(f"{command!r} {kind} in the protocol, but its handler is in the other table")
+    return errors
+
+
+if _table_errors := table_errors(CALLS, STREAMS):
+    raise ImportError(f"supervisor.server: {'; '.join(_table_errors)}")
 
 
 # -- the socket file -------------------------------------------------------------------------------
@@ -397,8 +534,9 @@ class _Server:
                 continue
             assert isinstance(event, proto.Request)
             partial_since = None
-            if event.command in proto.STREAMING_COMMANDS:
-                await self._stream_events(stream, sock, conn, event, peer)
+            opener = STREAMS.get(event.command)
+            if opener is not None:
+                await self._stream(stream, sock, conn, event, peer, opener(self.api, self.limits))
                 return
             await self._send(stream, conn, await self._dispatch(event))
 
@@ -407,7 +545,7 @@ class _Server:
         try:
             return conn.send(message)
         except (TypeError, ValueError) as e:
-            return conn.send(proto.Error(getattr(message, "id", None), proto.INTERNAL, f"unencodable reply: {e}"))
+            return conn.send(proto.Error(message.id, proto.INTERNAL, f"unencodable reply: {e}"))
 
     async def _send(self, stream: trio.SocketStream, conn: proto.Connection, message: proto.Message) -> None:
         data = self._encode(conn, message)
@@ -442,7 +580,7 @@ class _Server:
 
     async def _dispatch(self, request: proto.Request) -> proto.Message:
         try:
-            result = await self._call(request.command, request.args)
+            result = await CALLS[request.command](self.api, request.args)
         except ControlError as e:
             return proto.Error(request.id, e.code, e.message)
         except proto.ProtocolError as e:
@@ -456,76 +594,15 @@ class _Server:
             )
         return proto.Reply(request.id, result)
 
-    async def _call(self, command: str, args: Any) -> Any:
-        api = self.api
-        if command == "status":
-            return [s.to_json() for s in api.status(tuple(args.get("names", ())))]
-        if command == "start":
-            # no checkpoint between the look and the start: nothing can change the state in between
-            if api.status((args["name"],))[0].state == "RUNNING":
-                raise ControlError("bad_state", "already started")
-            return (await api.start(args["name"])).to_json()
-        if command == "stop":
-            if api.status((args["name"],))[0].state in _NOT_RUNNING:
-                raise ControlError("bad_state", "not running")
-            return (await api.stop(args["name"])).to_json()
-        if command == "restart":
-            return (await api.restart(args["name"])).to_json()
-        if command == "signal":
-            signum = args["signum"]
-            if signum not in signal.valid_signals() or signum == 0:
-                raise ControlError("bad_request", f"signal: no such signal {signum}")
-            api.signal(args["name"], signum)
-            return None
-        if command == "exec_target":
-            return os.fspath(api.exec_target(args["name"]))
-        if command == "log_path":
-            return os.fspath(api.log_path(args["name"], args["stream"]))
-        if command == "stats":
-            return self._stats(args.get("names"))
-        if command == "pid":
-            if "name" not in args:
-                return api.pid
-            status = api.status((args["name"],))[0]
-            if status.pid is None:
-                raise ControlError("bad_state", f"{status.name} is not running ({status.state})")
-            return status.pid
-        if command == "reload":
-            return await api.reload()
-        if command == "reread":
-            return api.reread()
-        if command == "event_log":
-            return None if api.event_log is None else os.fspath(api.event_log)
-        if command == "shutdown":
-            api.request_shutdown()
-            return {"pid": api.pid}
-        if command == "version":
-            return {"version": __version__, "protocol": proto.PROTOCOL_VERSION, "pid": api.pid}
-        raise ControlError("bad_request", f"unknown command {command!r}")
-
-    def _stats(self, names: list[str] | None) -> dict[str, Any]:
-        stats = getattr(self.api, "stats", None)
-        if stats is None:
-            raise ControlError(proto.UNSUPPORTED, "this nsinitd doesn't report resource usage (stats)")
-        statuses = self.api.status(tuple(names or ()))
-        result: dict[str, Any] = {}
-        for status in statuses:
-            try:
-                usage = dict(stats(status.name))
-            except NotImplementedError:
-                raise ControlError(proto.UNSUPPORTED, "this nsinitd doesn't report resource usage") from None
-            result[status.name] = {"status": status.to_json(), "stats": usage}
-        return result
-
-    async def _stream_events(
+    async def _stream(
         self,
         stream: trio.SocketStream,
         sock: trio.socket.SocketType,
         conn: proto.Connection,
         request: proto.Request,
         peer: Peer,
+        channel: trio.MemoryReceiveChannel[dict[str, Any]],
     ) -> None:
-        channel = self.api.subscribe(self.limits.event_buffer)
         finished = False
         try:
             await self._send(stream, conn, proto.Reply(request.id, {"stream": True}))
@@ -557,10 +634,14 @@ class _Server:
             if not finished:
                 # Cancelled from outside: nsinitd is going away. Say so, without waiting.
                 _send_nowait(sock, conn.send(proto.StreamEnd(request.id, "closed", "nsinitd is stopping")))
-            _close_channel(channel)
+            channel.close()
 
     async def _forward(
-        self, stream: trio.SocketStream, conn: proto.Connection, request_id: int, channel: Any
+        self,
+        stream: trio.SocketStream,
+        conn: proto.Connection,
+        request_id: int,
+        channel: trio.MemoryReceiveChannel[dict[str, Any]],
     ) -> proto.StreamEnd:
         async for event in channel:
             # what else is already waiting goes out in the same send: a burst costs one write
@@ -598,13 +679,6 @@ async def _cancel_on_input(stream: trio.SocketStream, scope: trio.CancelScope) -
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await stream.receive_some(_RECEIVE_CHUNK)
     scope.cancel()
-
-
-def _close_channel(channel: Any) -> None:
-    close = getattr(channel, "close", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            close()
 
 
 def _send_nowait(sock: trio.socket.SocketType, data: bytes) -> None:

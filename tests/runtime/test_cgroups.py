@@ -88,9 +88,10 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=5)
+        with p:  # leaving closes its pipes
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=5)
 
 
 def _wait(pred: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> object:
@@ -428,19 +429,19 @@ class TestKernel:
             "print(pid, flush=True)\n"
             "os.waitpid(pid, 0)\n"
         )
-        helper = subprocess.Popen([sys.executable, "-c", code, json.dumps(cg.paths)], cwd=REPO, stdout=subprocess.PIPE,
-                                  text=True)
-        try:
-            assert helper.stdout is not None
-            child = int(helper.stdout.readline())
-            v2 = cg.v2_leaf()
-            for d in cg.leaves:
-                procs = d.procs()
-                assert child in procs, d.path
-                assert (helper.pid in procs) == (d.path != v2), d.path
-        finally:
-            helper.kill()
-            helper.wait(timeout=5)
+        with subprocess.Popen([sys.executable, "-c", code, json.dumps(cg.paths)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True) as helper:  # leaving closes its stdout
+            try:
+                assert helper.stdout is not None
+                child = int(helper.stdout.readline())
+                v2 = cg.v2_leaf()
+                for d in cg.leaves:
+                    procs = d.procs()
+                    assert child in procs, d.path
+                    assert (helper.pid in procs) == (d.path != v2), d.path
+            finally:
+                helper.kill()
+                helper.wait(timeout=5)
 
     def test_clone3_into_a_bad_fd_names_the_call(self) -> None:
         from nsruntime import libc

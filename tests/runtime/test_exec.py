@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from tests.conftest import NSINIT, REPO, live_pid, nsinit, nsinit_bg, records, wait_for, write_config
@@ -340,7 +341,6 @@ def test_host_rootfs_needs_nothing_downloaded(host_rootfs: Path) -> None:
 
 
 def test_tty_is_interactive(busybox_rootfs: Path) -> None:
-    pexpect = pytest.importorskip("pexpect")
     write_config(busybox_rootfs, tty=True)
     c = pexpect.spawn(NSINIT[0], [*NSINIT[1:], "exec", "/bin/sh"], cwd=str(busybox_rootfs), dimensions=(30, 100),
                       timeout=10, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -367,7 +367,6 @@ def test_tty_without_terminal_relays_output(busybox_rootfs: Path) -> None:
 
 
 def test_terminal_restored_after_exit(busybox_rootfs: Path) -> None:
-    pexpect = pytest.importorskip("pexpect")
     write_config(busybox_rootfs, tty=True)
     script = (f"stty -g > before; {' '.join(NSINIT)} exec sh -c 'exit 5'; echo rc=$?; stty -g > after; "
               "cmp before after && echo same")

@@ -289,10 +289,30 @@ async def test_actions(sock: Path, api: FakeAPI) -> None:
     assert api.shutdown_requested
 
 
-async def test_stats_unsupported_by_an_older_daemon(sock: Path, api: FakeAPI) -> None:
-    api.stats = None  # type: ignore[assignment, method-assign]
+async def test_stats_from_a_daemon_that_cannot_read_usage_are_unsupported(sock: Path, api: FakeAPI) -> None:
+    def unreadable(name: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    api.stats = unreadable  # type: ignore[method-assign]
     error = await call(sock, "stats")
-    assert isinstance(error, proto.Error) and error.code == proto.UNSUPPORTED
+    assert error == proto.Error(1, proto.UNSUPPORTED, "this nsinitd doesn't report resource usage")
+
+
+def test_every_protocol_command_has_exactly_one_handler() -> None:
+    assert server.table_errors(server.CALLS, server.STREAMS) == []
+    assert set(server.CALLS) | set(server.STREAMS) == set(proto.COMMANDS)
+
+
+def test_a_command_without_a_handler_or_a_handler_without_a_command_is_named() -> None:
+    calls = {k: v for k, v in server.CALLS.items() if k != "pid"}
+    calls["frobnicate"] = server.CALLS["status"]
+    assert server.table_errors(calls, server.STREAMS) == [
+        "the protocol's command 'pid' has no handler",
+        "a handler for 'frobnicate', which is no command of the protocol",
+    ]
+    assert server.table_errors({**server.CALLS, "events": server.CALLS["status"]}, {}) == [
+        "'events' streams in the protocol, but its handler is in the other table",
+    ]
 
 
 async def test_an_exception_in_the_daemon_is_an_internal_error(sock: Path, api: FakeAPI) -> None:
