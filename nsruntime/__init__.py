@@ -24,8 +24,6 @@ __version__ = "0.1.0"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
-
     from .cgroups.detect import Hierarchy
     from .cgroups.detect import detect as detect_cgroups
     from .config import ContainerConfig
@@ -51,7 +49,7 @@ _LAZY = {
 }  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     where = _LAZY.get(name)
     if where is None:
         raise AttributeError(f"module 'nsruntime' has no attribute {name!r}")
