@@ -500,9 +500,13 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
                                            "throttleWriteIOPSDevice"))
     if blkio.get("weight"):
         fields["blkio_weight"] = _int(f"{path}.blockIO.weight", blkio["weight"], 10, 1000)
-    rules = _devices(f"{path}.devices", d.get("devices") or [])
+    rules = list(_devices(f"{path}.devices", d.get("devices") or []))
+    # a leading "deny all" (runc's spec starts so) is the runtime's own baseline, which then allows
+    # the devices its /dev holds (cgroups/v1.py DEFAULT_DEVICE_RULES); a leading "allow all" lifts it
+    if rules and (rules[0].type, rules[0].major, rules[0].minor) == ("a", None, None) and rules[0].access == "rwm":
+        fields["allow_all_devices"] = rules.pop(0).allow
     if rules:
-        fields["devices"] = rules
+        fields["devices"] = tuple(rules)
     parent, name, keep = "nsrun", None, False
     if not _empty(cgroups_path):
         s = _str("linux.cgroupsPath", cgroups_path)
