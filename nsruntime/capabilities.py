@@ -63,6 +63,36 @@ def drop(numbers: frozenset[int] | set[int]) -> None:
             libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_LOWER, n)
 
 
+def limit_bounding(kept: frozenset[int]) -> None:
+    """Drop from the bounding set every capability not in kept (OCI's lists name what stays).
+    Before the user switches: dropping needs CAP_SETPCAP."""
+    from . import libc
+
+    for n in range(last_cap() + 1):
+        if n not in kept and libc.prctl(libc.PR_CAPBSET_READ, n) == 1:
+            libc.prctl(libc.PR_CAPBSET_DROP, n)
+
+
+def set_sets(effective: frozenset[int], permitted: frozenset[int], inheritable: frozenset[int],
+             ambient: frozenset[int]) -> None:
+    """The thread's effective, permitted and inheritable sets become exactly these, and the ambient
+    set exactly ambient (a capability is raised there only when permitted and inheritable hold it,
+    as the kernel demands). After a switch to another user (with PR_SET_KEEPCAPS): permitted
+    survives it, effective does not."""
+    from . import libc
+
+    def bits(caps: frozenset[int]) -> int:
+        mask = 0
+        for n in caps:
+            mask |= 1 << n
+        return mask
+
+    libc.capset(bits(effective), bits(permitted), bits(inheritable))
+    libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
+    for n in sorted(ambient & permitted & inheritable):
+        libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_RAISE, n)
+
+
 def set_no_new_privs() -> None:
     """From here on, execve never grants privileges (setuid bits, file capabilities). Inherited by
     children and kept across execve; cannot be undone."""

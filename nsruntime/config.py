@@ -88,6 +88,10 @@ class Mount:
     private: bool = False
     type: str = "bind"  # bind | tmpfs
     optional: bool = False  # skip a bind whose source is missing
+    # OCI mounts (nsruntime.oci.spec) say more than container.json can; the defaults are container.json's
+    flags: int | None = None  # MS_NOSUID|MS_NODEV|MS_NOEXEC... of the mount; None: nosuid,nodev for a tmpfs
+    data: str | None = None  # a tmpfs's options ("size=64m,mode=755"); None: mode=1777
+    recursive: bool = True  # a bind takes the mounts below its source along (rbind)
 
 
 @frozen
@@ -132,6 +136,9 @@ class Cgroups:
     blkio_weight: int | None = None
     allow_all_devices: bool = False
     devices: tuple[DeviceRule, ...] = ()
+    # the directories of parent are someone else's (a pod's, made by the kubelet's runtime):
+    # made when missing, never removed; only the container's own leaf is (OCI cgroupsPath)
+    keep_parents: bool = False
 
 
 @frozen
@@ -139,6 +146,25 @@ class IdMap:
     container_id: int
     host_id: int
     size: int
+
+
+@frozen
+class Rlimit:
+    resource: int  # RLIMIT_NOFILE...
+    name: str  # as the config names it, for errors
+    soft: int
+    hard: int
+
+
+@frozen
+class CapabilitySets:
+    """The capabilities the command keeps, set by set (OCI process.capabilities), as numbers."""
+
+    bounding: frozenset[int] = frozenset()
+    effective: frozenset[int] = frozenset()
+    permitted: frozenset[int] = frozenset()
+    inheritable: frozenset[int] = frozenset()
+    ambient: frozenset[int] = frozenset()
 
 
 @frozen
@@ -163,6 +189,14 @@ class ContainerConfig:
     masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
     seccomp: Filter | None = None  # built at parse time, loaded just before execve (seccomp.py)
+    # Set only from an OCI config.json (nsruntime.oci.spec); container.json leaves them at these defaults.
+    capability_sets: CapabilitySets | None = None  # kept sets; when set, capabilities_mask is not used
+    additional_gids: tuple[int, ...] | None = None  # the supplementary groups; None: from /etc/group
+    rlimits: tuple[Rlimit, ...] = ()
+    sysctl: tuple[tuple[str, str], ...] = ()  # (kernel.msgmax, "4096"): written inside, before the masks
+    oom_score_adj: int | None = None
+    # namespaces joined by path instead of made (NEWIPC, NEWUTS); a network namespace is a Network("netns")
+    namespace_joins: tuple[tuple[str, str], ...] = ()
     # the decoded container.json this was parsed from: recorded in state.json for joins and cleanup
     source: Any = None
     _uncompared = ("source",)
@@ -185,6 +219,13 @@ class ContainerConfig:
     def netns_paths(self) -> list[str]:
         """The network namespaces to join (networks of type netns), in order."""
         return [n.path for n in self.networks if n.type == "netns" and n.path]
+
+    @property
+    def joins(self) -> list[tuple[str, int]]:
+        """(path, CLONE_NEW*) of every namespace PID 1 enters instead of making: the network
+        namespace of a netns network, and the namespace_joins."""
+        return [(p, CLONE_NEWNET) for p in self.netns_paths] + [(p, NAMESPACE_FLAGS[k])
+                                                                 for k, p in self.namespace_joins]
 
     @property
     def needs_pyroute2(self) -> bool:

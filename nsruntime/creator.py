@@ -74,6 +74,7 @@ def create(
     start: bool = False,
     wait_lock: bool = True,
     pid_file: str | None = None,
+    start_fifo: str | None = None,
 ) -> Container:
     """Make the container and its PID 1, waiting to start ``command``.
 
@@ -86,7 +87,7 @@ def create(
     """
     making = begin_create(cfg, rootfs_dir, command, state_dir, env=env, stdio=stdio, tty=tty,
                           die_with_parent=die_with_parent, raw_config=raw_config, zygote=zygote, start=start,
-                          wait_lock=wait_lock, pid_file=pid_file)
+                          wait_lock=wait_lock, pid_file=pid_file, start_fifo=start_fifo)
     while True:
         left = making.deadline - time.monotonic()
         if left <= 0:
@@ -112,6 +113,7 @@ def begin_create(
     start: bool = False,
     wait_lock: bool = True,
     pid_file: str | None = None,
+    start_fifo: str | None = None,
 ) -> Creating:
     """create()'s first half: cgroups made, PID 1 on its way; the caller drives the rest.
 
@@ -129,7 +131,14 @@ def begin_create(
     waited for; with wait_lock=False a held lock raises StateError at once (an event loop must
     never block on it). pid_file: also write PID 1's host pid there once the root is in place, a
     copy for users that nsinit never reads (removed with the records).
+
+    start_fifo: a FIFO on the host (the OCI runtime's, in its state dir) through which the
+    command is started instead of Start (see spawn._setup_and_exec): Container.start() is then
+    not the way, and die_with_parent=False lets the container outlive its creator. Not with a
+    zygote.
     """
+    if start_fifo is not None and (zygote is not None or start):
+        raise NsRuntimeError("start_fifo: not with a zygote nor start=True")
     if not command:
         raise NsRuntimeError("command: empty")
     root = os.path.realpath(rootfs_dir)
@@ -165,7 +174,7 @@ def begin_create(
         lock.__exit__(None, None, None)
         raise
     try:
-        making._launch(layout, planned, list(command), env, stdio, use_tty, die_with_parent, zygote)
+        making._launch(layout, planned, list(command), env, stdio, use_tty, die_with_parent, zygote, start_fifo)
     except BaseException:
         making.abort()
         raise
@@ -217,7 +226,7 @@ class Creating:
 
     def _launch(self, layout: Any, planned: list[str], command: list[str], env: dict[str, str] | None,
                 stdio: tuple[int, int, int] | None, use_tty: bool, die_with_parent: bool,
-                zygote: Zygote | None) -> None:
+                zygote: Zygote | None, start_fifo: str | None = None) -> None:
         cfg = self.cfg
         self.cgroups = cg = cgroups.setup(cfg.cgroups, self.id, layout=layout)
         if cg.paths != planned:
@@ -227,12 +236,12 @@ class Creating:
             full_env.update(env)
         if zygote is None and not cfg.clone_flags & libc.CLONE_NEWUSER:
             self.pid = spawn.clone_pid1(cfg, self.root, command, full_env, stdio, use_tty, cg, self._child_sock,
-                                   self._sock, die_with_parent)
+                                   self._sock, die_with_parent, start_fifo)
         if self.pid == 0 and zygote is None:
             self._child = os.fork()
             if self._child == 0:
                 spawn.setup_child(cfg, self.root, command, full_env, stdio, use_tty, cg, self._child_sock, self._sock,
-                             die_with_parent)
+                             die_with_parent, start_fifo)
         elif self.pid == 0:
             assert zygote is not None
             zygote.spawn(spawn.zygote_header(cfg, cg, die_with_parent),

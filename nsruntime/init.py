@@ -113,12 +113,22 @@ def exec_command(cfg: ContainerConfig, argv: list[str], env: dict[str, str], tty
             libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
         elif cfg.seccomp is not None:
             cfg.seccomp.load()  # without no_new_privs the kernel wants CAP_SYS_ADMIN: before the drop
-        capabilities.drop(cfg.capabilities_mask)
+        sets = cfg.capability_sets
+        if sets is None:
+            capabilities.drop(cfg.capabilities_mask)
+        else:
+            capabilities.limit_bounding(sets.bounding)
         if ids:
             uid, gid, extra, _home = ids
+            if cfg.additional_gids is not None:
+                extra = list(cfg.additional_gids)
+            if sets is not None:
+                libc.prctl(libc.PR_SET_KEEPCAPS, 1)  # the permitted set survives setuid; it is set next
             os.setgroups(extra)
             os.setgid(gid)
             os.setuid(uid)
+        if sets is not None:
+            capabilities.set_sets(sets.effective, sets.permitted, sets.inheritable, sets.ambient)
         try:
             os.chdir(cfg.working_dir)
         except OSError as e:

@@ -140,7 +140,9 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
             cg.join_self()  # before setns and fork: the command counts against the pids limit
         nsfds = []
         for name, nsfile in NAMESPACE_FILES.items():
-            if name not in cfg.namespaces and not (name == "NEWNET" and any(n.type == "netns" for n in cfg.networks)):
+            joined = (name == "NEWNET" and any(n.type == "netns" for n in cfg.networks)) or any(
+                k == name for k, _p in cfg.namespace_joins)
+            if name not in cfg.namespaces and not joined:
                 continue
             path = f"/proc/{pid}/ns/{nsfile}"
             if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{nsfile}").st_ino:

@@ -153,10 +153,13 @@ def _bind(root: str, m: Mount) -> None:
             return
         raise SetupError("bind mount", f"{m.source}: no such file or directory (mounts: source)") from None
     make = "dir" if stat.S_ISDIR(st.st_mode) else "file"
-    _mount_at(root, m.destination, make, m.source, None, libc.MS_BIND | libc.MS_REC)
+    rec = libc.MS_REC if m.recursive else 0
+    _mount_at(root, m.destination, make, m.source, None, libc.MS_BIND | rec)
     _remount_at(root, m.destination, libc.MS_PRIVATE if m.private else libc.MS_SLAVE)
-    if not m.writable:
-        _remount_at(root, m.destination, libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
+    # (a bind takes its flags only from a remount: nosuid, nodev, noexec, ro all come here)
+    flags = (m.flags or 0) | (0 if m.writable else libc.MS_RDONLY)
+    if flags:
+        _remount_at(root, m.destination, libc.MS_BIND | libc.MS_REMOUNT | rec | flags)
 
 
 def _setup_dev(root: str, tty: bool) -> None:
@@ -240,8 +243,8 @@ def prepare(cfg: ContainerConfig, rootfs: str) -> None:
         for i, m in enumerate(cfg.mounts):
             step = f"mounts[{i}] ({m.destination})"
             if m.type == "tmpfs":
-                _mount_at(rootfs, m.destination, "dir", "tmpfs", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV,
-                          "mode=1777")
+                flags = libc.MS_NOSUID | libc.MS_NODEV if m.flags is None else m.flags  # (ro among m.flags)
+                _mount_at(rootfs, m.destination, "dir", "tmpfs", "tmpfs", flags, m.data or "mode=1777")
             else:
                 _bind(rootfs, m)
     except SetupError:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
+import select
 
 from . import cgroups, channel, init, libc, rootfs
 from .cgroups.base import write as write_cgroup_file
-from .config import parse
-from .errors import EXIT_RUNTIME_FAILED, NsRuntimeError, SyscallError
+from .config import DEFAULT_PATH, parse
+from .errors import EXIT_RUNTIME_FAILED, NsRuntimeError, SetupError, SyscallError
 from .lean import loads, suppress
 
 TYPE_CHECKING = False
@@ -77,7 +78,7 @@ def child_prologue(stdio: tuple[int, int, int] | None, sock: socket.socket,
 
 def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
                  stdio: tuple[int, int, int] | None, use_tty: bool, cg: CgroupSet | None, sock: socket.socket,
-                 parent_end: socket.socket | None, die_with_parent: bool) -> None:
+                 parent_end: socket.socket | None, die_with_parent: bool, start_fifo: str | None = None) -> None:
     """In the forked setup child: namespaces, then fork PID 1. Never returns."""
     try:
         sock, sigfd = child_prologue(stdio, sock, parent_end)
@@ -86,7 +87,7 @@ def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
         if cg is not None:
             # in a user namespace the cgroup files may no longer be ours to write: all of it now
             cg.join_self(v2=userns)
-        _join_netns(cfg.netns_paths)
+        _join_namespaces(cfg.joins)
         if flags & libc.CLONE_NEWUSER:
             rootfs.make_mount_points(cfg, root)
             libc.unshare(libc.CLONE_NEWUSER)
@@ -99,17 +100,18 @@ def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
         libc.unshare(flags & ~(libc.CLONE_NEWUSER | libc.CLONE_NEWCGROUP))  # PID 1 takes NEWCGROUP itself
         pid1 = os.fork() if userns else _fork_inside(cg)
         if pid1 == 0:
-            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent)
+            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, start_fifo)
         channel.send(sock, channel.Pid(pid1))
         os._exit(0)
     except BaseException as e:
         init.main_fail(sock, e)
 
 
-def _join_netns(paths: Sequence[str]) -> None:
-    for path in paths:
+def _join_namespaces(joins: Sequence[tuple[str, int]]) -> None:
+    """Enter each (path, CLONE_NEW*) namespace: a network namespace of the config, or an OCI path join."""
+    for path, kind in joins:
         nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        libc.setns(nsfd, libc.CLONE_NEWNET, path)
+        libc.setns(nsfd, kind, path)
         os.close(nsfd)
 
 
@@ -126,7 +128,7 @@ def _clone_into(flags: int, v2_dir: str | None) -> int:
 
 def clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
                 stdio: tuple[int, int, int] | None, use_tty: bool, cg: CgroupSet | None, sock: socket.socket,
-                parent_end: socket.socket, die_with_parent: bool) -> int:
+                parent_end: socket.socket, die_with_parent: bool, start_fifo: str | None = None) -> int:
     """PID 1 straight from the caller: clone3 makes it in its new namespaces and in the cgroup2
     directory at once, so no setup child is needed. Returns its pid; 0 when the kernel can't
     (no clone3, no CLONE_INTO_CGROUP): then the caller takes the setup child's way.
@@ -142,19 +144,19 @@ def clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[st
             sock, sigfd = child_prologue(stdio, sock, parent_end)
             if cg is not None:
                 cg.join_self(v2=False)  # the v1 hierarchies (a lone thread moves itself without RCU wait)
-            _join_netns(cfg.netns_paths)
+            _join_namespaces(cfg.joins)
         except BaseException as e:
             init.main_fail(sock, e)
-        _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent)
+        _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, start_fifo)
     return pid
 
 
 def zygote_header(cfg: ContainerConfig, cg: CgroupSet | None, die_with_parent: bool) -> dict[str, Any]:
     """What the zygote reads of a request to make PID 1 without decoding the rest (see
-    zygote_clone): its clone flags, cgroup directories and network namespaces."""
+    zygote_clone): its clone flags, cgroup directories and the namespaces it joins."""
     return {"flags": cfg.clone_flags, "v2": cg.v2_leaf() if cg is not None else None,
             "v1": [d.path for d in cg.leaves if d.version == 1] if cg is not None else [],
-            "netns": list(cfg.netns_paths), "die_with_parent": die_with_parent}
+            "joins": [list(j) for j in cfg.joins], "die_with_parent": die_with_parent}
 
 
 def zygote_clone(data: bytes, fds: list[int], sigfd: int) -> int:
@@ -192,7 +194,7 @@ def zygote_clone(data: bytes, fds: list[int], sigfd: int) -> int:
             _keep_only_fds([fds[0], sigfd])
             for d in head["v1"]:
                 write_cgroup_file(os.path.join(d, "tasks"), 0, "cgroups: join")  # as CgroupSet.join_self
-            _join_netns(head["netns"])
+            _join_namespaces(head["joins"])
         except BaseException as e:
             init.main_fail(sock, e)
         _be_init(sock, sigfd, head["die_with_parent"], flags, lambda: _decode_then_setup(body, sock, sigfd))
@@ -241,9 +243,9 @@ def _fork_inside(cg: CgroupSet | None) -> int:
 
 
 def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
-          sock: socket.socket, sigfd: int, die_with_parent: bool) -> None:
+          sock: socket.socket, sigfd: int, die_with_parent: bool, start_fifo: str | None) -> None:
     _be_init(sock, sigfd, die_with_parent, cfg.clone_flags,
-             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd))
+             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, start_fifo))
 
 
 def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int, setup: Callable[[], None]) -> None:
@@ -278,20 +280,34 @@ def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int,
 
 
 def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
-                    sock: socket.socket, sigfd: int) -> None:
-    """The command's process, forked by PID 1: the container's setup, then the command; never returns."""
+                    sock: socket.socket, sigfd: int, start_fifo: str | None = None) -> None:
+    """The command's process, forked by PID 1: the container's setup, then the command; never returns.
+
+    With start_fifo (a FIFO in the host's state dir, opened here before the root is switched
+    away from it) the command waits for a byte there instead of Start on the socket: the start
+    then comes from any process, long after the creator has gone (`nsrun start`).
+    """
     creator = channel.Reader("creator")
     try:
         # wait for the host side (network) to be done with our namespaces (Start may come with it)
         if not isinstance(channel.receive(sock, creator), channel.Go):
             os._exit(EXIT_RUNTIME_FAILED)
+        fifo = -1
+        if start_fifo is not None:
+            # a reader that is open makes the starter's non-blocking open succeed; with none (we
+            # died) it fails with ENXIO: the starter learns at once that nobody waits
+            fifo = os.open(start_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        _process_limits(cfg)
         rootfs.prepare(cfg, root)
         rootfs.switch_root(cfg, root)
         if cfg.hostname and "NEWUTS" in cfg.namespaces:
             socket.sethostname(cfg.hostname)
         if "NEWNET" in cfg.namespaces and not any(n.type == "netns" for n in cfg.networks):
             libc.loopback_up()
+        _sysctl(cfg.sysctl)
         rootfs.finish(cfg)
+        if fifo >= 0:  # the OCI create fails on a command it could never start (podman: 127, 126)
+            _check_command(command[0], env)
         tty_path = None
         fds: list[int] = []
         if use_tty:
@@ -301,10 +317,83 @@ def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: di
         channel.send(sock, channel.Ready(), fds=fds)
         for fd in fds:
             os.close(fd)
-        if not isinstance(channel.receive(sock, creator), channel.Start):
+        if fifo >= 0:
+            _wait_for_start(fifo, sigfd)
+        elif not isinstance(channel.receive(sock, creator), channel.Start):
             os._exit(EXIT_RUNTIME_FAILED)  # the creator went away (or changed its mind) before start
     except BaseException as e:
         init.main_fail(sock, e)
     os.close(sigfd)
     sock.close()
     init.exec_command(cfg, command, env, tty_path)
+
+
+def _process_limits(cfg: ContainerConfig) -> None:
+    """rlimits and the OOM score, while the host's stdlib is still in reach: both survive execve."""
+    if cfg.rlimits:
+        import resource
+
+        for r in cfg.rlimits:
+            try:
+                resource.setrlimit(r.resource, (r.soft, r.hard))
+            except (OSError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) else str(e)
+                raise SetupError("process.rlimits",
+                                 f"setrlimit({r.name}, soft={r.soft}, hard={r.hard}): {why}") from None
+    if cfg.oom_score_adj is not None:
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(cfg.oom_score_adj))
+        except OSError as e:
+            raise SetupError("process.oomScoreAdj", f"write {cfg.oom_score_adj} to /proc/self/oom_score_adj: "
+                             f"{e.strerror}") from None
+
+
+def _sysctl(settings: Sequence[tuple[str, str]]) -> None:
+    """Each kernel parameter, written in the container's own /proc (its namespaces' copy)."""
+    for key, value in settings:
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as e:
+            raise SetupError("linux.sysctl", f"{key}: write {value!r} to {path}: {e.strerror}") from None
+
+
+def _wait_for_start(fifo: int, sigfd: int) -> None:
+    """Until a byte comes through the start FIFO. A signal meanwhile (`nsrun kill` of a created
+    container, forwarded by PID 1) acts as it would on the command: its default action."""
+    poller = select.poll()
+    poller.register(fifo, select.POLLIN)
+    poller.register(sigfd, select.POLLIN)
+    while True:
+        for fd, _ev in poller.poll():
+            if fd == fifo:
+                if not os.read(fifo, 1):  # POLLHUP: a writer came and went without a word
+                    raise SetupError("start", "the start FIFO was closed without a start")
+                os.close(fifo)
+                return
+            while (info := libc.read_signalfd(sigfd)) is not None:
+                signo = info[0]
+                init.reset_signals()  # the default action of signo, now, as the command would take it
+                os.kill(os.getpid(), signo)
+                init.block_signals()  # (still here: its default is to be ignored)
+
+
+def _check_command(name: str, env: dict[str, str]) -> None:
+    """SetupError unless name is an executable file of the container's, looked up as execvpe will;
+    its text says "no such file or directory" or "permission denied" as the case is."""
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d or ".", name) for d in env.get("PATH", DEFAULT_PATH).split(":")]
+    denied = False
+    for path in candidates:
+        if os.path.isfile(path):
+            if os.access(path, os.X_OK):
+                return
+            denied = True
+    if denied:
+        raise SetupError("process.args", f'exec "{name}": permission denied')
+    where = "" if "/" in name else " in $PATH"
+    raise SetupError("process.args", f'exec "{name}": executable file not found{where}: no such file or directory')

@@ -12,7 +12,8 @@ keeps its containers inside those limits, and one that may only write below its 
 (delegation) works unchanged. ``name`` defaults to the container id.
 
 The directories of ``parent`` belong to nsinit: made when missing, removed by the teardown that
-leaves one empty. A cgroup managed by hand (with its own limits) is the place to *run* nsinit
+leaves one empty; with ``keep_parents`` (an OCI cgroupsPath under a pod's directory) they are
+made when missing and never removed. A cgroup managed by hand (with its own limits) is the place to *run* nsinit
 from, not to name as ``parent``.
 
 Which hierarchies: every v1 hierarchy carrying a controller (named ones such as name=systemd
@@ -138,7 +139,8 @@ def _targets(layout: Layout) -> list[Hierarchy]:
 
 
 def _rel(cfg: Cgroups, container_id: str) -> list[str]:
-    return [*cfg.parent.split("/"), *(cfg.name or container_id).split("/")]
+    # (an empty parent: the leaf right below the runtime's own cgroup)
+    return [c for c in (*cfg.parent.split("/"), *(cfg.name or container_id).split("/")) if c not in ("", ".")]
 
 
 _LAYOUT_TTL = 1.0  # seconds: a supervisor making many containers reads mountinfo once per burst
@@ -166,6 +168,8 @@ def plan(cfg: Cgroups, container_id: str) -> tuple[Layout, list[str]]:
             if cur not in parents:
                 parents.append(cur)
         leaves.append(os.path.join(cur, rel[-1]))
+    if cfg.keep_parents:
+        parents = []  # someone else's: never recorded, so never removed
     return layout, parents + leaves
 
 
@@ -200,9 +204,9 @@ def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> C
         for d in leaves:
             d.apply(cfg)
     except BaseException:
-        _undo(leaves, parents)
+        _undo(leaves, [] if cfg.keep_parents else parents)
         raise
-    return CgroupSet(leaves, parents)
+    return CgroupSet(leaves, [] if cfg.keep_parents else parents)
 
 
 def _undo(leaves: list[CgroupDir], parents: list[str]) -> None:

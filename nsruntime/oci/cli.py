@@ -1,0 +1,197 @@
+"""nsrun: an OCI runtime with runc's command line, over nsruntime.
+
+    nsrun [GLOBAL FLAGS] VERB [FLAGS] ID ...
+
+Global flags come before the verb: --root DIR (the containers' state, default /run/nsrun),
+--log FILE, --log-format text|json, --systemd-cgroup, --debug. Errors go to stderr and, with
+--log, to FILE as one line each (json: {"level":"error","msg":"...","time":"..."}), which is
+where containerd reads them.
+
+Exit status: 0 done; 1 the runtime failed (one line says why); 2 a usage error; run: the
+command's status (128+N when signal N killed it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .. import __version__
+from ..errors import NsRuntimeError
+from ..lean import dumps
+from ..signals import signal_number
+from . import runtime
+from .spec import SPEC_VERSION
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Log:
+    """Where errors (and with --debug, what is done) are written: stderr, and --log FILE."""
+
+    def __init__(self, path: str | None, fmt: str, debug: bool) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.debug_on = debug
+
+    def _line(self, level: str, msg: str) -> str:
+        t = time.time()
+        now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+        if self.fmt == "json":
+            return dumps({"level": level, "msg": msg, "time": now})
+        return f"time={dumps(now)} level={level} msg={dumps(msg)}"
+
+    def _write(self, level: str, msg: str) -> None:
+        if self.path is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            sys.stderr.write(f"nsrun: --log {self.path}: {(e.strerror or str(e)).lower()}\n")
+            return
+        try:
+            os.write(fd, (self._line(level, msg) + "\n").encode(errors="replace"))
+        finally:
+            os.close(fd)
+
+    def error(self, msg: str) -> None:
+        sys.stderr.write(f"nsrun: {msg}\n")
+        self._write("error", msg)
+
+    def debug(self, msg: str) -> None:
+        if self.debug_on:
+            self._write("debug", msg)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"nsrun: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nsrun", description="An OCI runtime (runc's command line) over nsruntime.")
+    p.add_argument("--version", "-v", action="store_true", help="print the version and the runtime-spec version")
+    p.add_argument("--root", default=runtime.DEFAULT_ROOT, help="the containers' state (default %(default)s)")
+    p.add_argument("--log", help="also write errors to this file")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--systemd-cgroup", action="store_true",
+                   help="accepted; cgroups are still made with cgroupfs (a slice:prefix:name path is read as "
+                        "slice/prefix-name)")
+    p.add_argument("--debug", action="store_true", help="also log what is done")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, help=help)
+
+    for name in ("create", "run"):
+        v = verb(name, "make a container (run: and start it, wait for it, delete it)")
+        v.add_argument("--bundle", "-b", default=".", help="the bundle directory (config.json), default: cwd")
+        v.add_argument("--pid-file", help="write PID 1's host pid there (atomically)")
+        v.add_argument("--console-socket", help="(needs process.terminal, not supported yet)")
+        v.add_argument("--no-pivot", action="store_true", help="switch root with MS_MOVE + chroot")
+        v.add_argument("--no-new-keyring", action="store_true", help="accepted: nsrun never makes a session keyring")
+        v.add_argument("--preserve-fds", type=int, default=0, help="(only 0 is supported)")
+        if name == "run":
+            v.add_argument("--detach", "-d", action="store_true", help="(not supported)")
+        v.add_argument("id")
+    verb("start", "run the command of a created container").add_argument("id")
+    verb("state", "print the container's OCI state as JSON").add_argument("id")
+    v = verb("kill", "signal the container (its PID 1, which forwards to the command)")
+    v.add_argument("--all", "-a", action="store_true", help="every process of the container")
+    v.add_argument("id")
+    v.add_argument("signal", nargs="?", default="TERM", help="a name (TERM, SIGKILL) or a number; default TERM")
+    v = verb("delete", "release what the container holds; already gone: nothing to do")
+    v.add_argument("--force", "-f", action="store_true", help="kill a running container first")
+    v.add_argument("id")
+    v = verb("list", "list the containers")
+    v.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    v.add_argument("--quiet", "-q", action="store_true", help="ids only")
+    verb("features", "print the runtime-spec features document")
+    v = verb("spec", "write a default config.json (root: ./rootfs)")
+    v.add_argument("--bundle", "-b", default=".")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.version:
+        sys.stdout.write(f"nsrun version {__version__}\nspec: {SPEC_VERSION}\n")
+        return 0
+    if args.verb is None:
+        parser().error("a verb is required")
+    log = _Log(args.log, args.log_format, args.debug)
+    os.umask(0o022)  # the container's files as OCI's default process.user.umask asks
+    try:
+        return _verb(args, log)
+    except NsRuntimeError as e:
+        log.error(str(e))
+        return EXIT_FAILED
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        log.error(f"{where}{(e.strerror or str(e)).lower()}")
+        return EXIT_FAILED
+
+
+def _verb(args: argparse.Namespace, log: _Log) -> int:
+    root = args.root
+    log.debug(f"{args.verb} {getattr(args, 'id', '')}".strip())
+    if args.verb in ("create", "run"):
+        if args.preserve_fds:
+            raise NsRuntimeError("--preserve-fds: not supported yet (only 0)")
+        if args.console_socket:
+            raise NsRuntimeError("--console-socket: not supported yet (process.terminal is refused)")
+        if args.no_pivot:
+            raise NsRuntimeError("--no-pivot: not supported yet")
+        if args.verb == "run" and args.detach:
+            raise NsRuntimeError("run --detach: not supported (use create and start)")
+        if args.verb == "create":
+            runtime.create(root, args.id, args.bundle, pid_file=args.pid_file)
+            return 0
+        return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file)
+    if args.verb == "start":
+        runtime.start(root, args.id)
+    elif args.verb == "state":
+        sys.stdout.write(dumps(runtime.Record(root, args.id).state()) + "\n")
+    elif args.verb == "kill":
+        signum = signal_number(args.signal)
+        if signum is None:
+            raise NsRuntimeError(f"kill: unknown signal {args.signal!r}")
+        runtime.kill(root, args.id, signum, all_processes=args.all)
+    elif args.verb == "delete":
+        runtime.delete(root, args.id, force=args.force)
+    elif args.verb == "list":
+        _list(root, args.format, args.quiet)
+    elif args.verb == "features":
+        sys.stdout.write(dumps(runtime.features()) + "\n")
+    elif args.verb == "spec":
+        runtime.spec_file(args.bundle)
+    return 0
+
+
+def _list(root: str, fmt: str, quiet: bool) -> None:
+    states = []
+    for cid in runtime.ids(root):
+        try:
+            states.append(runtime.Record(root, cid).state())
+        except NsRuntimeError:
+            continue  # removed meanwhile
+    if quiet:
+        sys.stdout.write("".join(f"{s['id']}\n" for s in states))
+    elif fmt == "json":
+        sys.stdout.write(dumps(states) + "\n")
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"] or "root")
+                 for s in states]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
