@@ -22,8 +22,8 @@ from .consts import (
     CLONE_NEWUTS,
 )
 from .errors import ConfigError
-from .fields import _bool, _cap, _expect, _int, _list, _obj, _q, _str
-from .lean import JSONError, dumps, frozen, loads
+from .fields import _bool, _cap, _expect, _int, _list, _obj, _q, _str, decode_json
+from .lean import dumps, frozen
 
 NAMESPACE_FLAGS: dict[str, int] = {
     "NEWUSER": CLONE_NEWUSER,
@@ -653,14 +653,5 @@ def load(path: str | PathLike[str]) -> ContainerConfig:
         raise ConfigError(p, f"cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(p, f"larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        data = loads(raw)
-    except UnicodeDecodeError:
-        raise ConfigError(p, "not UTF-8") from None
-    except JSONError as e:
-        raise ConfigError(p, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise ConfigError(p, "malformed JSON: nested too deeply") from None
+    data = decode_json(p, raw, MAX_CONFIG_BYTES)
     return parse(data)

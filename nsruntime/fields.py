@@ -9,7 +9,7 @@ refuse a wrong value in the same words.
 from __future__ import annotations
 
 from .errors import ConfigError
-from .lean import dumps
+from .lean import JSONError, dumps, loads
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -80,3 +80,18 @@ def _int(path: str, value: object, lo: int | None = None, hi: int | None = None)
 
 def _list(path: str, value: object) -> list[Any]:
     return _expect(path, value, list, "a list")
+
+
+def decode_json(path: str, raw: bytes, max_bytes: int) -> object:
+    """The JSON document read from path (at most max_bytes, raw holding up to one byte more);
+    ConfigError naming path for a file too large, not UTF-8 or malformed."""
+    if len(raw) > max_bytes:
+        raise ConfigError(path, f"larger than {max_bytes} bytes")
+    try:
+        return loads(raw)
+    except UnicodeDecodeError:
+        raise ConfigError(path, "not UTF-8") from None
+    except JSONError as e:
+        raise ConfigError(path, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ConfigError(path, "malformed JSON: nested too deeply") from None

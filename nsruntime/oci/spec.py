@@ -54,8 +54,8 @@ from ..consts import (
     MS_SYNCHRONOUS,
 )
 from ..errors import ConfigError
-from ..fields import _bool, _cap, _int, _list, _obj, _q, _str
-from ..lean import JSONError, frozen, loads
+from ..fields import _bool, _cap, _int, _list, _obj, _q, _str, decode_json
+from ..lean import frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -139,16 +139,7 @@ def load(bundle: str) -> Spec:
         raise ConfigError(path, f"cannot read: {(e.strerror or '').lower()}") from None
     finally:
         os.close(fd)
-    if len(raw) > MAX_SPEC_BYTES:
-        raise ConfigError(path, f"larger than {MAX_SPEC_BYTES} bytes")
-    try:
-        data = loads(raw)
-    except UnicodeDecodeError:
-        raise ConfigError(path, "not UTF-8") from None
-    except JSONError as e:
-        raise ConfigError(path, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise ConfigError(path, "malformed JSON: nested too deeply") from None
+    data = decode_json(path, raw, MAX_SPEC_BYTES)
     return parse(data, bundle)
 
 
