@@ -356,3 +356,17 @@ async def test_a_unix_socket_listener_is_root_only_and_removed_at_exit(cfg: Conf
         proc.send_signal(signal.SIGTERM)
         assert await d.finish() == 0
     assert not path.exists()
+
+
+async def test_an_address_in_use_exits_1_before_any_program_starts(cfg: ConfigWriter) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = cfg.write(PROGRAMS + web_table(port, None))
+        with trio.fail_after(30):
+            r = await trio.run_process([sys.executable, "-m", "supervisor.nsinitd", "-c", str(config), "--no-socket"],
+                                       capture_stdout=True, capture_stderr=True, check=False)
+    assert (r.returncode, r.stderr.decode()) == (
+        1, f"nsinitd: web.listen 127.0.0.1:{port}: bind: EADDRINUSE (Address already in use)\n")
+    assert b"program." not in r.stdout
