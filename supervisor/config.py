@@ -15,14 +15,16 @@ names a signal in the config names it on the command line too.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import re
 import signal as _signal
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nsruntime import ConfigError as ContainerConfigError
 from nsruntime import load_config as load_container_config
@@ -31,6 +33,8 @@ from nsruntime import signal_number
 from .machine import AutoRestart, Policy
 
 AUTORESTART_CHOICES: tuple[AutoRestart, ...] = ("always", "on-failure", "never")
+WebAuth = Literal["token", "none"]
+WEB_AUTH_CHOICES: tuple[WebAuth, ...] = ("token", "none")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -108,10 +112,28 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``[web]``: the status page and /metrics (supervisor.web). ``listen`` is either a TCP
+    address (``host``, ``port``; host an IP literal) or a unix socket path (``path``)."""
+
+    listen: str  # as written, for messages
+    host: str | None = None
+    port: int | None = None
+    path: Path | None = None
+    auth: WebAuth = "token"
+    token_file: Path | None = None
+
+    @property
+    def loopback(self) -> bool:
+        return self.path is not None or (self.host is not None and ipaddress.ip_address(self.host).is_loopback)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     supervisor: SupervisorConfig
     programs: Mapping[str, ProgramConfig]
+    web: WebConfig | None = None
 
     def by_priority(self) -> list[ProgramConfig]:
         return sorted(self.programs.values(), key=lambda p: (p.priority, p.name))
@@ -223,6 +245,7 @@ _PROGRAM_KEYS = {
     "stdout_backups", "redirect_stderr",
 }
 _BACKOFF_KEYS = {"initial", "factor", "max"}
+_WEB_KEYS = {"listen", "auth", "token_file"}
 
 
 def _socket(key: str, v: object, base: Path) -> Path:
@@ -243,6 +266,79 @@ def _supervisor(t: Mapping[str, Any], base: Path) -> SupervisorConfig:
         event_log=_path(f"{k}.event_log", t["event_log"], base) if "event_log" in t else None,
         socket_group=_group(f"{k}.socket_group", t["socket_group"]) if "socket_group" in t else None,
     )
+
+
+def _listen(key: str, v: object, base: Path) -> tuple[str | None, int | None, Path | None]:
+    """``"127.0.0.1:9001"``, ``"[::1]:9001"`` -> (host, port, None); a value with a ``/`` is a
+    unix socket path -> (None, None, path). A host name is refused: what it resolves to can change."""
+    text = _str(key, v)
+    if "/" in text:
+        return None, None, _socket(key, text, base)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(key, f'expected "HOST:PORT" or a unix socket path, got {text!r}')
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, f"{host!r} is not an IP address (127.0.0.1, [::1], or one of this host's)") from None
+    if isinstance(ip, ipaddress.IPv6Address) and not text.startswith("["):
+        raise ConfigError(key, f"write an IPv6 address in brackets: [{host}]:{port_text}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, f"port must be 1-65535, got {port}")
+    return str(ip), port, None
+
+
+def check_token_file(key: str, path: Path) -> str:
+    """The token in ``path``: a regular file owned by root (or nsinitd's user), readable by its
+    owner alone, holding one non-empty line. ConfigError(key, ...) otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ConfigError(key, f"{path}: cannot open: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(key, f"{path}: not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(key, f"{path}: owned by uid {st.st_uid}; it must be root's")
+        if st.st_mode & 0o077:
+            raise ConfigError(key, f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others read it; "
+                                   "chmod 600 it")
+        data = f.read(4097)
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path}: the token must be printable ASCII") from None
+    if not token:
+        raise ConfigError(key, f"{path}: empty; put a random token in it (e.g. openssl rand -hex 32)")
+    if len(data) > 4096 or not token.isprintable() or any(ch.isspace() for ch in token):
+        raise ConfigError(key, f"{path}: the token must be one line of at most 4096 printable characters")
+    return token
+
+
+def _web(t: Mapping[str, Any], base: Path) -> WebConfig:
+    k = "web"
+    _no_unknown(k, t, _WEB_KEYS)
+    if "listen" not in t:
+        raise ConfigError(f"{k}.listen", 'missing (e.g. "127.0.0.1:9001", or a unix socket path)')
+    host, port, path = _listen(f"{k}.listen", t["listen"], base)
+    auth = t.get("auth", "token")
+    if auth not in WEB_AUTH_CHOICES:
+        raise ConfigError(f"{k}.auth", f"expected one of {', '.join(WEB_AUTH_CHOICES)}")
+    token_file: Path | None = None
+    if auth == "token":
+        if "token_file" not in t:
+            raise ConfigError(f"{k}.token_file", 'missing (auth = "token" reads the token from this file)')
+        token_file = _path(f"{k}.token_file", t["token_file"], base)
+        check_token_file(f"{k}.token_file", token_file)
+    elif "token_file" in t:
+        raise ConfigError(f"{k}.token_file", 'only with auth = "token"')
+    web = WebConfig(listen=t["listen"], host=host, port=port, path=path, auth=auth, token_file=token_file)
+    if auth == "none" and not web.loopback:
+        raise ConfigError(f"{k}.auth", f'"none" is allowed only on 127.0.0.1, ::1 or a unix socket, not {host}')
+    return web
 
 
 def _program(name: str, t: Mapping[str, Any], base: Path) -> ProgramConfig:
@@ -309,8 +405,9 @@ def _program(name: str, t: Mapping[str, Any], base: Path) -> ProgramConfig:
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-decoded TOML document; ``path`` anchors relative paths."""
     base = path.parent
-    _no_unknown("", data, {"supervisor", "programs"})
+    _no_unknown("", data, {"supervisor", "programs", "web"})
     sup = _supervisor(_table("supervisor", data.get("supervisor", {})), base)
+    web = _web(_table("web", data["web"]), base) if "web" in data else None
     progs: dict[str, ProgramConfig] = {}
     for name, t in _table("programs", data.get("programs", {})).items():
         if not NAME_RE.match(name):
@@ -318,7 +415,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
                               "program names are 1-64 of A-Z a-z 0-9 _ . - (not starting with . or -)")
         progs[name] = _program(name, _table(f"programs.{name}", t), base)
     _check_containers(sup, progs)
-    return Config(path=path, supervisor=sup, programs=progs)
+    return Config(path=path, supervisor=sup, programs=progs, web=web)
 
 
 def _check_containers(sup: SupervisorConfig, progs: Mapping[str, ProgramConfig]) -> None:

@@ -238,6 +238,10 @@ class Daemon:
                     self.exit_code = EXIT_FAILED
                     root.cancel_scope.cancel()
                     return self.exit_code
+                if self.config.web is not None and not await self._start_web(root, self.config.web):
+                    self.exit_code = EXIT_FAILED
+                    root.cancel_scope.cancel()
+                    return self.exit_code
                 self.bus.emit("supervisor.started", pid=os.getpid(), config=str(self.config.path),
                               version=__version__)
                 async with trio.open_nursery() as programs:
@@ -269,6 +273,16 @@ class Daemon:
             await nursery.start(serve, self, self.config.supervisor.socket)
         except OSError as e:
             print(f"nsinitd: control socket {self.config.supervisor.socket}: {e}", file=sys.stderr)
+            return False
+        return True
+
+    async def _start_web(self, nursery: trio.Nursery, web: config_mod.WebConfig) -> bool:
+        from .web import WebError, serve  # hypercorn, starlette, prometheus_client: only with [web]
+
+        try:
+            await nursery.start(serve, self, web)
+        except (OSError, WebError) as e:
+            print(f"nsinitd: web.listen {web.listen}: {e}", file=sys.stderr)
             return False
         return True
 
@@ -503,7 +517,7 @@ class Daemon:
             for prog in going:
                 await prog.finish()
                 del self.programs[prog.name]
-            self.config = Config(self.config.path, self.config.supervisor, new.programs)
+            self.config = Config(self.config.path, self.config.supervisor, new.programs, self.config.web)
             fresh = [new.programs[n] for n in added + changed]
             for pcfg in sorted(fresh, key=lambda p: (p.priority, p.name)):
                 await self._add(pcfg)

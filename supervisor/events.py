@@ -78,6 +78,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "config.error": {"error": _STR},
     "subscriber.dropped": {"reason": _STR},
     "control.refused": {},
+    "web.started": {"listen": _STR},
+    "web.refused": {"method": _STR, "path": _STR, "reason": _STR},
     "stranger.reaped": {"pid": _INT, "exit_code": _INT},
 }
 PROGRAM_EVENTS = frozenset(n for n in SCHEMA if n.startswith(("program.", "container.")))
@@ -99,7 +101,7 @@ def validate(obj: Mapping[str, Any]) -> None:
     if len(ts.split(".")[1]) != 7 or parsed.year < 2000:
         raise SchemaError(f"ts must have 6 fractional digits: {ts!r}")
     name = obj.get("event")
-    if not isinstance(name, str) or (name not in SCHEMA and not name.startswith("control.")):
+    if not isinstance(name, str) or (name not in SCHEMA and not name.startswith(("control.", "web."))):
         raise SchemaError(f"unknown event {name!r}")
     if name in PROGRAM_EVENTS and not isinstance(obj.get("program"), str):
         raise SchemaError(f"{name}: program missing")

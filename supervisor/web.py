@@ -1,0 +1,568 @@
+"""nsinitd's web side (``[web]`` in the config): a status page, per-program actions, ``/metrics``,
+``/healthz`` and ``/events``, served by hypercorn's trio worker in the daemon's own nursery.
+
+Imported only when ``[web]`` is configured: hypercorn, starlette and prometheus_client cost an
+nsinitd without it nothing.
+
+It talks to the daemon through :class:`supervisor.api.SupervisorAPI`, like the control socket, and
+its actions go through the control server's own handlers (:data:`supervisor.server.CALLS`): a stop
+of a stopped program is refused with the same ``not running`` whichever door it came through.
+
+What it promises, and how:
+
+* **Nothing changes without the token, nor from another site.** Every POST must carry the token
+  (``Authorization: Bearer``, or the page's ``token`` form field) unless ``auth = "none"`` (allowed
+  on loopback and unix sockets only), and must not come from another origin: a present ``Origin``
+  must be this server's own, a present ``Sec-Fetch-Site`` must say ``same-origin`` or ``none``.
+  Every request's ``Host`` must name the configured address (or ``localhost`` on a loopback one):
+  a page whose DNS name was rebound to 127.0.0.1 can't read or post. A refusal is answered 401/403
+  with one line and reported as a ``web.refused`` event (rate-limited).
+* **Supervision never waits for a browser.** ``/events`` readers read from an event bus
+  subscription, bounded like the control socket's: a reader that falls ``event_buffer`` behind is
+  dropped, and one whose socket takes no bytes for ``send_timeout`` is disconnected. Each
+  connection is its own trio task; the daemon's emit never blocks on any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hmac
+import html
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, cast
+from urllib.parse import parse_qs
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import ASGIFramework
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from .api import ControlError, ProgramStatus, SupervisorAPI
+from .config import ConfigError, WebConfig, check_token_file, parse_signal
+from .ctl.eventlog import EventFilter
+from .server import CALLS, _bind, _remove_files
+from .states import ProcessState
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: what each action answers over HTTP for each ControlError code
+HTTP_STATUS: Final[Mapping[str, int]] = {
+    "no_such_program": 404, "bad_state": 409, "bad_request": 400, "not_a_container": 409,
+    "failed": 500, "unsupported": 501, "refused": 403, "unauthorized": 401,
+}
+ACTIONS: Final = ("start", "stop", "restart", "signal")
+MAX_BODY = 16 * 1024
+LOG_TAIL_BYTES = 64 * 1024
+
+
+class WebError(Exception):
+    """The web server can't start; ``str()`` is the one line nsinitd prints after the address."""
+
+
+@dataclass(frozen=True)
+class WebLimits:
+    event_buffer: int = 1000  # events an /events reader may fall behind before it is dropped
+    send_timeout: float = 10.0  # one event written to a reader whose socket takes nothing
+    keep_alive_timeout: float = 5.0  # an idle keep-alive connection
+    refusal_events_per_second: float = 10.0
+    backlog: int = 1024
+
+
+async def serve(
+    api: SupervisorAPI,
+    web: WebConfig,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    *,
+    limits: WebLimits = WebLimits(),  # frozen, so sharing the default is safe
+) -> None:
+    """Serve until cancelled; ``task_status.started()`` once the address accepts connections.
+    Raises WebError or OSError (before started) when the token or the address can't be had."""
+    token: str | None = None
+    if web.auth == "token":
+        assert web.token_file is not None
+        try:  # again: the file may have changed since the config was checked
+            token = check_token_file("web.token_file", web.token_file)
+        except ConfigError as e:
+            raise WebError(str(e)) from None
+    app = WebApp(api, web, token, limits)
+    sock, cleanup = await _listen(web, limits.backlog)
+    try:
+        hconfig = HypercornConfig()
+        # hypercorn takes the descriptor over; ours stays ours to close
+        hconfig.bind = [f"fd://{os.dup(sock.fileno())}"]
+        hconfig.accesslog = None
+        hconfig.errorlog = _LOGGER
+        hconfig.loglevel = "WARNING"
+        hconfig.include_server_header = False
+        hconfig.keep_alive_timeout = limits.keep_alive_timeout
+        hconfig.backlog = limits.backlog
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.count_events)
+            await nursery.start(functools.partial(hypercorn_serve, cast(ASGIFramework, app), hconfig))
+            api.emit("web.started", listen=web.listen)
+            task_status.started()
+    finally:
+        sock.close()
+        cleanup()
+
+
+_LOGGER = logging.getLogger("nsinitd.web")
+
+
+async def _listen(web: WebConfig, backlog: int) -> tuple[socket.socket, Callable[[], None]]:
+    """A listening socket for the configured address, and what removes it afterwards. A unix socket
+    is made like the control socket (root only, a live owner's path is never taken over)."""
+    if web.path is not None:
+        tsock, identity = await _bind(web.path, None, backlog)
+        raw = socket.socket(fileno=os.dup(tsock.fileno()))
+        tsock.close()
+        path = web.path
+        return raw, lambda: _remove_files(path, identity)
+    assert web.host is not None and web.port is not None
+    family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
+    raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        raw.bind((web.host, web.port))
+        raw.listen(backlog)
+    except OSError as e:
+        raw.close()
+        name = errno.errorcode.get(e.errno or 0, "error")
+        raise WebError(f"bind: {name} ({e.strerror})") from None
+    return raw, lambda: None
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+
+class _RateLimit:
+    """A token bucket: at most ``rate`` reports a second, the rest counted as suppressed."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+        self.suppressed = 0
+
+    def take(self) -> int | None:
+        """The count suppressed since the last report, or None to suppress this one."""
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            self.suppressed += 1
+            return None
+        self.tokens -= 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason  # one word for the event
+        self.message = message
+
+
+class WebApp:
+    """The ASGI application: the host check and ``/events`` here, the rest through starlette."""
+
+    def __init__(self, api: SupervisorAPI, web: WebConfig, token: str | None, limits: WebLimits) -> None:
+        self.api = api
+        self.web = web
+        self.token = token
+        self.limits = limits
+        self.started = time.time()
+        self.events_total: Counter[str] = Counter()
+        self.exits_total: Counter[tuple[str, str]] = Counter()
+        self.events_missed = 0
+        self._refusals = _RateLimit(limits.refusal_events_per_second)
+        self.hosts = _allowed_hosts(web)
+        self.routes = Starlette(routes=[
+            Route("/", self.page, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/status.json", self.status_json, methods=["GET"]),
+            Route("/program/{name}", self.program_page, methods=["GET"]),
+            Route("/program/{name}/{action}", self.action, methods=["POST"]),
+        ])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = _header(scope, b"host")
+            if self.hosts is not None and host not in self.hosts:
+                self.report(scope, "host")
+                response: Response = PlainTextResponse(
+                    f"permission denied: Host {host!r} is not this server's address\n", status_code=403)
+                await response(scope, receive, send)
+                return
+            if scope["path"] == "/events" and scope["method"] == "GET":
+                await self.events(scope, receive, send)
+                return
+        await self.routes(scope, receive, send)
+
+    def report(self, scope: Scope, reason: str) -> None:
+        suppressed = self._refusals.take()
+        if suppressed is None:
+            return
+        with contextlib.suppress(Exception):  # reporting must never take the server down
+            client = scope.get("client")
+            self.api.emit("web.refused", method=str(scope.get("method", "")), path=str(scope.get("path", "")),
+                          reason=reason, client=f"{client[0]}:{client[1]}" if client else "unix",
+                          suppressed=suppressed)
+
+    # -- read-only -------------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def status_json(self, request: Request) -> Response:
+        now = time.time()
+        return JSONResponse([{**s.to_json(), "uptime": _uptime(s, now)} for s in self.api.status()])
+
+    async def page(self, request: Request) -> Response:
+        return HTMLResponse(render_page(self.api.status(), self.token is not None, time.time()))
+
+    async def program_page(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            status = self.api.status((name,))[0]
+            logs = {stream: _tail(self.api.log_path(name, stream)) for stream in ("stdout", "stderr")}
+        except ControlError as e:
+            return PlainTextResponse(f"{e.message}\n", status_code=HTTP_STATUS.get(e.code, 400))
+        return HTMLResponse(render_program(status, logs, self.token is not None, time.time()))
+
+    async def metrics(self, request: Request) -> Response:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def count_events(self) -> None:
+        """Counters for /metrics, from a subscription of our own (resubscribed if ever dropped)."""
+        while True:
+            with self.api.subscribe(100_000) as channel:
+                async for ev in channel:
+                    name = str(ev.get("event"))
+                    if name == "subscriber.dropped":
+                        self.events_missed += 1
+                        break
+                    self.events_total[name] += 1
+                    if name == "program.exited":
+                        self.exits_total[(str(ev.get("program")), exit_cause(ev))] += 1
+                else:
+                    return  # the bus closed: nsinitd is stopping
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    async def action(self, request: Request) -> Response:
+        name, action = request.path_params["name"], request.path_params["action"]
+        body = await _body(request)
+        form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()} if body else {}
+        # a browser (the page's form) gets a page or a redirect back; anything else JSON
+        from_page = "text/html" in request.headers.get("accept", "")
+        try:
+            self.check(request, form)
+        except Refused as e:
+            self.report(request.scope, e.reason)
+            return _answer(from_page, e.status, "refused", e.message)
+        if action not in ACTIONS:
+            return _answer(from_page, 404, "bad_request", f"no such action: {action} (one of {', '.join(ACTIONS)})")
+        args: dict[str, Any] = {"name": name}
+        try:
+            if action == "signal":
+                args["signum"] = parse_signal("signal", form.get("signal", request.query_params.get("signal", "")))
+            result = await CALLS[action](self.api, args)
+        except ConfigError as e:
+            return _answer(from_page, 400, "bad_request", str(e))
+        except ControlError as e:
+            return _answer(from_page, HTTP_STATUS.get(e.code, 400), e.code, e.message)
+        if from_page:
+            return RedirectResponse(f"/program/{name}" if form.get("back") == "program" else "/", status_code=303)
+        return JSONResponse({"ok": True, "result": result})
+
+    def check(self, request: Request, form: Mapping[str, str]) -> None:
+        """Raise Refused unless the request carries the token and comes from this server's own page."""
+        origin = request.headers.get("origin")
+        host = request.headers.get("host", "")
+        if origin is not None and origin != f"http://{host}":
+            raise Refused(403, "cross-site", f"permission denied: a request from {origin} (not this server's page)")
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site not in ("same-origin", "none"):
+            raise Refused(403, "cross-site", f"permission denied: a {site} request (Sec-Fetch-Site)")
+        if self.token is None:
+            return
+        given = form.get("token")
+        authorization = request.headers.get("authorization", "")
+        if authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if not given:
+            raise Refused(401, "no-token",
+                          "permission denied: the token is missing (Authorization: Bearer, or the page's token field)")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise Refused(403, "wrong-token", "permission denied: wrong token")
+
+    # -- /events ---------------------------------------------------------------------------------
+
+    async def events(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Server-sent events: each event object as one ``data:`` line, filtered like
+        ``nsinitctl events`` (``?program=NAME`` and ``?event=PATTERN``, both repeatable)."""
+        query = parse_qs(scope.get("query_string", b"").decode("utf-8", "replace"))
+        wanted = EventFilter(programs=frozenset(query.get("program", [])), patterns=tuple(query.get("event", [])))
+        with self.api.subscribe(self.limits.event_buffer) as channel:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store")]
+                if await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers}) \
+                        and await self._send(send, _chunk(b": nsinitd events\n\n")):
+                    async for ev in channel:
+                        last = ev.get("event") == "subscriber.dropped"
+                        if (last or wanted(ev)) and not await self._send(send, _chunk(_sse(ev))):
+                            break
+                        if last:
+                            break
+                    else:
+                        await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+                nursery.cancel_scope.cancel()
+
+    async def _send(self, send: Send, message: Message) -> bool:
+        """False when the reader's socket took nothing for send_timeout (it is then let go)."""
+        with trio.move_on_after(self.limits.send_timeout):
+            await send(message)
+            return True
+        return False
+
+
+def _chunk(data: bytes) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+def _sse(ev: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(ev, separators=(",", ":"), default=str).encode() + b"\n\n"
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _body(request: Request) -> bytes:
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY:
+            return b""  # not a form of ours: treated as empty, so it has no token either
+    return data
+
+
+def _answer(from_page: bool, status: int, code: str, message: str) -> Response:
+    if from_page:
+        text = html.escape(message)
+        return HTMLResponse(f"{_HEAD}<title>nsinitd: {text}</title></head><body><p class=err>{text}</p>"
+                            f'<p><a href="/">back</a></p></body></html>', status_code=status)
+    return JSONResponse({"ok": False, "error": {"code": code, "message": message}}, status_code=status)
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return str(v.decode("latin-1"))
+    return ""
+
+
+def _allowed_hosts(web: WebConfig) -> frozenset[str] | None:
+    """The Host headers this server answers: its address as configured, and localhost on loopback.
+    None on a unix socket: only local processes can reach it, whatever they call it."""
+    if web.path is not None:
+        return None
+    assert web.host is not None
+    host = f"[{web.host}]" if ":" in web.host else web.host
+    hosts = {f"{host}:{web.port}"}
+    if web.loopback:
+        hosts.add(f"localhost:{web.port}")
+    return frozenset(hosts)
+
+
+def _tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            data = f.read(limit)
+    except FileNotFoundError:
+        return ""
+    if len(data) == limit and b"\n" in data:
+        data = data[data.index(b"\n") + 1 :]  # a partial first line says nothing
+    return data.decode("utf-8", "replace")
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def exit_cause(ev: Mapping[str, Any]) -> str:
+    """``oom``, ``signal``, ``expected`` (an exit code of exitcodes) or ``failure``."""
+    if ev.get("oom_killed"):
+        return "oom"
+    if ev.get("signal"):
+        return "signal"
+    return "expected" if ev.get("expected") else "failure"
+
+
+def _uptime(s: ProgramStatus, now: float) -> float:
+    return max(0.0, now - s.since) if s.state == ProcessState.RUNNING.value else 0.0
+
+
+class _Collector:
+    """Read at each scrape: nothing is kept in prometheus_client's global registry."""
+
+    def __init__(self, app: WebApp) -> None:
+        self.app = app
+
+    def collect(self) -> Iterable[Metric]:
+        api, now = self.app.api, time.time()
+        statuses = api.status()
+        state = GaugeMetricFamily("nsinit_program_state", "1 for the state the program is in, 0 for the others",
+                                  labels=["program", "state"])
+        restarts = CounterMetricFamily("nsinit_program_restarts", "Times the program was started again",
+                                       labels=["program"])
+        uptime = GaugeMetricFamily("nsinit_program_uptime_seconds", "Seconds since the program became RUNNING "
+                                   "(0 when not running)", labels=["program"])
+        cpu = CounterMetricFamily("nsinit_program_cpu_seconds", "CPU time used by the program's cgroup",
+                                  labels=["program"])
+        memory = GaugeMetricFamily("nsinit_program_memory_bytes", "Memory used by the program's cgroup",
+                                   labels=["program"])
+        for s in statuses:
+            for st in ProcessState:
+                state.add_metric([s.name, st.value], 1.0 if s.state == st.value else 0.0)
+            restarts.add_metric([s.name], s.restarts)
+            uptime.add_metric([s.name], _uptime(s, now))
+            try:
+                usage = api.stats(s.name)
+            except (NotImplementedError, ControlError):
+                continue
+            if "cpu_usage_ns" in usage:
+                cpu.add_metric([s.name], usage["cpu_usage_ns"] / 1e9)
+            if "memory_bytes" in usage:
+                memory.add_metric([s.name], usage["memory_bytes"])
+        exits = CounterMetricFamily("nsinit_program_exits", "Exits seen since nsinitd started, by cause "
+                                    "(expected, failure, signal, oom)", labels=["program", "cause"])
+        for (program, cause), n in sorted(self.app.exits_total.items()):
+            exits.add_metric([program, cause], n)
+        events = CounterMetricFamily("nsinit_events", "Lifecycle events emitted, by event name", labels=["event"])
+        for name, n in sorted(self.app.events_total.items()):
+            events.add_metric([name], n)
+        missed = CounterMetricFamily("nsinit_web_event_subscription_drops",
+                                     "Times the metrics' event subscription fell behind (counts may miss events)")
+        missed.add_metric([], self.app.events_missed)
+        yield from (state, restarts, uptime, cpu, memory, exits, events, missed)
+
+
+# -- pages -----------------------------------------------------------------------------------------
+
+_HEAD = """<!doctype html><html lang=en><head><meta charset=utf-8>
+<meta name=viewport content="width=device-width, initial-scale=1">
+<style>
+body{font-family:system-ui,sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #ddd;white-space:nowrap}
+.wrap{overflow-x:auto}
+tr.RUNNING td.state{color:#060;font-weight:bold}
+tr.FATAL,tr.BACKOFF,tr.EXITED{background:#fdd}
+tr.FATAL td.state,tr.BACKOFF td.state,tr.EXITED td.state{color:#b00;font-weight:bold}
+button{margin:.1em}
+.err{color:#b00}
+pre{background:#f6f6f6;padding:.5em;overflow-x:auto;max-height:30em}
+@media (max-width:600px){th.opt,td.opt{display:none}}
+</style>
+"""
+
+_SCRIPT = """<script>
+// Live rows: each lifecycle event refetches the table's data once (never more than one request in
+// flight); without scripts the table is what the server rendered.
+(function () {
+  var busy = false, again = false;
+  function text(v) { return v === null || v === undefined ? "" : String(v); }
+  function uptime(s) {
+    s = Math.floor(s); var h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), r = s % 60;
+    return h + ":" + (m < 10 ? "0" : "") + m + ":" + (r < 10 ? "0" : "") + r;
+  }
+  function refresh() {
+    if (busy) { again = true; return; }
+    busy = true;
+    fetch("/status.json", {cache: "no-store"}).then(function (r) { return r.json(); }).then(function (list) {
+      list.forEach(function (p) {
+        var row = document.getElementById("p-" + p.name);
+        if (!row) return;
+        row.className = p.state;
+        row.querySelector(".state").textContent = p.state;
+        row.querySelector(".pid").textContent = text(p.pid);
+        row.querySelector(".uptime").textContent = p.state === "RUNNING" ? uptime(p.uptime) : "";
+        row.querySelector(".restarts").textContent = text(p.restarts);
+        row.querySelector(".exit").textContent = p.signal ? p.signal : text(p.exit_code);
+      });
+    }).finally(function () { busy = false; if (again) { again = false; refresh(); } });
+  }
+  var source = new EventSource("/events?event=program.*");
+  source.onmessage = refresh;
+  source.onopen = refresh;
+})();
+</script>"""
+
+
+def _row(s: ProgramStatus, now: float, with_name_link: bool = True) -> str:
+    e = html.escape
+    name = f'<a href="/program/{e(s.name)}">{e(s.name)}</a>' if with_name_link else e(s.name)
+    up = _uptime(s, now)
+    uptime = f"{int(up) // 3600}:{int(up) % 3600 // 60:02d}:{int(up) % 60:02d}" if s.state == "RUNNING" else ""
+    last_exit = s.signal or ("" if s.exit_code is None else str(s.exit_code))
+    buttons = "".join(f'<button formaction="/program/{e(s.name)}/{a}">{a}</button>'
+                      for a in ("start", "stop", "restart"))
+    return (f'<tr id="p-{e(s.name)}" class="{e(s.state)}"><td>{name}</td><td class=state>{e(s.state)}</td>'
+            f'<td class="pid opt">{s.pid or ""}</td><td class="uptime opt">{uptime}</td>'
+            f'<td class="restarts opt">{s.restarts}</td><td class="exit opt">{e(last_exit)}</td>'
+            f"<td>{buttons}</td></tr>")
+
+
+def _table(statuses: Iterable[ProgramStatus], with_token: bool, now: float, back: str = "") -> str:
+    token = ('<p><label>token <input type=password name=token autocomplete=current-password></label></p>'
+             if with_token else "")
+    back_field = f'<input type=hidden name=back value="{back}">' if back else ""
+    rows = "".join(_row(s, now, not back) for s in statuses)
+    return (f'<form method=post>{token}{back_field}<div class=wrap><table><thead><tr><th>program</th><th>state</th>'
+            '<th class=opt>pid</th><th class=opt>uptime</th><th class=opt>restarts</th><th class=opt>last exit</th>'
+            f"<th>actions</th></tr></thead><tbody>{rows}</tbody></table></div></form>")
+
+
+def render_page(statuses: list[ProgramStatus], with_token: bool, now: float) -> str:
+    return (f"{_HEAD}<title>nsinitd</title></head><body><h1>nsinitd</h1>"
+            f"{_table(statuses, with_token, now)}"
+            '<p><a href="/metrics">metrics</a> · <a href="/events">events</a></p>'
+            f"{_SCRIPT}</body></html>")
+
+
+def render_program(status: ProgramStatus, logs: Mapping[str, str], with_token: bool, now: float) -> str:
+    e = html.escape
+    sections = "".join(f"<h2>{stream}</h2><pre>{e(text) or '(empty)'}</pre>" for stream, text in logs.items())
+    return (f"{_HEAD}<title>nsinitd: {e(status.name)}</title></head><body>"
+            f'<p><a href="/">all programs</a></p><h1>{e(status.name)}</h1>'
+            f"{_table([status], with_token, now, back='program')}{sections}{_SCRIPT}</body></html>")

@@ -1,0 +1,372 @@
+"""nsinitd's web side ([web]): the status page, actions and their guards, /metrics, /events, /healthz,
+against a real nsinitd process listening on a free loopback port."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor.config import ConfigError
+from tests.supervisor.test_daemon_process import Nsinitd
+
+ConfigWriter = Any
+TOKEN = "s3cret-token-for-tests"
+
+PROGRAMS = """
+    [programs.web]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+    [programs.worker]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+    [programs.idle]
+    command = ["sleep", "300"]
+    autostart = false
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Web:
+    daemon: Nsinitd
+    port: int
+
+    async def request(self, method: str, path: str, headers: Mapping[str, str] | None = None,
+                      body: bytes | None = None) -> Reply:
+        def call() -> Reply:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                conn.request(method, path, body=body, headers=dict(headers or {}))
+                r = conn.getresponse()
+                return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+            finally:
+                conn.close()
+
+        return await trio.to_thread.run_sync(call)
+
+    async def state(self, name: str) -> str:
+        states = {p["name"]: p["state"] for p in (await self.request("GET", "/status.json")).json()}
+        return str(states[name])
+
+
+def web_table(port: int, token_file: Path | None) -> str:
+    if token_file is None:
+        return f'[web]\nlisten = "127.0.0.1:{port}"\nauth = "none"\n'
+    return f'[web]\nlisten = "127.0.0.1:{port}"\nauth = "token"\ntoken_file = "{token_file}"\n'
+
+
+def token_file(directory: Path, mode: int = 0o600) -> Path:
+    path = directory / "web.token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture
+async def web(cfg: ConfigWriter, nursery: trio.Nursery) -> AsyncIterator[Callable[..., Awaitable[Web]]]:
+    """``await web(auth="token"|"none")``: a real nsinitd with [web] on a free loopback port,
+    answering once its ``web.started`` event and the autostart programs' ``program.running`` are out."""
+    procs: list[trio.Process] = []
+
+    async def start(auth: str = "token", programs: str = PROGRAMS) -> Web:
+        port = free_port()
+        path = cfg.write(programs + "\n" + web_table(port, token_file(cfg.root) if auth == "token" else None))
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "supervisor.nsinitd", "-c", str(path), "--no-socket"], stdout=subprocess.PIPE)
+        procs.append(proc)
+        d = Nsinitd(proc)
+        await d.wait_for("web.started")
+        for name in ("web", "worker"):
+            if f"[programs.{name}]" in programs:
+                await d.wait_for("program.running", name)
+        return Web(d, port)
+
+    yield start
+    for p in procs:
+        if p.returncode is None:
+            p.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                await p.wait()
+        if p.returncode is None:
+            p.kill()
+            with trio.move_on_after(5):
+                await p.wait()
+
+
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+BROWSER = {**FORM, "accept": "text/html,application/xhtml+xml"}
+
+
+# -- the config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("table", "error"), [
+    ('listen = "localhost:9001"\nauth = "none"',
+     "web.listen: 'localhost' is not an IP address (127.0.0.1, [::1], or one of this host's)"),
+    ('listen = "127.0.0.1"\nauth = "none"',
+     "web.listen: expected \"HOST:PORT\" or a unix socket path, got '127.0.0.1'"),
+    ('listen = "127.0.0.1:70000"\nauth = "none"', "web.listen: port must be 1-65535, got 70000"),
+    ('listen = "0.0.0.0:9001"\nauth = "none"',
+     'web.auth: "none" is allowed only on 127.0.0.1, ::1 or a unix socket, not 0.0.0.0'),
+    ('listen = "127.0.0.1:9001"', 'web.token_file: missing (auth = "token" reads the token from this file)'),
+    ('listen = "127.0.0.1:9001"\nauth = "basic"', "web.auth: expected one of token, none"),
+    ('listen = "127.0.0.1:9001"\nauth = "none"\nport = 1',
+     "web.port: unknown key (expected one of auth, listen, token_file)"),
+])
+def test_a_bad_web_table_is_refused_naming_its_key(cfg: ConfigWriter, table: str, error: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        cfg.load(f"[web]\n{table}\n")
+    assert str(e.value) == error
+
+
+def test_a_token_file_readable_by_group_or_others_is_refused(cfg: ConfigWriter, tmp_path: Path) -> None:
+    path = token_file(tmp_path, 0o640)
+    with pytest.raises(ConfigError) as e:
+        cfg.load(web_table(9001, path))
+    assert str(e.value) == f"web.token_file: {path}: mode 0640 lets group or others read it; chmod 600 it"
+
+
+def test_nsinitd_check_validates_the_web_table(cfg: ConfigWriter, tmp_path: Path) -> None:
+    path = cfg.write(web_table(9001, token_file(tmp_path, 0o644)))
+    r = subprocess.run([sys.executable, "-m", "supervisor.nsinitd", "-c", str(path), "--check"],
+                       capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stderr) == (2, f"nsinitd: web.token_file: {tmp_path}/web.token: mode 0644 lets group "
+                                           "or others read it; chmod 600 it\n")
+
+
+def test_nsinitd_without_web_imports_none_of_it() -> None:
+    code = ("import sys, supervisor.daemon, supervisor.server; "
+            "print(sorted(m for m in ('hypercorn', 'starlette', 'prometheus_client') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert r.stdout == "[]\n"
+
+
+# -- pages and actions -----------------------------------------------------------------------------
+
+
+async def test_the_page_lists_every_program_in_a_plain_table(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    r = await w.request("GET", "/")
+    page = r.body.decode()
+    assert r.status == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+    assert '<meta name=viewport content="width=device-width, initial-scale=1">' in page
+    for name, state in (("web", "RUNNING"), ("worker", "RUNNING"), ("idle", "STOPPED")):
+        assert f'<tr id="p-{name}" class="{state}"><td><a href="/program/{name}">{name}</a></td>' \
+               f"<td class=state>{state}</td>" in page
+    assert '<input type=password name=token' in page
+
+
+async def test_a_stop_without_the_token_is_refused_and_reported(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    r = await w.request("POST", "/program/web/stop")
+    assert (r.status, r.json()) == (401, {"ok": False, "error": {"code": "refused", "message": (
+        "permission denied: the token is missing (Authorization: Bearer, or the page's token field)")}})
+    event = await w.daemon.wait_for("web.refused")
+    assert (event["method"], event["path"], event["reason"]) == ("POST", "/program/web/stop", "no-token")
+    r = await w.request("POST", "/program/web/stop", {"authorization": "Bearer wrong"})
+    assert (r.status, r.json()["error"]["message"]) == (403, "permission denied: wrong token")
+    assert await w.state("web") == "RUNNING"
+
+
+async def test_a_cross_site_post_is_refused_even_with_the_token(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    r = await w.request("POST", "/program/web/stop", {**BROWSER, "origin": "http://evil.example"},
+                        f"token={TOKEN}".encode())
+    assert (r.status, b"permission denied: a request from http://evil.example (not this server&#x27;s page)"
+            in r.body) == (403, True)
+    r = await w.request("POST", "/program/web/stop", {"authorization": f"Bearer {TOKEN}",
+                                                      "sec-fetch-site": "cross-site"})
+    assert (r.status, r.json()["error"]["message"]) == (403, "permission denied: a cross-site request (Sec-Fetch-Site)")
+    assert (await w.daemon.wait_for("web.refused"))["reason"] == "cross-site"
+    assert await w.state("web") == "RUNNING"
+
+
+async def test_a_rebound_host_name_is_refused(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none")
+    r = await w.request("GET", "/status.json", {"host": f"attacker.example:{w.port}"})
+    assert (r.status, r.body) == (403, f"permission denied: Host 'attacker.example:{w.port}' is not this "
+                                       "server's address\n".encode())
+    assert (await w.daemon.wait_for("web.refused"))["reason"] == "host"
+
+
+async def test_actions_with_the_token_answer_like_nsinitctl(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    r = await w.request("POST", "/program/web/stop", bearer)
+    assert (r.status, r.json()["ok"], r.json()["result"]["state"]) == (200, True, "STOPPED")
+    assert await w.state("web") == "STOPPED"
+    r = await w.request("POST", "/program/web/stop", bearer)
+    assert (r.status, r.json()["error"]) == (409, {"code": "bad_state", "message": "not running"})
+    r = await w.request("POST", "/program/worker/start", bearer)
+    assert (r.status, r.json()["error"]) == (409, {"code": "bad_state", "message": "already started"})
+    r = await w.request("POST", "/program/nope/start", bearer)
+    assert (r.status, r.json()["error"]) == (404, {"code": "no_such_program", "message": "no such program: nope"})
+    r = await w.request("POST", "/program/worker/signal", {**bearer, **FORM}, b"signal=BOGUS")
+    assert (r.status, r.json()["error"]["message"]) == (400, "signal: unknown signal 'BOGUS'")
+    r = await w.request("POST", "/program/worker/signal", {**bearer, **FORM}, b"signal=TERM")
+    assert r.status == 200
+    await w.daemon.wait_for("program.exited", "worker")
+    # the page's own form: the token as a field, answered by a redirect back to the page
+    r = await w.request("POST", "/program/web/start", {**BROWSER, "origin": f"http://127.0.0.1:{w.port}",
+                                                       "sec-fetch-site": "same-origin"}, f"token={TOKEN}".encode())
+    assert (r.status, r.headers["location"]) == (303, "/")
+    assert await w.state("web") == "RUNNING"
+
+
+async def test_a_program_page_shows_its_recent_output(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none", programs="""
+        [programs.talker]
+        command = ["sh", "-c", "echo 'hello <from> talker'; exec sleep 300"]
+        startsecs = 0.2
+    """)
+    await w.daemon.wait_for("program.running", "talker")
+    with trio.fail_after(10):
+        while b"hello &lt;from&gt; talker" not in (r := await w.request("GET", "/program/talker")).body:
+            await w.daemon.wait_for("program.running", "talker")  # nothing new: the output is on its way
+            await trio.sleep(0.05)
+    assert r.status == 200
+    r = await w.request("GET", "/program/nope")
+    assert (r.status, r.body) == (404, b"no such program: nope\n")
+
+
+# -- metrics, health and events --------------------------------------------------------------------
+
+
+async def test_metrics_parse_and_say_what_the_programs_do(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none")
+    await w.request("POST", "/program/worker/signal", FORM, b"signal=KILL")
+    await w.daemon.wait_for("program.running", "worker", count=2)
+    r = await w.request("GET", "/metrics")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(r.body.decode())}
+    assert {"nsinit_program_state", "nsinit_program_restarts", "nsinit_program_uptime_seconds",
+            "nsinit_program_exits", "nsinit_events", "nsinit_program_cpu_seconds",
+            "nsinit_program_memory_bytes"} <= families.keys()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("nsinit_program_state", (("program", "web"), ("state", "RUNNING")))] == 1
+    assert samples[("nsinit_program_state", (("program", "web"), ("state", "STOPPED")))] == 0
+    assert samples[("nsinit_program_state", (("program", "idle"), ("state", "STOPPED")))] == 1
+    assert samples[("nsinit_program_exits_total", (("cause", "signal"), ("program", "worker")))] == 1
+    assert samples[("nsinit_program_restarts_total", (("program", "worker"),))] == 1
+    assert samples[("nsinit_events_total", (("event", "program.running"),))] == 3
+    assert samples[("nsinit_program_uptime_seconds", (("program", "idle"),))] == 0
+    assert samples[("nsinit_program_uptime_seconds", (("program", "web"),))] > 0
+    assert families["nsinit_program_state"].type == "gauge" and families["nsinit_program_exits"].type == "counter"
+
+
+async def _open_events(port: int, query: str, rcvbuf: int | None = None) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(f"GET /events{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    return stream
+
+
+async def test_events_stream_live_filtered_by_program(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none")
+    stream = await _open_events(w.port, "?program=worker")
+    async with stream:
+        buf = b""
+        with trio.fail_after(10):
+            while b": nsinitd events\n\n" not in buf:  # subscribed: what follows is live
+                buf += await stream.receive_some(65536)
+            assert buf.startswith(b"HTTP/1.1 200 ") and b"content-type: text/event-stream" in buf.lower()
+            await w.request("POST", "/program/web/stop")
+            await w.request("POST", "/program/worker/stop")
+            while b'"event":"program.stopped"' not in buf:
+                buf += await stream.receive_some(65536)
+    events = [json.loads(line[6:]) for line in buf.split(b"\n") if line.startswith(b"data: ")]
+    assert [(e["event"], e["program"]) for e in events] == [("program.stopping", "worker"),
+                                                             ("program.exited", "worker"),
+                                                             ("program.stopped", "worker")]
+
+
+async def test_stalled_event_readers_leave_healthz_answering_within_100ms(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none", programs="""
+        [programs.flapper]
+        command = ["false"]
+        startsecs = 0
+        autorestart = "always"
+        backoff = { initial = 0.0, factor = 1.0, max = 0.0 }
+        startretries = 1000000
+    """)
+    stalled = [await _open_events(w.port, "", rcvbuf=1024) for _ in range(20)]
+    try:
+        await w.daemon.wait_for("program.exited", "flapper", count=200, timeout=30)  # a flood goes by unread
+        for _ in range(20):
+            t0 = time.monotonic()
+            r = await w.request("GET", "/healthz")
+            assert (r.status, r.body) == (200, b"ok\n")
+            assert time.monotonic() - t0 < 0.1
+    finally:
+        for s in stalled:
+            await s.aclose()
+
+
+async def test_a_unix_socket_listener_is_root_only_and_removed_at_exit(cfg: ConfigWriter) -> None:
+    path = cfg.root / "web.sock"
+    config = cfg.write(PROGRAMS + f'\n[web]\nlisten = "{path}"\nauth = "none"\n')
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "supervisor.nsinitd", "-c", str(config), "--no-socket"], stdout=subprocess.PIPE)
+    d = Nsinitd(proc)
+    try:
+        await d.wait_for("web.started")
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(os.fspath(path))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"\r\n\r\nok\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await d.finish() == 0
+    assert not path.exists()
+
+
+async def test_an_address_in_use_exits_1_before_any_program_starts(cfg: ConfigWriter) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = cfg.write(PROGRAMS + web_table(port, None))
+        with trio.fail_after(30):
+            r = await trio.run_process([sys.executable, "-m", "supervisor.nsinitd", "-c", str(config), "--no-socket"],
+                                       capture_stdout=True, capture_stderr=True, check=False)
+    assert (r.returncode, r.stderr.decode()) == (
+        1, f"nsinitd: web.listen 127.0.0.1:{port}: bind: EADDRINUSE (Address already in use)\n")
+    assert b"program." not in r.stdout
