@@ -499,8 +499,30 @@ pre{background:#f6f6f6;padding:.5em;overflow-x:auto;max-height:30em}
 _SCRIPT = """<script>
 // Live rows: each lifecycle event refetches the table's data once (never more than one request in
 // flight); without scripts the table is what the server rendered.
+//
+// Actions: the token is typed into the token field once and kept in this tab's sessionStorage
+// (gone when the tab closes); a button then POSTs with "Authorization: Bearer" and the answer's
+// message (a refusal, "not running") is shown above the table, without leaving the page.
 (function () {
   var busy = false, again = false;
+  var form = document.getElementById("programs"), msg = document.getElementById("msg");
+  var field = form && form.querySelector("input[name=token]");
+  if (field) {
+    field.value = sessionStorage.getItem("nsinit-token") || "";
+    field.addEventListener("input", function () { sessionStorage.setItem("nsinit-token", field.value); });
+  }
+  if (form) form.addEventListener("submit", function (ev) {
+    var button = ev.submitter;
+    if (!button || !button.getAttribute("formaction")) return;
+    ev.preventDefault();
+    var headers = {"Accept": "application/json"};
+    if (field && field.value) headers["Authorization"] = "Bearer " + field.value;
+    msg.textContent = "";
+    fetch(button.getAttribute("formaction"), {method: "POST", headers: headers, cache: "no-store"})
+      .then(function (r) { return r.json(); })
+      .then(function (answer) { if (!answer.ok) msg.textContent = answer.error.message; refresh(); })
+      .catch(function (e) { msg.textContent = "request failed: " + e; });
+  });
   function text(v) { return v === null || v === undefined ? "" : String(v); }
   function uptime(s) {
     s = Math.floor(s); var h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), r = s % 60;
@@ -548,7 +570,8 @@ def _table(statuses: Iterable[ProgramStatus], with_token: bool, now: float, back
              if with_token else "")
     back_field = f'<input type=hidden name=back value="{back}">' if back else ""
     rows = "".join(_row(s, now, not back) for s in statuses)
-    return (f'<form method=post>{token}{back_field}<div class=wrap><table><thead><tr><th>program</th><th>state</th>'
+    return (f'<form id=programs method=post>{token}<p id=msg class=err role=alert></p>{back_field}'
+            '<div class=wrap><table><thead><tr><th>program</th><th>state</th>'
             '<th class=opt>pid</th><th class=opt>uptime</th><th class=opt>restarts</th><th class=opt>last exit</th>'
             f"<th>actions</th></tr></thead><tbody>{rows}</tbody></table></div></form>")
 

@@ -1,0 +1,133 @@
+"""The status page in a real browser: Debian's chromium driven by selenium through chromium-driver,
+against a real nsinitd. Selenium is given both binaries, so Selenium Manager never looks for (or
+downloads) a browser. With NSINIT_SCREENSHOT=PATH the test also writes the page's screenshot there
+(docs/web-status.png is made that way)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.supervisor.test_web import TOKEN, Web, web  # noqa: F401 (web is the fixture)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                                reason="needs Debian's chromium and chromium-driver (apt-get install, see .ci/run)")
+
+PROGRAMS = """
+    [programs.web]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+    [programs.worker]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+    [programs.crasher]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+    autorestart = "never"
+"""
+
+DOM_WAIT = 10.0  # seconds a condition on the page may take to come true
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1000,420", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def row(driver: WebDriver, name: str) -> Any:
+    return driver.find_element(By.ID, f"p-{name}")
+
+
+def wait_until(driver: WebDriver, condition: Callable[[WebDriver], object], what: str) -> None:
+    WebDriverWait(driver, DOM_WAIT).until(condition, message=f"the page never showed {what}")
+
+
+def click(driver: WebDriver, name: str, action: str) -> None:
+    row(driver, name).find_element(By.XPATH, f".//button[text()='{action}']").click()
+
+
+async def in_browser(fn: Callable[[], object]) -> None:
+    """Selenium blocks: it runs in a thread while nsinitd's events are read in this one."""
+    await trio.to_thread.run_sync(fn)
+
+
+async def test_the_page_stops_a_program_and_shows_a_crash_live_and_a_refusal(
+        web: Callable[..., Awaitable[Web]], browser: WebDriver) -> None:  # noqa: F811 (the fixture)
+    w = await web(programs=PROGRAMS)
+    await w.daemon.wait_for("program.running", "crasher")
+    url = f"http://127.0.0.1:{w.port}/"
+
+    def loads_and_lists_every_program() -> None:
+        browser.get(url)
+        for name in ("crasher", "web", "worker"):
+            assert row(browser, name).get_attribute("class") == "RUNNING"
+            assert row(browser, name).find_element(By.CLASS_NAME, "state").text == "RUNNING"
+        # a mark that a reload would wipe: the rows below change without one
+        browser.execute_script("window.notReloaded = true;")
+
+    await in_browser(loads_and_lists_every_program)
+
+    def a_stop_without_the_token_is_refused_on_the_page() -> None:
+        click(browser, "web", "stop")
+        wait_until(browser, lambda d: d.find_element(By.ID, "msg").text != "", "the refusal")
+        assert browser.find_element(By.ID, "msg").text == (
+            "permission denied: the token is missing (Authorization: Bearer, or the page's token field)")
+
+    await in_browser(a_stop_without_the_token_is_refused_on_the_page)
+    refused = await w.daemon.wait_for("web.refused")
+    assert (refused["path"], refused["reason"]) == ("/program/web/stop", "no-token")
+    assert await w.state("web") == "RUNNING"
+
+    def a_stop_with_the_token_stops_it_and_the_row_follows() -> None:
+        browser.find_element(By.NAME, "token").send_keys(TOKEN)
+        click(browser, "web", "stop")
+        wait_until(browser, lambda d: row(d, "web").get_attribute("class") == "STOPPED", "web STOPPED")
+        assert row(browser, "web").find_element(By.CLASS_NAME, "state").text == "STOPPED"
+        assert browser.find_element(By.ID, "msg").text == ""
+        assert browser.execute_script("return window.notReloaded") is True
+
+    await in_browser(a_stop_with_the_token_stops_it_and_the_row_follows)
+    await w.daemon.wait_for("program.stopped", "web")
+    assert await w.state("web") == "STOPPED"
+
+    crasher = (await w.request("GET", "/status.json")).json()
+    os.kill(next(p["pid"] for p in crasher if p["name"] == "crasher"), signal.SIGKILL)
+    await w.daemon.wait_for("program.exited", "crasher")
+
+    def the_crash_turns_its_row_red() -> None:
+        wait_until(browser, lambda d: row(d, "crasher").get_attribute("class") == "EXITED", "crasher EXITED")
+        assert row(browser, "crasher").value_of_css_property("background-color") == "rgba(255, 221, 221, 1)"
+        assert row(browser, "crasher").find_element(By.CLASS_NAME, "exit").text == "SIGKILL"
+        assert row(browser, "worker").get_attribute("class") == "RUNNING"
+        assert browser.execute_script("return window.notReloaded") is True
+        # the token stays in this tab: a reload keeps it in the field
+        browser.refresh()
+        assert browser.find_element(By.NAME, "token").get_attribute("value") == TOKEN
+        if os.environ.get("NSINIT_SCREENSHOT"):
+            browser.save_screenshot(os.environ["NSINIT_SCREENSHOT"])
+
+    await in_browser(the_crash_turns_its_row_red)
