@@ -70,6 +70,13 @@ HTTP_STATUS: Final[Mapping[str, int]] = {
     "failed": 500, "unsupported": 501, "refused": 403, "unauthorized": 401,
 }
 ACTIONS: Final = ("start", "stop", "restart", "signal")
+_ACTIVE: Final = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
+#: the states ``POST /all/ACTION`` picks: nsinitctl's ``all`` (tests check they are the same)
+ALL_PICKS: Final[Mapping[str, frozenset[str]]] = {
+    "start": frozenset({"STOPPED", "EXITED", "FATAL", "BACKOFF"}),
+    "stop": _ACTIVE,
+    "restart": frozenset({"STOPPED", "EXITED", "FATAL", "BACKOFF", *_ACTIVE}),
+}
 MAX_BODY = 16 * 1024
 LOG_TAIL_BYTES = 64 * 1024
 
@@ -196,6 +203,7 @@ class WebApp:
         self.events_total: Counter[str] = Counter()
         self.exits_total: Counter[tuple[str, str]] = Counter()
         self.events_missed = 0
+        self.last_oom: dict[str, bool] = {}  # the last exit was an OOM kill, by program
         self._refusals = _RateLimit(limits.refusal_events_per_second)
         self.hosts = _allowed_hosts(web)
         self.routes = Starlette(routes=[
@@ -205,6 +213,7 @@ class WebApp:
             Route("/status.json", self.status_json, methods=["GET"]),
             Route("/program/{name}", self.program_page, methods=["GET"]),
             Route("/program/{name}/{action}", self.action, methods=["POST"]),
+            Route("/all/{action}", self.action_all, methods=["POST"]),
         ])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -236,21 +245,26 @@ class WebApp:
     async def healthz(self, request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
+    def rows(self, names: tuple[str, ...] = ()) -> list[Row]:
+        """Each program's status with what the page adds: cgroup usage and the last exit's OOM."""
+        return [Row(s, _usage(self.api, s.name), self.last_oom.get(s.name, False)) for s in self.api.status(names)]
+
     async def status_json(self, request: Request) -> Response:
         now = time.time()
-        return JSONResponse([{**s.to_json(), "uptime": _uptime(s, now)} for s in self.api.status()])
+        return JSONResponse([{**r.status.to_json(), "uptime": _uptime(r.status, now), "cpu_seconds": r.cpu_seconds,
+                              "memory_bytes": r.memory_bytes, "oom_killed": r.oom_killed} for r in self.rows()])
 
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(render_page(self.api.status(), self.token is not None, time.time()))
+        return HTMLResponse(render_page(self.rows(), self.token is not None, time.time()))
 
     async def program_page(self, request: Request) -> Response:
         name = request.path_params["name"]
         try:
-            status = self.api.status((name,))[0]
+            row = self.rows((name,))[0]
             logs = {stream: _tail(self.api.log_path(name, stream)) for stream in ("stdout", "stderr")}
         except ControlError as e:
             return PlainTextResponse(f"{e.message}\n", status_code=HTTP_STATUS.get(e.code, 400))
-        return HTMLResponse(render_program(status, logs, self.token is not None, time.time()))
+        return HTMLResponse(render_program(row, logs, self.token is not None, time.time()))
 
     async def metrics(self, request: Request) -> Response:
         registry = CollectorRegistry(auto_describe=False)
@@ -269,13 +283,41 @@ class WebApp:
                     self.events_total[name] += 1
                     if name == "program.exited":
                         self.exits_total[(str(ev.get("program")), exit_cause(ev))] += 1
+                        self.last_oom[str(ev.get("program"))] = bool(ev.get("oom_killed"))
                 else:
                     return  # the bus closed: nsinitd is stopping
 
     # -- actions ---------------------------------------------------------------------------------
 
-    async def action(self, request: Request) -> Response:
-        name, action = request.path_params["name"], request.path_params["action"]
+    async def action_all(self, request: Request) -> Response:
+        """``start``, ``stop`` or ``restart`` of every program nsinitctl's ``all`` would pick, one
+        after the other (stop in reverse name order); each program's answer in ``results``."""
+        action = request.path_params["action"]
+        _, from_page, refused = await self.guarded(request)
+        if refused is not None:
+            return refused
+        if action not in ALL_PICKS:
+            return _answer(from_page, 404, "bad_request",
+                           f"no such action for all: {action} (one of {', '.join(ALL_PICKS)})")
+        names = [s.name for s in self.api.status() if s.state in ALL_PICKS[action]]
+        if action == "stop":
+            names.reverse()
+        results: list[dict[str, Any]] = []
+        errors: list[str] = []
+        for name in names:
+            try:
+                results.append(await CALLS[action](self.api, {"name": name}))
+            except ControlError as e:
+                results.append({"name": name, "error": {"code": e.code, "message": e.message}})
+                errors.append(f"{name}: {e.message}")
+        if errors:
+            return _answer(from_page, 409, "failed", "; ".join(errors))
+        if from_page:
+            return RedirectResponse("/", status_code=303)
+        return JSONResponse({"ok": True, "result": results})
+
+    async def guarded(self, request: Request) -> tuple[dict[str, str], bool, Response | None]:
+        """The form, whether the page sent it, and the refusal to answer (None when allowed)."""
         body = await _body(request)
         form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()} if body else {}
         # a browser (the page's form) gets a page or a redirect back; anything else JSON
@@ -284,7 +326,14 @@ class WebApp:
             self.check(request, form)
         except Refused as e:
             self.report(request.scope, e.reason)
-            return _answer(from_page, e.status, "refused", e.message)
+            return form, from_page, _answer(from_page, e.status, "refused", e.message)
+        return form, from_page, None
+
+    async def action(self, request: Request) -> Response:
+        name, action = request.path_params["name"], request.path_params["action"]
+        form, from_page, refused = await self.guarded(request)
+        if refused is not None:
+            return refused
         if action not in ACTIONS:
             return _answer(from_page, 404, "bad_request", f"no such action: {action} (one of {', '.join(ACTIONS)})")
         args: dict[str, Any] = {"name": name}
@@ -428,6 +477,28 @@ def exit_cause(ev: Mapping[str, Any]) -> str:
     return "expected" if ev.get("expected") else "failure"
 
 
+@dataclass(frozen=True)
+class Row:
+    status: ProgramStatus
+    usage: Mapping[str, int]
+    oom_killed: bool
+
+    @property
+    def cpu_seconds(self) -> float | None:
+        return self.usage["cpu_usage_ns"] / 1e9 if "cpu_usage_ns" in self.usage else None
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return self.usage.get("memory_bytes")
+
+
+def _usage(api: SupervisorAPI, name: str) -> Mapping[str, int]:
+    try:
+        return api.stats(name)
+    except (NotImplementedError, ControlError):
+        return {}
+
+
 def _uptime(s: ProgramStatus, now: float) -> float:
     return max(0.0, now - s.since) if s.state == ProcessState.RUNNING.value else 0.0
 
@@ -456,10 +527,7 @@ class _Collector:
                 state.add_metric([s.name, st.value], 1.0 if s.state == st.value else 0.0)
             restarts.add_metric([s.name], s.restarts)
             uptime.add_metric([s.name], _uptime(s, now))
-            try:
-                usage = api.stats(s.name)
-            except (NotImplementedError, ControlError):
-                continue
+            usage = _usage(api, s.name)
             if "cpu_usage_ns" in usage:
                 cpu.add_metric([s.name], usage["cpu_usage_ns"] / 1e9)
             if "memory_bytes" in usage:
@@ -487,6 +555,7 @@ table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #ddd;white-space:nowrap}
 .wrap{overflow-x:auto}
 tr.RUNNING td.state{color:#060;font-weight:bold}
+td.num{text-align:right}
 tr.FATAL,tr.BACKOFF,tr.EXITED{background:#fdd}
 tr.FATAL td.state,tr.BACKOFF td.state,tr.EXITED td.state{color:#b00;font-weight:bold}
 button{margin:.1em}
@@ -528,6 +597,15 @@ _SCRIPT = """<script>
     s = Math.floor(s); var h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), r = s % 60;
     return h + ":" + (m < 10 ? "0" : "") + m + ":" + (r < 10 ? "0" : "") + r;
   }
+  function lastExit(p) {
+    var t = p.signal ? p.signal : text(p.exit_code);
+    return p.oom_killed ? (t ? t + " (OOM)" : "OOM") : t;
+  }
+  function size(n) {
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+  }
   function refresh() {
     if (busy) { again = true; return; }
     busy = true;
@@ -540,7 +618,9 @@ _SCRIPT = """<script>
         row.querySelector(".pid").textContent = text(p.pid);
         row.querySelector(".uptime").textContent = p.state === "RUNNING" ? uptime(p.uptime) : "";
         row.querySelector(".restarts").textContent = text(p.restarts);
-        row.querySelector(".exit").textContent = p.signal ? p.signal : text(p.exit_code);
+        row.querySelector(".exit").textContent = lastExit(p);
+        row.querySelector(".cpu").textContent = p.cpu_seconds === null ? "" : p.cpu_seconds.toFixed(2) + " s";
+        row.querySelector(".mem").textContent = p.memory_bytes === null ? "" : size(p.memory_bytes);
       });
     }).finally(function () { busy = false; if (again) { again = false; refresh(); } });
   }
@@ -551,41 +631,61 @@ _SCRIPT = """<script>
 </script>"""
 
 
-def _row(s: ProgramStatus, now: float, with_name_link: bool = True) -> str:
-    e = html.escape
+def _size(n: int) -> str:
+    value, units = float(n), ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while value >= 1024 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    return f"{value:.1f} {units[i]}" if i else f"{n} B"
+
+
+def last_exit(s: ProgramStatus, oom_killed: bool) -> str:
+    """``3``, ``SIGKILL``, ``SIGKILL (OOM)``: the last exit's code or signal, and whether it was an OOM kill."""
+    text = s.signal or ("" if s.exit_code is None else str(s.exit_code))
+    return (f"{text} (OOM)" if text else "OOM") if oom_killed else text
+
+
+def _row(r: Row, now: float, with_name_link: bool = True) -> str:
+    e, s = html.escape, r.status
     name = f'<a href="/program/{e(s.name)}">{e(s.name)}</a>' if with_name_link else e(s.name)
     up = _uptime(s, now)
     uptime = f"{int(up) // 3600}:{int(up) % 3600 // 60:02d}:{int(up) % 60:02d}" if s.state == "RUNNING" else ""
-    last_exit = s.signal or ("" if s.exit_code is None else str(s.exit_code))
+    cpu = "" if r.cpu_seconds is None else f"{r.cpu_seconds:.2f} s"
+    mem = "" if r.memory_bytes is None else _size(r.memory_bytes)
     buttons = "".join(f'<button formaction="/program/{e(s.name)}/{a}">{a}</button>'
                       for a in ("start", "stop", "restart"))
     return (f'<tr id="p-{e(s.name)}" class="{e(s.state)}"><td>{name}</td><td class=state>{e(s.state)}</td>'
             f'<td class="pid opt">{s.pid or ""}</td><td class="uptime opt">{uptime}</td>'
-            f'<td class="restarts opt">{s.restarts}</td><td class="exit opt">{e(last_exit)}</td>'
+            f'<td class="restarts opt">{s.restarts}</td><td class="exit opt">{e(last_exit(s, r.oom_killed))}</td>'
+            f'<td class="cpu opt num">{cpu}</td><td class="mem opt num">{mem}</td>'
             f"<td>{buttons}</td></tr>")
 
 
-def _table(statuses: Iterable[ProgramStatus], with_token: bool, now: float, back: str = "") -> str:
+def _table(rows: Iterable[Row], with_token: bool, now: float, back: str = "") -> str:
     token = ('<p><label>token <input type=password name=token autocomplete=current-password></label></p>'
              if with_token else "")
     back_field = f'<input type=hidden name=back value="{back}">' if back else ""
-    rows = "".join(_row(s, now, not back) for s in statuses)
-    return (f'<form id=programs method=post>{token}<p id=msg class=err role=alert></p>{back_field}'
+    every = "" if back else ("<p>all programs: " + "".join(
+        f'<button formaction="/all/{a}">{a} all</button>' for a in ALL_PICKS) + "</p>")
+    body = "".join(_row(r, now, not back) for r in rows)
+    return (f'<form id=programs method=post>{token}{every}<p id=msg class=err role=alert></p>{back_field}'
             '<div class=wrap><table><thead><tr><th>program</th><th>state</th>'
             '<th class=opt>pid</th><th class=opt>uptime</th><th class=opt>restarts</th><th class=opt>last exit</th>'
-            f"<th>actions</th></tr></thead><tbody>{rows}</tbody></table></div></form>")
+            '<th class=opt>cpu</th><th class=opt>memory</th>'
+            f"<th>actions</th></tr></thead><tbody>{body}</tbody></table></div></form>")
 
 
-def render_page(statuses: list[ProgramStatus], with_token: bool, now: float) -> str:
+def render_page(rows: list[Row], with_token: bool, now: float) -> str:
     return (f"{_HEAD}<title>nsinitd</title></head><body><h1>nsinitd</h1>"
-            f"{_table(statuses, with_token, now)}"
+            f"{_table(rows, with_token, now)}"
             '<p><a href="/metrics">metrics</a> · <a href="/events">events</a></p>'
             f"{_SCRIPT}</body></html>")
 
 
-def render_program(status: ProgramStatus, logs: Mapping[str, str], with_token: bool, now: float) -> str:
+def render_program(row: Row, logs: Mapping[str, str], with_token: bool, now: float) -> str:
     e = html.escape
     sections = "".join(f"<h2>{stream}</h2><pre>{e(text) or '(empty)'}</pre>" for stream, text in logs.items())
-    return (f"{_HEAD}<title>nsinitd: {e(status.name)}</title></head><body>"
-            f'<p><a href="/">all programs</a></p><h1>{e(status.name)}</h1>'
-            f"{_table([status], with_token, now, back='program')}{sections}{_SCRIPT}</body></html>")
+    return (f"{_HEAD}<title>nsinitd: {e(row.status.name)}</title></head><body>"
+            f'<p><a href="/">all programs</a></p><h1>{e(row.status.name)}</h1>'
+            f"{_table([row], with_token, now, back='program')}{sections}{_SCRIPT}</body></html>")

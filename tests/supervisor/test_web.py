@@ -370,3 +370,58 @@ async def test_an_address_in_use_exits_1_before_any_program_starts(cfg: ConfigWr
     assert (r.returncode, r.stderr.decode()) == (
         1, f"nsinitd: web.listen 127.0.0.1:{port}: bind: EADDRINUSE (Address already in use)\n")
     assert b"program." not in r.stdout
+
+
+# -- the page's columns and the actions on all -----------------------------------------------------
+
+
+async def test_the_page_shows_each_programs_cpu_and_memory_from_its_cgroup(
+        web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none")
+    rows = {p["name"]: p for p in (await w.request("GET", "/status.json")).json()}
+    # cpu.stat is in every cgroup; memory.current only where the memory controller is enabled
+    assert isinstance(rows["web"]["cpu_seconds"], float)
+    assert rows["web"]["memory_bytes"] is None or rows["web"]["memory_bytes"] > 0
+    idle = rows["idle"]
+    assert (idle["cpu_seconds"], idle["memory_bytes"], idle["oom_killed"]) == (None, None, False)
+    page = (await w.request("GET", "/")).body.decode()
+    assert "<th class=opt>cpu</th><th class=opt>memory</th>" in page
+    assert f'<td class="cpu opt num">{rows["web"]["cpu_seconds"]:.2f} s</td>' in page
+    assert '<td class="cpu opt num"></td><td class="mem opt num"></td>' in page  # idle: no cgroup
+
+
+def test_last_exit_shows_the_code_or_signal_and_an_oom_kill() -> None:
+    from supervisor.api import ProgramStatus
+    from supervisor.web import last_exit
+
+    def status(code: int | None, sig: str | None) -> ProgramStatus:
+        return ProgramStatus("p", "EXITED", None, 0.0, code, sig, 0, None)
+
+    assert [last_exit(status(3, None), False), last_exit(status(137, "SIGKILL"), False),
+            last_exit(status(137, "SIGKILL"), True), last_exit(status(None, None), False)] == \
+           ["3", "SIGKILL", "SIGKILL (OOM)", ""]
+
+
+def test_all_picks_the_programs_nsinitctls_all_picks() -> None:
+    from supervisor.ctl.commands import _ACTIONS
+    from supervisor.web import ALL_PICKS
+
+    assert dict(ALL_PICKS) == {action: picked for action, (_, _, picked) in _ACTIONS.items()}
+
+
+async def test_stop_all_and_start_all_act_on_the_programs_nsinitctl_would(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    r = await w.request("POST", "/all/stop")
+    assert (r.status, r.json()["error"]["code"]) == (401, "refused")
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    r = await w.request("POST", "/all/stop", auth)
+    assert r.status == 200 and [(p["name"], p["state"]) for p in r.json()["result"]] == \
+        [("worker", "STOPPED"), ("web", "STOPPED")]  # the reverse of the order they start in; idle was stopped
+    r = await w.request("POST", "/all/stop", auth)
+    assert (r.status, r.json()) == (200, {"ok": True, "result": []})
+    r = await w.request("POST", "/all/start", auth)
+    assert r.status == 200 and [(p["name"], p["state"]) for p in r.json()["result"]] == \
+        [("idle", "RUNNING"), ("web", "RUNNING"), ("worker", "RUNNING")]
+    r = await w.request("POST", "/all/signal", auth)
+    assert (r.status, r.json()["error"]["message"]) == (
+        404, "no such action for all: signal (one of start, stop, restart)")
