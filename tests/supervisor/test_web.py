@@ -425,3 +425,22 @@ async def test_stop_all_and_start_all_act_on_the_programs_nsinitctl_would(web: C
     r = await w.request("POST", "/all/signal", auth)
     assert (r.status, r.json()["error"]["message"]) == (
         404, "no such action for all: signal (one of start, stop, restart)")
+
+
+async def test_300_idle_connections_leave_healthz_answering_within_100ms(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none")
+    idle: list[trio.SocketStream] = []
+    try:
+        for i in range(300):
+            s = await trio.open_tcp_stream("127.0.0.1", w.port)
+            if i % 2:  # half never send a byte, half stop in the middle of a request head
+                await s.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            idle.append(s)
+        for _ in range(20):
+            t0 = time.monotonic()
+            r = await w.request("GET", "/healthz")
+            assert (r.status, r.body) == (200, b"ok\n")
+            assert time.monotonic() - t0 < 0.1
+    finally:
+        for s in idle:
+            await s.aclose()
