@@ -149,3 +149,19 @@ def test_delete_force_of_a_paused_container(bundle: Bundle) -> None:
     assert bundle.nsrun("delete", "--force", "c1").returncode == 0
     bundle.reap(pid)
     assert os.listdir(bundle.root) == []
+
+
+def test_exec_sets_the_process_rlimits(bundle: Bundle, tmp_path: Path) -> None:
+    started(bundle)
+    proc = {"args": ["sh", "-c", "ulimit -n; ulimit -Hn"], "cwd": "/", "env": ["PATH=/bin"],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 100, "hard": 200}]}
+    (tmp_path / "process.json").write_text(json.dumps(proc))
+    p = bundle.nsrun("exec", "--process", str(tmp_path / "process.json"), "c1")
+    assert (p.returncode, p.stdout) == (0, "100\n200\n")
+
+
+def test_exec_tty_gives_the_process_a_terminal_of_the_containers_devpts(bundle: Bundle) -> None:
+    started(bundle)
+    p = bundle.nsrun("exec", "--tty", "c1", "sh", "-c", "tty; ls -1 /dev/pts")
+    assert p.returncode == 0
+    assert p.stdout.replace("\r\n", "\n") == "/dev/pts/0\n0\nptmx\n"
