@@ -88,11 +88,14 @@ def _answer(sock: socket.socket, deadline: float) -> tuple[channel.Message | Non
 
 def open_join(state_dir: str | PathLike[str] | StateDir, command: Sequence[str], *,
               stdio: tuple[int, int, int] | None = None, tty: bool | None = None,
-              env: dict[str, str] | None = None, config: ContainerConfig | None = None) -> Joined:
+              env: dict[str, str] | None = None, config: ContainerConfig | None = None,
+              detach: bool = False) -> Joined:
     """Start ``command`` inside the live container whose records are in state_dir.
 
     config: the container's config, for a caller that holds it already (its creator): then the
-    one recorded in state.json is not parsed again."""
+    one recorded in state.json is not parsed again. detach: the helper leaves (status 0) as soon
+    as the command exists, so the command is reparented to the nearest child subreaper above the
+    caller (an OCI runtime's caller, which reaps it); wait() then reaps only the helper."""
     sdir = resolve(state_dir)
     live = sdir.open_live()
     if live is None:
@@ -111,7 +114,8 @@ def open_join(state_dir: str | PathLike[str] | StateDir, command: Sequence[str],
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         helper = os.fork()
         if helper == 0:
-            _join_child(cfg, pid, pidfd, list(command), full_env, stdio, use_tty, cg, child_sock, parent_sock)
+            _join_child(cfg, pid, pidfd, list(command), full_env, stdio, use_tty, cg, child_sock, parent_sock,
+                        detach)
     finally:
         os.close(pidfd)
     child_sock.close()
@@ -132,10 +136,11 @@ def open_join(state_dir: str | PathLike[str] | StateDir, command: Sequence[str],
 
 def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], env: dict[str, str],
                 stdio: tuple[int, int, int] | None, use_tty: bool, cg: CgroupSet | None, sock: socket.socket,
-                parent_end: socket.socket) -> None:
+                parent_end: socket.socket, detach: bool) -> None:
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         sock, sigfd = spawn.child_prologue(stdio, sock, parent_end, keep=[pidfd])
+        spawn._process_limits(cfg)  # rlimits, OOM score (OCI only): while the host's stdlib is in reach
         if cg is not None:
             cg.join_self()  # before setns and fork: the command counts against the pids limit
         nsfds = []
@@ -181,6 +186,8 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
                 os.close(fd)
     except BaseException as e:
         init.main_fail(sock, e)
+    if detach:
+        os._exit(0)  # the command goes to the caller's subreaper, which reaps it
     # forward what reaches this helper to the command; leave with its status
     status = None
     while status is None:

@@ -108,6 +108,22 @@ def parser() -> argparse.ArgumentParser:
     v = verb("delete", "release what the container holds; already gone: nothing to do")
     v.add_argument("--force", "-f", action="store_true", help="kill a running container first")
     v.add_argument("id")
+    v = verb("exec", "run one more process in a created or running container; its exit status")
+    v.add_argument("--process", "-p", help="an OCI process JSON file (args, env, cwd, user, capabilities, ...)")
+    v.add_argument("--detach", "-d", action="store_true", help="exit once it runs; the caller (a subreaper) reaps")
+    v.add_argument("--pid-file", help="write its host pid there (atomically)")
+    v.add_argument("--tty", "-t", action="store_true", help="give it a terminal (relayed from this stdin)")
+    v.add_argument("--console-socket", help="(not supported yet)")
+    v.add_argument("--cwd", help="its working directory, in the container")
+    v.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="add to its environment")
+    v.add_argument("--user", "-u", metavar="UID[:GID]", help="its user (numbers)")
+    v.add_argument("id")
+    v.add_argument("args", nargs=argparse.REMAINDER, help="the command (instead of --process)")
+    v = verb("ps", "the container's processes (json: an array of host pids)")
+    v.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    v.add_argument("id")
+    verb("pause", "freeze every process of the container").add_argument("id")
+    verb("resume", "thaw a paused container").add_argument("id")
     v = verb("list", "list the containers")
     v.add_argument("--format", "-f", choices=("table", "json"), default="table")
     v.add_argument("--quiet", "-q", action="store_true", help="ids only")
@@ -164,6 +180,18 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
         runtime.kill(root, args.id, signum, all_processes=args.all)
     elif args.verb == "delete":
         runtime.delete(root, args.id, force=args.force)
+    elif args.verb == "exec":
+        if args.console_socket:
+            raise NsRuntimeError("--console-socket: not supported yet")
+        return runtime.exec_(root, args.id, list(args.args), process_file=args.process, tty=args.tty,
+                             cwd=args.cwd, env=list(args.env), user=args.user, detach=args.detach,
+                             pid_file=args.pid_file)
+    elif args.verb == "ps":
+        _ps(runtime.ps(root, args.id), args.format)
+    elif args.verb == "pause":
+        runtime.pause(root, args.id)
+    elif args.verb == "resume":
+        runtime.resume(root, args.id)
     elif args.verb == "list":
         _list(root, args.format, args.quiet)
     elif args.verb == "features":
@@ -171,6 +199,20 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
     elif args.verb == "spec":
         runtime.spec_file(args.bundle)
     return 0
+
+
+def _ps(pids: list[int], fmt: str) -> None:
+    if fmt == "json":
+        sys.stdout.write(dumps(pids) + "\n")
+        return
+    sys.stdout.write("PID    CMD\n")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        sys.stdout.write(f"{pid:<6} {cmd}\n")
 
 
 def _list(root: str, fmt: str, quiet: bool) -> None:

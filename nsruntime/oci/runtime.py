@@ -23,8 +23,9 @@ import os
 import stat
 import time
 
-from .. import cgroups, creator
-from ..errors import NsRuntimeError, StateError, TeardownError
+from .. import cgroups, creator, joiner
+from ..cgroups import base as cgroups_base
+from ..errors import ConfigError, NsRuntimeError, StateError, TeardownError
 from ..lean import suppress
 from ..state import StateDir
 from . import spec as oci_spec
@@ -33,6 +34,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from ..cgroups.base import CgroupSet
     from ..container import Container
 
 DEFAULT_ROOT = "/run/nsrun"
@@ -89,7 +91,23 @@ class Record:
             with suppress(OSError), open(os.path.join(p, "freezer.state")) as f:
                 if f.read().strip() in ("FROZEN", "FREEZING"):
                     return True
+            with suppress(OSError), open(os.path.join(p, "cgroup.freeze")) as f:
+                if f.read().strip() == "1":
+                    return True
         return False
+
+    def cgroups(self) -> CgroupSet:
+        return cgroups.from_paths(self.sdir.read_state().get("cgroups") or [])
+
+    def freeze(self, frozen: bool) -> None:
+        """Freeze or thaw every process: the v1 freezer where the container has one, else cgroup2's."""
+        cg = self.cgroups()
+        if any(d.freeze(frozen) for d in cg.leaves):
+            return
+        leaf = cg.v2_leaf()
+        if leaf is None or not os.path.exists(os.path.join(leaf, "cgroup.freeze")):
+            raise NsRuntimeError(f"container {self.id}: no freezer (neither a v1 freezer cgroup nor cgroup.freeze)")
+        cgroups_base.write(os.path.join(leaf, "cgroup.freeze"), "1" if frozen else "0", "cgroups: freeze")
 
     def state(self) -> dict[str, Any]:
         """The OCI state of the container."""
@@ -204,17 +222,47 @@ def kill(root: str, cid: str, signum: int, *, all_processes: bool = False) -> No
             return  # nothing left to signal (containerd's `kill --all ID 9` after the exit)
         raise StateError(f"container {cid} is not running")
     _pid, pidfd = live
+    import signal
+
+    paused = rec.status()[0] == "paused"
     try:
         if all_processes:
-            for p in cgroups.from_paths(rec.sdir.read_state().get("cgroups") or []).pids():
+            for p in rec.cgroups().pids():
                 with suppress(ProcessLookupError):
                     os.kill(p, signum)
-        import signal
-
         with suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signum)
+        if paused and signum == signal.SIGKILL:
+            rec.freeze(False)  # a frozen task takes its SIGKILL only once thawed
     finally:
         os.close(pidfd)
+
+
+def pause(root: str, cid: str) -> None:
+    rec = Record(root, cid)
+    rec.require()
+    status, _pid = rec.status()
+    if status != "running":
+        raise StateError(f"cannot pause a container that is {status}")
+    rec.freeze(True)
+
+
+def resume(root: str, cid: str) -> None:
+    rec = Record(root, cid)
+    rec.require()
+    status, _pid = rec.status()
+    if status != "paused":
+        raise StateError(f"cannot resume a container that is {status}")
+    rec.freeze(False)
+
+
+def ps(root: str, cid: str) -> list[int]:
+    """The host pids of every process in the container's cgroups, sorted."""
+    rec = Record(root, cid)
+    rec.require()
+    if rec.status()[0] == "stopped":
+        return []
+    return sorted(rec.cgroups().pids())
 
 
 def delete(root: str, cid: str, *, force: bool = False) -> None:
@@ -234,6 +282,8 @@ def delete(root: str, cid: str, *, force: bool = False) -> None:
 
                 with suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                if status == "paused":
+                    rec.freeze(False)  # a frozen PID 1 takes its SIGKILL only once thawed
                 from .. import libc
 
                 if not libc.wait_readable(pidfd, KILL_TIMEOUT):
@@ -364,3 +414,78 @@ def spec_file(bundle: str, args: list[str] | None = None) -> str:
         os.close(fd)
     return path
 
+
+
+MAX_PROCESS_BYTES = 1 << 20
+
+
+def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = None, tty: bool = False,
+          cwd: str | None = None, env: list[str] | None = None, user: str | None = None, detach: bool = False,
+          pid_file: str | None = None) -> int:
+    """Run one more process in a created or running container (nsruntime's join).
+
+    The process is the container's own (config.json's) with args, cwd, env (added), user and
+    terminal changed, or the OCI process in process_file. Returns its exit status (128+N when
+    signal N killed it); detach: 0 once it runs, its host pid in pid_file, and our caller, a
+    subreaper, reaps it.
+    """
+    from ..fields import decode_json
+
+    rec = Record(root, cid)
+    rec.require()
+    status, _pid = rec.status()
+    if status not in ("created", "running"):
+        raise StateError(f"cannot exec in a container that is {status}")
+    recorded = rec.sdir.read_state().get("config")
+    spec_data = recorded.get("spec") if isinstance(recorded, dict) else None
+    if not isinstance(spec_data, dict):
+        raise StateError(f"{rec.sdir.file('state.json')}: holds no config.json")
+    sp = oci_spec.parse(spec_data, rec.oci().get("bundle") or "/")
+    if process_file is not None:
+        if args:
+            raise NsRuntimeError("exec: --process and a command: give one of them")
+        try:
+            with open(process_file, "rb") as f:
+                raw = f.read(MAX_PROCESS_BYTES + 1)
+        except OSError as e:
+            raise NsRuntimeError(f"--process {process_file}: {(e.strerror or str(e)).lower()}") from None
+        proc = decode_json(process_file, raw, MAX_PROCESS_BYTES)
+        where = "process"
+    else:
+        if not args:
+            raise NsRuntimeError("exec: a command (ARGS...) or --process F is required")
+        proc = dict(spec_data.get("process") or {})
+        proc["args"] = list(args)
+        where = "exec"
+    if not isinstance(proc, dict):
+        raise ConfigError(where, "not a JSON object (an OCI process)")
+    proc = dict(proc)
+    if tty:
+        proc["terminal"] = True
+    if cwd is not None:
+        proc["cwd"] = cwd
+    if env:
+        proc["env"] = [*(proc.get("env") or []), *env]
+    if user is not None:
+        uid, sep, gid = user.partition(":")
+        if not uid.isdigit() or (sep and not gid.isdigit()):
+            raise NsRuntimeError(f"--user {user!r}: not UID[:GID] (numbers)")
+        proc["user"] = {**(proc.get("user") or {}), "uid": int(uid), **({"gid": int(gid)} if sep else {})}
+    cfg, command, terminal = oci_spec.exec_process(sp, proc, where)
+    if detach:
+        if terminal:
+            raise NsRuntimeError("exec --detach with a terminal needs --console-socket, which nsrun does not "
+                                 "take yet")
+        j = joiner.open_join(rec.sdir, command, tty=False, config=cfg, detach=True)
+        j.wait()  # the helper, gone as soon as the command runs
+        if pid_file is not None:
+            try:
+                write_pid_file(pid_file, j.cmd_pid)
+            except OSError as e:
+                import signal
+
+                with suppress(ProcessLookupError):
+                    os.kill(j.cmd_pid, signal.SIGKILL)
+                raise NsRuntimeError(f"--pid-file {pid_file}: {(e.strerror or str(e)).lower()}") from None
+        return 0
+    return joiner.join(rec.sdir, command, tty=terminal, config=cfg)

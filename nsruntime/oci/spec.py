@@ -55,7 +55,7 @@ from ..consts import (
 )
 from ..errors import ConfigError
 from ..fields import _bool, _cap, _int, _list, _obj, _q, _str, decode_json
-from ..lean import frozen
+from ..lean import frozen, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -233,6 +233,16 @@ def parse(data: object, bundle: str) -> Spec:
     annotations = _obj("annotations", d.get("annotations") or {}, set(d.get("annotations") or {}))
     return Spec(cfg, proc["args"], rootfs, bundle, proc["terminal"],
                 tuple((k, _str(f"annotations.{_cap(k)}", v, empty=True)) for k, v in annotations.items()), version)
+
+
+def exec_process(spec: Spec, value: object, path: str = "process") -> tuple[ContainerConfig, tuple[str, ...], bool]:
+    """An OCI process (`nsrun exec --process F`) to run in spec's container: the container's config
+    with the process's fields in place of its own, the command, and whether it asks for a terminal."""
+    proc = _process(path, value)
+    cfg = replace(spec.config, environment=proc["env"], apparmor_profile=proc["apparmor"], user=proc["user"],
+                  working_dir=proc["cwd"], no_new_privileges=proc["nnp"], capability_sets=proc["caps"],
+                  additional_gids=proc["gids"], rlimits=proc["rlimits"], oom_score_adj=proc["oom"])
+    return cfg, proc["args"], proc["terminal"]
 
 
 def _process(path: str, value: object) -> dict[str, Any]:
