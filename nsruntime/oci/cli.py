@@ -92,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
         v = verb(name, "make a container (run: and start it, wait for it, delete it)")
         v.add_argument("--bundle", "-b", default=".", help="the bundle directory (config.json), default: cwd")
         v.add_argument("--pid-file", help="write PID 1's host pid there (atomically)")
-        v.add_argument("--console-socket", help="(needs process.terminal, not supported yet)")
+        v.add_argument("--console-socket", help="a unix socket the caller listens on: process.terminal's pty master "
+                                                "goes there (SCM_RIGHTS)")
         v.add_argument("--no-pivot", action="store_true", help="switch root with MS_MOVE + chroot")
         v.add_argument("--no-new-keyring", action="store_true", help="accepted: nsrun never makes a session keyring")
         v.add_argument("--preserve-fds", type=int, default=0, help="(only 0 is supported)")
@@ -113,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--detach", "-d", action="store_true", help="exit once it runs; the caller (a subreaper) reaps")
     v.add_argument("--pid-file", help="write its host pid there (atomically)")
     v.add_argument("--tty", "-t", action="store_true", help="give it a terminal (relayed from this stdin)")
-    v.add_argument("--console-socket", help="(not supported yet)")
+    v.add_argument("--console-socket", help="with --detach --tty: the pty master goes to this unix socket")
     v.add_argument("--cwd", help="its working directory, in the container")
     v.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="add to its environment")
     v.add_argument("--user", "-u", metavar="UID[:GID]", help="its user (numbers)")
@@ -159,14 +160,14 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
     if args.verb in ("create", "run"):
         if args.preserve_fds:
             raise NsRuntimeError("--preserve-fds: not supported yet (only 0)")
-        if args.console_socket:
-            raise NsRuntimeError("--console-socket: not supported yet (process.terminal is refused)")
         if args.no_pivot:
             raise NsRuntimeError("--no-pivot: not supported yet")
+        if args.verb == "run" and args.console_socket:
+            raise NsRuntimeError(runtime.NEEDLESS_CONSOLE_SOCKET)  # run stays in the foreground
         if args.verb == "run" and args.detach:
             raise NsRuntimeError("run --detach: not supported (use create and start)")
         if args.verb == "create":
-            runtime.create(root, args.id, args.bundle, pid_file=args.pid_file)
+            runtime.create(root, args.id, args.bundle, pid_file=args.pid_file, console_socket=args.console_socket)
             return 0
         return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file)
     if args.verb == "start":
@@ -181,11 +182,9 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
     elif args.verb == "delete":
         runtime.delete(root, args.id, force=args.force)
     elif args.verb == "exec":
-        if args.console_socket:
-            raise NsRuntimeError("--console-socket: not supported yet")
         return runtime.exec_(root, args.id, list(args.args), process_file=args.process, tty=args.tty,
                              cwd=args.cwd, env=list(args.env), user=args.user, detach=args.detach,
-                             pid_file=args.pid_file)
+                             pid_file=args.pid_file, console_socket=args.console_socket)
     elif args.verb == "ps":
         _ps(runtime.ps(root, args.id), args.format)
     elif args.verb == "pause":

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import time
 
 from .. import cgroups, creator, joiner
 from ..cgroups import base as cgroups_base
 from ..errors import ConfigError, NsRuntimeError, StateError, TeardownError
-from ..lean import suppress
+from ..lean import send_fds, suppress
 from ..state import StateDir
 from . import spec as oci_spec
 
@@ -153,27 +154,81 @@ def _remove_dir(rec: Record) -> None:
         os.rmdir(rec.path)
 
 
-def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None) -> int:
+NO_CONSOLE_SOCKET = "cannot allocate tty if nsrun will detach without setting console socket"
+NEEDLESS_CONSOLE_SOCKET = "cannot use console socket if nsrun will not detach or allocate tty"
+PTY_NAME = b"/dev/ptmx"  # what runc sends alongside the master: the name it opened it by
+
+
+def check_console(terminal: bool, detach: bool, console_socket: str | None) -> None:
+    """A detached terminal goes to --console-socket, and --console-socket only takes one (runc's words)."""
+    if detach and terminal and console_socket is None:
+        raise NsRuntimeError(NO_CONSOLE_SOCKET)
+    if (not detach or not terminal) and console_socket is not None:
+        raise NsRuntimeError(NEEDLESS_CONSOLE_SOCKET)
+
+
+def connect_console(path: str) -> socket.socket:
+    """The caller's console socket (a unix stream socket it listens on), connected before anything
+    is made, so that a wrong path leaves nothing behind."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise NsRuntimeError(f"--console-socket {path}: connect: {(e.strerror or str(e)).lower()}") from None
+    return s
+
+
+def send_console(sock: socket.socket, path: str, master: int) -> None:
+    """runc's console protocol: one message, the pty's name, carrying the master (SCM_RIGHTS)."""
+    try:
+        send_fds(sock, PTY_NAME, [master])
+    except OSError as e:
+        raise NsRuntimeError(f"--console-socket {path}: sendmsg: {(e.strerror or str(e)).lower()}") from None
+    finally:
+        sock.close()
+
+
+def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
+           console_socket: str | None = None) -> int:
     """Make the container, its command waiting for start; returns PID 1's host pid.
 
     PID 1 outlives this process (no death signal, no kill when our socket closes) and is
-    reparented to our caller, a subreaper, when we exit. On failure nothing is left: records,
-    cgroups, directory.
+    reparented to our caller, a subreaper, when we exit. With process.terminal, the command's
+    controlling terminal is a pty of the container's own devpts whose master goes to
+    console_socket; the master is not kept here, so output waits in the pty for the caller
+    however short-lived the command. On failure nothing is left: records, cgroups, directory.
     """
     rec = Record(root, cid)
     sp = oci_spec.load(bundle)
-    if sp.terminal:
-        raise NsRuntimeError("process.terminal: a terminal needs --console-socket, which nsrun does not take yet")
+    check_console(sp.terminal, True, console_socket)
     _make_dir(rec)
+    console = None
     try:
+        if console_socket is not None:
+            console = connect_console(console_socket)
         os.mkfifo(rec.fifo, 0o600)
         record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
                             "annotations": dict(sp.annotations)}, "spec": sp.config.source}
-        c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, die_with_parent=False,
+        c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, tty=sp.terminal, die_with_parent=False,
                            raw_config=record, start_fifo=rec.fifo)
     except BaseException:
+        if console is not None:
+            console.close()
         _remove_dir(rec)
         raise
+    if console is not None and console_socket is not None:
+        master, c.console = c.console, None
+        try:
+            if master is None:
+                raise NsRuntimeError("process.terminal: the container's init sent no pty master")
+            send_console(console, console_socket, master)
+        except BaseException:
+            _destroy(rec, c)
+            raise
+        finally:
+            if master is not None:
+                os.close(master)
     if pid_file is not None:
         try:
             write_pid_file(pid_file, c.pid)
@@ -302,7 +357,8 @@ def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None) -> int
     rec = Record(root, cid)
     sp = oci_spec.load(bundle)
     if sp.terminal:
-        raise NsRuntimeError("process.terminal: a terminal needs --console-socket, which nsrun does not take yet")
+        raise NsRuntimeError("process.terminal: run does not relay a terminal yet (use create --console-socket, "
+                             "then start)")
     _make_dir(rec)
     try:
         record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
@@ -421,13 +477,13 @@ MAX_PROCESS_BYTES = 1 << 20
 
 def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = None, tty: bool = False,
           cwd: str | None = None, env: list[str] | None = None, user: str | None = None, detach: bool = False,
-          pid_file: str | None = None) -> int:
+          pid_file: str | None = None, console_socket: str | None = None) -> int:
     """Run one more process in a created or running container (nsruntime's join).
 
     The process is the container's own (config.json's) with args, cwd, env (added), user and
     terminal changed, or the OCI process in process_file. Returns its exit status (128+N when
     signal N killed it); detach: 0 once it runs, its host pid in pid_file, and our caller, a
-    subreaper, reaps it.
+    subreaper, reaps it; with a terminal, its pty master goes to console_socket (runc's protocol).
     """
     from ..fields import decode_json
 
@@ -472,12 +528,31 @@ def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = No
             raise NsRuntimeError(f"--user {user!r}: not UID[:GID] (numbers)")
         proc["user"] = {**(proc.get("user") or {}), "uid": int(uid), **({"gid": int(gid)} if sep else {})}
     cfg, command, terminal = oci_spec.exec_process(sp, proc, where)
+    check_console(terminal, detach, console_socket)
     if detach:
-        if terminal:
-            raise NsRuntimeError("exec --detach with a terminal needs --console-socket, which nsrun does not "
-                                 "take yet")
-        j = joiner.open_join(rec.sdir, command, tty=False, config=cfg, detach=True)
+        console = connect_console(console_socket) if console_socket is not None else None
+        try:
+            j = joiner.open_join(rec.sdir, command, tty=terminal, config=cfg, detach=True)
+        except BaseException:
+            if console is not None:
+                console.close()
+            raise
         j.wait()  # the helper, gone as soon as the command runs
+        if console is not None and console_socket is not None:
+            master, j.console = j.console, None
+            try:
+                if master is None:
+                    raise NsRuntimeError("exec --tty: the join sent no pty master")
+                send_console(console, console_socket, master)
+            except BaseException:
+                import signal
+
+                with suppress(ProcessLookupError):
+                    os.kill(j.cmd_pid, signal.SIGKILL)
+                raise
+            finally:
+                if master is not None:
+                    os.close(master)
         if pid_file is not None:
             try:
                 write_pid_file(pid_file, j.cmd_pid)
