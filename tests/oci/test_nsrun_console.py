@@ -51,6 +51,7 @@ def receive_master(listener: socket.socket) -> tuple[bytes, int]:
     with conn:
         conn.settimeout(10)
         name, fds = recv_fds(conn, 4096, 4)
+        assert conn.recv(1) == b"", "one message, then the end: no process of the container holds the socket"
     assert len(fds) == 1, f"one descriptor, got {fds}"
     return name, fds[0]
 
