@@ -27,7 +27,7 @@ import time
 from .. import cgroups, creator, joiner
 from ..cgroups import base as cgroups_base
 from ..errors import ConfigError, NsRuntimeError, StateError, TeardownError
-from ..lean import send_fds, suppress
+from ..lean import replace, send_fds, suppress
 from ..state import StateDir
 from . import spec as oci_spec
 
@@ -154,6 +154,16 @@ def _remove_dir(rec: Record) -> None:
         os.rmdir(rec.path)
 
 
+def _load(bundle: str, cid: str) -> oci_spec.Spec:
+    """The bundle's spec; without a cgroupsPath the container's cgroup is named by its id (nsrun/ID,
+    as runc names it), not by a hash of its rootfs's path."""
+    sp = oci_spec.load(bundle)
+    if sp.config.cgroups.name is None:
+        cfg = replace(sp.config, cgroups=replace(sp.config.cgroups, name=cid))
+        sp = replace(sp, config=cfg)
+    return sp
+
+
 NO_CONSOLE_SOCKET = "cannot allocate tty if nsrun will detach without setting console socket"
 NEEDLESS_CONSOLE_SOCKET = "cannot use console socket if nsrun will not detach or allocate tty"
 PTY_NAME = b"/dev/ptmx"  # what runc sends alongside the master: the name it opened it by
@@ -200,7 +210,7 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
     however short-lived the command. On failure nothing is left: records, cgroups, directory.
     """
     rec = Record(root, cid)
-    sp = oci_spec.load(bundle)
+    sp = _load(bundle, cid)
     check_console(sp.terminal, True, console_socket)
     _make_dir(rec)
     console = None
@@ -355,7 +365,7 @@ def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None) -> int
     import signal
 
     rec = Record(root, cid)
-    sp = oci_spec.load(bundle)
+    sp = _load(bundle, cid)
     if sp.terminal:
         raise NsRuntimeError("process.terminal: run does not relay a terminal yet (use create --console-socket, "
                              "then start)")

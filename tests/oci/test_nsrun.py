@@ -269,6 +269,19 @@ def test_the_specs_seccomp_profile_is_applied(bundle: Bundle) -> None:
     assert not (bundle.rootfs / "tmp" / "d").exists()
 
 
+def test_without_a_cgroups_path_the_cgroup_is_named_by_the_container_id(bundle: Bundle) -> None:
+    bundle.spec["linux"].pop("cgroupsPath", None)
+    bundle.spec["process"]["args"] = ["true"]
+    bundle.write()
+    pid = bundle.create()
+    made = json.loads((bundle.root / "c1" / "state.json").read_text())["cgroups"]  # leaves, and parents made
+    leaves = [p for p in made if not p.endswith("/nsrun")]
+    assert leaves and all(p.endswith("/nsrun/c1") for p in leaves), made
+    bundle.nsrun("kill", "c1", "KILL")
+    bundle.reap(pid)
+    assert bundle.nsrun("delete", "c1").returncode == 0
+
+
 def test_a_nested_cgroups_path_makes_its_parents_and_removes_only_the_leaf(bundle: Bundle) -> None:
     bundle.spec["linux"]["cgroupsPath"] = "nsrun-test-pod/ctr1"
     bundle.spec["process"]["args"] = ["true"]
