@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hmac
 import html
 import json
@@ -43,9 +42,12 @@ from typing import Any, Final, cast
 from urllib.parse import parse_qs
 
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
-from hypercorn.typing import ASGIFramework
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.applications import Starlette
@@ -114,8 +116,6 @@ async def serve(
     sock, cleanup = await _listen(web, limits.backlog)
     try:
         hconfig = HypercornConfig()
-        # hypercorn takes the descriptor over; ours stays ours to close
-        hconfig.bind = [f"fd://{os.dup(sock.fileno())}"]
         hconfig.accesslog = None
         hconfig.errorlog = _LOGGER
         hconfig.loglevel = "WARNING"
@@ -124,7 +124,7 @@ async def serve(
         hconfig.backlog = limits.backlog
         async with trio.open_nursery() as nursery:
             nursery.start_soon(app.count_events)
-            await nursery.start(functools.partial(hypercorn_serve, cast(ASGIFramework, app), hconfig))
+            await nursery.start(_accept_loop, cast(ASGIFramework, app), hconfig, sock, web.max_connections)
             api.emit("web.started", listen=web.listen)
             task_status.started()
     finally:
@@ -133,6 +133,54 @@ async def serve(
 
 
 _LOGGER = logging.getLogger("nsinitd.web")
+#: errors of accept() that say "not now" (out of descriptors or memory): retried after a pause
+_ACCEPT_RETRY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def _accept_loop(app: ASGIFramework, hconfig: HypercornConfig, sock: socket.socket, max_connections: int,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """hypercorn's per-connection server for each accepted connection, at most ``max_connections``
+    at once: one more is answered a one-line 503 and closed, so a flood of connections can't take
+    every descriptor, and /healthz answers again as soon as some close. (hypercorn's own serve loop
+    has no such cap; its lifespan protocol is not needed here.)"""
+    hconfig.set_statsd_logger_class(StatsdLogger)
+    context = WorkerContext(None)
+    wrapper = ASGIWrapper(app)
+    refusal = (f"too many connections (web.max_connections = {max_connections})\n").encode()
+    refusal = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+               b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(refusal), refusal))
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+    open_now = 0
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal open_now
+        try:
+            await TCPServer(wrapper, hconfig, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+        finally:
+            open_now -= 1
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(1):  # a client that takes not even this is not waited for
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(refusal)
+        await trio.aclose_forcefully(stream)
+
+    async with listener, trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in _ACCEPT_RETRY:
+                    raise
+                _LOGGER.warning("accept: %s; retrying in 0.1 s", os.strerror(e.errno or 0))
+                await trio.sleep(0.1)
+                continue
+            if open_now >= max_connections:
+                nursery.start_soon(refuse, stream)
+                continue
+            open_now += 1
+            nursery.start_soon(handle, stream)
 
 
 async def _listen(web: WebConfig, backlog: int) -> tuple[socket.socket, Callable[[], None]]:

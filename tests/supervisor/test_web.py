@@ -98,9 +98,9 @@ async def web(cfg: ConfigWriter, nursery: trio.Nursery) -> AsyncIterator[Callabl
     answering once its ``web.started`` event and the autostart programs' ``program.running`` are out."""
     procs: list[trio.Process] = []
 
-    async def start(auth: str = "token", programs: str = PROGRAMS) -> Web:
+    async def start(auth: str = "token", programs: str = PROGRAMS, extra: str = "") -> Web:
         port = free_port()
-        path = cfg.write(programs + "\n" + web_table(port, token_file(cfg.root) if auth == "token" else None))
+        path = cfg.write(programs + "\n" + web_table(port, token_file(cfg.root) if auth == "token" else None) + extra)
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "supervisor.nsinitd", "-c", str(path), "--no-socket"], stdout=subprocess.PIPE)
         procs.append(proc)
@@ -141,7 +141,10 @@ BROWSER = {**FORM, "accept": "text/html,application/xhtml+xml"}
     ('listen = "127.0.0.1:9001"', 'web.token_file: missing (auth = "token" reads the token from this file)'),
     ('listen = "127.0.0.1:9001"\nauth = "basic"', "web.auth: expected one of token, none"),
     ('listen = "127.0.0.1:9001"\nauth = "none"\nport = 1',
-     "web.port: unknown key (expected one of auth, listen, token_file)"),
+     "web.port: unknown key (expected one of auth, listen, max_connections, token_file)"),
+    ('listen = "127.0.0.1:9001"\nauth = "none"\nmax_connections = 0', "web.max_connections: must be >= 1, got 0"),
+    ('listen = "127.0.0.1:9001"\nauth = "none"\nmax_connections = "9"',
+     "web.max_connections: expected an integer, got a string"),
 ])
 def test_a_bad_web_table_is_refused_naming_its_key(cfg: ConfigWriter, table: str, error: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -444,3 +447,36 @@ async def test_300_idle_connections_leave_healthz_answering_within_100ms(web: Ca
     finally:
         for s in idle:
             await s.aclose()
+
+
+async def test_connections_beyond_max_connections_are_refused_and_healthz_answers_after_some_close(
+        web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none", extra="max_connections = 20\n")
+    held: list[trio.SocketStream] = []
+    try:
+        for _ in range(20):
+            held.append(await trio.open_tcp_stream("127.0.0.1", w.port))
+        # the 21st is answered 503 at once and closed, without sending a byte of its own
+        extra = await trio.open_tcp_stream("127.0.0.1", w.port)
+        async with extra:
+            buf = b""
+            with trio.fail_after(1):
+                while chunk := await extra.receive_some(65536):
+                    buf += chunk
+        assert buf.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert buf.endswith(b"\r\n\r\ntoo many connections (web.max_connections = 20)\n")
+        for s in held[:5]:
+            await s.aclose()
+        del held[:5]
+        with trio.fail_after(5):  # until the server has read the closes' EOF: each 503 comes at once
+            while (await w.request("GET", "/healthz")).status == 503:
+                pass
+        for _ in range(20):
+            t0 = time.monotonic()
+            r = await w.request("GET", "/healthz")
+            assert (r.status, r.body) == (200, b"ok\n")
+            assert time.monotonic() - t0 < 0.1
+    finally:
+        for s in held:
+            await s.aclose()
+
