@@ -57,7 +57,7 @@ from starlette.routing import Route
 
 from .api import ControlError, ProgramStatus, SupervisorAPI
 from .config import ConfigError, WebConfig, check_token_file, parse_signal
-from .ctl.eventlog import EventFilter
+from .ctl.eventlog import EventFilter, Follower
 from .server import CALLS, _bind, _remove_files
 from .states import ProcessState
 
@@ -276,6 +276,10 @@ class WebApp:
             if scope["path"] == "/events" and scope["method"] == "GET":
                 await self.events(scope, receive, send)
                 return
+            parts = scope["path"].split("/")
+            if scope["method"] == "GET" and len(parts) == 5 and parts[1] == "program" and parts[3] == "log":
+                await self.follow_log(parts[2], parts[4], scope, receive, send)
+                return
         await self.routes(scope, receive, send)
 
     def report(self, scope: Scope, reason: str) -> None:
@@ -441,6 +445,48 @@ class WebApp:
                         await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
                 nursery.cancel_scope.cancel()
 
+    # -- /program/NAME/log/STREAM -----------------------------------------------------------------
+
+    async def follow_log(self, name: str, stream: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Server-sent events of the lines a program writes from now on to its captured ``stream``
+        (``stdout`` or ``stderr``), one ``data:`` line each, through rotation (the old file's last
+        lines first). It reads the file when inotify on the log directory says it changed, never on
+        a clock; nothing is buffered for the reader beyond one read, and a reader whose socket takes
+        nothing for ``send_timeout`` is let go, like /events."""
+        try:
+            if stream not in ("stdout", "stderr"):
+                raise ControlError("no_such_program", f"no such stream: {stream} (stdout or stderr)")
+            path = self.api.log_path(name, stream)
+        except ControlError as e:
+            response = PlainTextResponse(f"{e.message}\n", status_code=HTTP_STATUS.get(e.code, 400))
+            await response(scope, receive, send)
+            return
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - handed to the Follower
+            f.seek(0, os.SEEK_END)  # the page shows the tail; this is what comes after
+        except FileNotFoundError:
+            f = None
+        follower = Follower(path, f)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store")]
+                if await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers}) \
+                        and await self._send(send, _chunk(b": nsinitd log\n\n")):
+                    pending = b""
+                    while True:
+                        data = follower.read()
+                        if not data:
+                            await _wait_for_change(follower)
+                            continue
+                        *lines, pending = (pending + data).split(b"\n")
+                        if lines and not await self._send(send, _chunk(b"".join(
+                                b"data: " + line.replace(b"\r", b"") + b"\n\n" for line in lines))):
+                            break
+                nursery.cancel_scope.cancel()
+        finally:
+            follower.close()
+
     async def _send(self, send: Send, message: Message) -> bool:
         """False when the reader's socket took nothing for send_timeout (it is then let go)."""
         with trio.move_on_after(self.limits.send_timeout):
@@ -455,6 +501,18 @@ def _chunk(data: bytes) -> Message:
 
 def _sse(ev: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(ev, separators=(",", ":"), default=str).encode() + b"\n\n"
+
+
+async def _wait_for_change(follower: Follower) -> None:
+    """Until the followed file may have changed: inotify says so, or RECHECK passes (what inotify
+    can't see, a network filesystem)."""
+    fd = follower.inotify_fd
+    if fd is None:
+        await trio.sleep(Follower.POLL)
+        return
+    with trio.move_on_after(Follower.RECHECK):
+        await trio.lowlevel.wait_readable(fd)
+        follower.drain()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
@@ -733,7 +791,28 @@ def render_page(rows: list[Row], with_token: bool, now: float) -> str:
 
 def render_program(row: Row, logs: Mapping[str, str], with_token: bool, now: float) -> str:
     e = html.escape
-    sections = "".join(f"<h2>{stream}</h2><pre>{e(text) or '(empty)'}</pre>" for stream, text in logs.items())
-    return (f"{_HEAD}<title>nsinitd: {e(row.status.name)}</title></head><body>"
-            f'<p><a href="/">all programs</a></p><h1>{e(row.status.name)}</h1>'
-            f"{_table([row], with_token, now, back='program')}{sections}{_SCRIPT}</body></html>")
+    name = row.status.name
+    sections = "".join(f'<h2>{stream}</h2><pre id=log-{stream} data-src="/program/{e(name)}/log/{stream}">'
+                       f"{e(text) or '(empty)'}</pre>" for stream, text in logs.items())
+    return (f"{_HEAD}<title>nsinitd: {e(name)}</title></head><body>"
+            f'<p><a href="/">all programs</a></p><h1>{e(name)}</h1>'
+            f"{_table([row], with_token, now, back='program')}{sections}{_SCRIPT}{_LOG_SCRIPT}</body></html>")
+
+
+_LOG_SCRIPT = """<script>
+// Each log section follows the program's output: its lines from /program/NAME/log/STREAM are
+// appended as they are written (the page's last 64 KiB are kept). Without scripts it is the tail
+// as rendered.
+(function () {
+  document.querySelectorAll("pre[data-src]").forEach(function (pre) {
+    var empty = pre.textContent === "(empty)", source = new EventSource(pre.getAttribute("data-src"));
+    source.onopen = function () { pre.setAttribute("data-following", "yes"); };
+    source.onmessage = function (ev) {
+      if (empty) { pre.textContent = ""; empty = false; }
+      var text = pre.textContent + ev.data + "\\n";
+      pre.textContent = text.length > 65536 ? text.slice(text.indexOf("\\n", text.length - 65536) + 1) : text;
+      pre.scrollTop = pre.scrollHeight;
+    };
+  });
+})();
+</script>"""

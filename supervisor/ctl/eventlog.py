@@ -70,6 +70,19 @@ class Follower:
         except OSError:
             pass
 
+    @property
+    def inotify_fd(self) -> int | None:
+        """The inotify descriptor :meth:`wait` sleeps on (None without inotify), for a caller that
+        waits on it in its own event loop and then calls :meth:`drain`."""
+        return self._inotify
+
+    def drain(self) -> None:
+        """Consume what the inotify descriptor reported (it then sleeps until the next change)."""
+        if self._inotify is not None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._inotify, 64 * 1024):
+                    pass
+
     def wait(self) -> None:
         """Until the file may have changed (bounded by RECHECK)."""
         if self._inotify is None:
@@ -80,9 +93,7 @@ class Follower:
         poller = select.poll()
         poller.register(self._inotify, select.POLLIN)
         if poller.poll(self.RECHECK * 1000):
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._inotify, 64 * 1024):
-                    pass
+            self.drain()
 
     def _reopen(self) -> bool:
         try:

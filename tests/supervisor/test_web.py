@@ -480,3 +480,39 @@ async def test_connections_beyond_max_connections_are_refused_and_healthz_answer
         for s in held:
             await s.aclose()
 
+
+async def test_a_program_page_follows_its_output_live_through_rotation(
+        web: Callable[..., Awaitable[Web]], cfg: ConfigWriter, tmp_path: Path) -> None:
+    fifo = tmp_path / "say"
+    os.mkfifo(fifo)
+    w = await web(auth="none", programs=f"""
+        [programs.talker]
+        command = ["sh", "-c", "echo before; exec cat {fifo}"]
+        startsecs = 0.2
+        stdout_maxbytes = 100
+        stdout_backups = 2
+    """)
+    stream = await trio.open_tcp_stream("127.0.0.1", w.port)
+    async with stream:
+        await stream.send_all(f"GET /program/talker/log/stdout HTTP/1.1\r\nHost: 127.0.0.1:{w.port}\r\n\r\n".encode())
+        buf = b""
+        with trio.fail_after(10):
+            while b": nsinitd log\n\n" not in buf:  # following from here on
+                buf += await stream.receive_some(65536)
+            assert buf.startswith(b"HTTP/1.1 200 ") and b"content-type: text/event-stream" in buf.lower()
+            writer = await trio.to_thread.run_sync(lambda: open(fifo, "w"))  # noqa: SIM115 - closed below
+            try:
+                for i in range(6):  # 6 lines of 41 bytes: the file is rotated twice on the way
+                    writer.write(f"line-{i} {'x' * 33}\n")
+                    writer.flush()
+                    while f"data: line-{i} ".encode() not in buf:
+                        buf += await stream.receive_some(65536)
+            finally:
+                writer.close()
+    lines = [line[6:] for line in buf.split(b"\n") if line.startswith(b"data: ")]
+    assert lines == [f"line-{i} {'x' * 33}".encode() for i in range(6)]
+    assert (cfg.root / "logs" / "talker.out.2").exists()  # it was rotated twice
+    r = await w.request("GET", "/program/talker/log/stdin")
+    assert (r.status, r.body) == (404, b"no such stream: stdin (stdout or stderr)\n")
+    r = await w.request("GET", "/program/nope/log/stdout")
+    assert (r.status, r.body) == (404, b"no such program: nope\n")
