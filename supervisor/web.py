@@ -449,9 +449,10 @@ class WebApp:
 
     async def follow_log(self, name: str, stream: str, scope: Scope, receive: Receive, send: Send) -> None:
         """Server-sent events of the lines a program writes from now on to its captured ``stream``
-        (``stdout`` or ``stderr``), one ``data:`` line each, through rotation (the old file's last
-        lines first). It reads the file when inotify on the log directory says it changed, never on
-        a clock; nothing is buffered for the reader beyond one read, and a reader whose socket takes
+        (``stdout`` or ``stderr``), one ``data:`` line each (a line longer than LOG_TAIL_BYTES in
+        pieces of that size), through rotation (the old file's last lines first). It reads the file
+        when inotify on the log directory says it changed, never on a clock; nothing is buffered
+        for the reader beyond one read of at most LOG_TAIL_BYTES, and a reader whose socket takes
         nothing for ``send_timeout`` is let go, like /events."""
         try:
             if stream not in ("stdout", "stderr"):
@@ -475,11 +476,14 @@ class WebApp:
                         and await self._send(send, _chunk(b": nsinitd log\n\n")):
                     pending = b""
                     while True:
-                        data = follower.read()
+                        data = follower.read(LOG_TAIL_BYTES)
                         if not data:
                             await _wait_for_change(follower)
                             continue
                         *lines, pending = (pending + data).split(b"\n")
+                        while len(pending) >= LOG_TAIL_BYTES:  # a line this long is sent in pieces
+                            lines.append(pending[:LOG_TAIL_BYTES])
+                            pending = pending[LOG_TAIL_BYTES:]
                         if lines and not await self._send(send, _chunk(b"".join(
                                 b"data: " + line.replace(b"\r", b"") + b"\n\n" for line in lines))):
                             break

@@ -516,3 +516,29 @@ async def test_a_program_page_follows_its_output_live_through_rotation(
     assert (r.status, r.body) == (404, b"no such stream: stdin (stdout or stderr)\n")
     r = await w.request("GET", "/program/nope/log/stdout")
     assert (r.status, r.body) == (404, b"no such program: nope\n")
+
+
+async def test_a_followed_output_line_without_end_comes_in_64k_pieces(
+        web: Callable[..., Awaitable[Web]], tmp_path: Path) -> None:
+    fifo = tmp_path / "say"
+    os.mkfifo(fifo)
+    w = await web(auth="none", programs=f"""
+        [programs.talker]
+        command = ["sh", "-c", "exec cat {fifo}"]
+        startsecs = 0.2
+    """)
+    stream = await trio.open_tcp_stream("127.0.0.1", w.port)
+    async with stream:
+        await stream.send_all(f"GET /program/talker/log/stdout HTTP/1.1\r\nHost: 127.0.0.1:{w.port}\r\n\r\n".encode())
+        buf = b""
+        with trio.fail_after(10):
+            while b": nsinitd log\n\n" not in buf:
+                buf += await stream.receive_some(65536)
+            writer = await trio.to_thread.run_sync(lambda: open(fifo, "wb"))  # noqa: SIM115 - closed below
+            with writer:
+                writer.write(b"y" * 150_000)  # never a newline: not held back without bound
+                writer.flush()
+                while buf.count(b"\n\n") < 3:  # the head, the comment and two whole pieces
+                    buf += await stream.receive_some(65536)
+    pieces = [line[6:] for line in buf.split(b"\n") if line.startswith(b"data: ")]
+    assert pieces[:2] == [b"y" * 65536, b"y" * 65536]
