@@ -1,5 +1,6 @@
 """nsinitd's web side (``[web]`` in the config): a status page, per-program actions, ``/metrics``,
-``/healthz`` and ``/events``, served by hypercorn's trio worker in the daemon's own nursery.
+``/healthz`` and ``/events``, served by hypercorn's per-connection server (behind an accept loop of
+ours, which caps the connections) in the daemon's own nursery.
 
 Imported only when ``[web]`` is configured: hypercorn, starlette and prometheus_client cost an
 nsinitd without it nothing.
@@ -20,7 +21,8 @@ What it promises, and how:
 * **Supervision never waits for a browser.** ``/events`` readers read from an event bus
   subscription, bounded like the control socket's: a reader that falls ``event_buffer`` behind is
   dropped, and one whose socket takes no bytes for ``send_timeout`` is disconnected. Each
-  connection is its own trio task; the daemon's emit never blocks on any of them.
+  connection is its own trio task; the daemon's emit never blocks on any of them. At most
+  ``max_connections`` are open at once: one more is answered 503 and closed at once.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ async def _accept_loop(app: ASGIFramework, hconfig: HypercornConfig, sock: socke
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal open_now
         try:
+            # TCPServer's annotation says SSLStream; it takes a plain SocketStream as well (no TLS here)
             await TCPServer(wrapper, hconfig, context, ConnectionState({}), stream)  # type: ignore[arg-type]
         finally:
             open_now -= 1
