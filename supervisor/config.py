@@ -122,6 +122,7 @@ class WebConfig:
     path: Path | None = None
     auth: WebAuth = "token"
     token_file: Path | None = None
+    max_connections: int = 512  # open connections at once; more are answered 503 and closed
 
     @property
     def loopback(self) -> bool:
@@ -245,7 +246,7 @@ _PROGRAM_KEYS = {
     "stdout_backups", "redirect_stderr",
 }
 _BACKOFF_KEYS = {"initial", "factor", "max"}
-_WEB_KEYS = {"listen", "auth", "token_file"}
+_WEB_KEYS = {"listen", "auth", "token_file", "max_connections"}
 
 
 def _socket(key: str, v: object, base: Path) -> Path:
@@ -335,7 +336,9 @@ def _web(t: Mapping[str, Any], base: Path) -> WebConfig:
         check_token_file(f"{k}.token_file", token_file)
     elif "token_file" in t:
         raise ConfigError(f"{k}.token_file", 'only with auth = "token"')
-    web = WebConfig(listen=t["listen"], host=host, port=port, path=path, auth=auth, token_file=token_file)
+    max_connections = _int(f"{k}.max_connections", t.get("max_connections", 512), 1, 65536)
+    web = WebConfig(listen=t["listen"], host=host, port=port, path=path, auth=auth, token_file=token_file,
+                    max_connections=max_connections)
     if auth == "none" and not web.loopback:
         raise ConfigError(f"{k}.auth", f'"none" is allowed only on 127.0.0.1, ::1 or a unix socket, not {host}')
     return web

@@ -1,5 +1,6 @@
 """nsinitd's web side (``[web]`` in the config): a status page, per-program actions, ``/metrics``,
-``/healthz`` and ``/events``, served by hypercorn's trio worker in the daemon's own nursery.
+``/healthz`` and ``/events``, served by hypercorn's per-connection server (behind an accept loop of
+ours, which caps the connections) in the daemon's own nursery.
 
 Imported only when ``[web]`` is configured: hypercorn, starlette and prometheus_client cost an
 nsinitd without it nothing.
@@ -20,14 +21,14 @@ What it promises, and how:
 * **Supervision never waits for a browser.** ``/events`` readers read from an event bus
   subscription, bounded like the control socket's: a reader that falls ``event_buffer`` behind is
   dropped, and one whose socket takes no bytes for ``send_timeout`` is disconnected. Each
-  connection is its own trio task; the daemon's emit never blocks on any of them.
+  connection is its own trio task; the daemon's emit never blocks on any of them. At most
+  ``max_connections`` are open at once: one more is answered 503 and closed at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hmac
 import html
 import json
@@ -43,9 +44,12 @@ from typing import Any, Final, cast
 from urllib.parse import parse_qs
 
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
-from hypercorn.typing import ASGIFramework
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.applications import Starlette
@@ -55,7 +59,7 @@ from starlette.routing import Route
 
 from .api import ControlError, ProgramStatus, SupervisorAPI
 from .config import ConfigError, WebConfig, check_token_file, parse_signal
-from .ctl.eventlog import EventFilter
+from .ctl.eventlog import EventFilter, Follower
 from .server import CALLS, _bind, _remove_files
 from .states import ProcessState
 
@@ -114,8 +118,6 @@ async def serve(
     sock, cleanup = await _listen(web, limits.backlog)
     try:
         hconfig = HypercornConfig()
-        # hypercorn takes the descriptor over; ours stays ours to close
-        hconfig.bind = [f"fd://{os.dup(sock.fileno())}"]
         hconfig.accesslog = None
         hconfig.errorlog = _LOGGER
         hconfig.loglevel = "WARNING"
@@ -124,7 +126,7 @@ async def serve(
         hconfig.backlog = limits.backlog
         async with trio.open_nursery() as nursery:
             nursery.start_soon(app.count_events)
-            await nursery.start(functools.partial(hypercorn_serve, cast(ASGIFramework, app), hconfig))
+            await nursery.start(_accept_loop, cast(ASGIFramework, app), hconfig, sock, web.max_connections)
             api.emit("web.started", listen=web.listen)
             task_status.started()
     finally:
@@ -133,6 +135,55 @@ async def serve(
 
 
 _LOGGER = logging.getLogger("nsinitd.web")
+#: errors of accept() that say "not now" (out of descriptors or memory): retried after a pause
+_ACCEPT_RETRY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def _accept_loop(app: ASGIFramework, hconfig: HypercornConfig, sock: socket.socket, max_connections: int,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """hypercorn's per-connection server for each accepted connection, at most ``max_connections``
+    at once: one more is answered a one-line 503 and closed, so a flood of connections can't take
+    every descriptor, and /healthz answers again as soon as some close. (hypercorn's own serve loop
+    has no such cap; its lifespan protocol is not needed here.)"""
+    hconfig.set_statsd_logger_class(StatsdLogger)
+    context = WorkerContext(None)
+    wrapper = ASGIWrapper(app)
+    refusal = (f"too many connections (web.max_connections = {max_connections})\n").encode()
+    refusal = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+               b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(refusal), refusal))
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+    open_now = 0
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal open_now
+        try:
+            # TCPServer's annotation says SSLStream; it takes a plain SocketStream as well (no TLS here)
+            await TCPServer(wrapper, hconfig, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+        finally:
+            open_now -= 1
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(1):  # a client that takes not even this is not waited for
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(refusal)
+        await trio.aclose_forcefully(stream)
+
+    async with listener, trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in _ACCEPT_RETRY:
+                    raise
+                _LOGGER.warning("accept: %s; retrying in 0.1 s", os.strerror(e.errno or 0))
+                await trio.sleep(0.1)
+                continue
+            if open_now >= max_connections:
+                nursery.start_soon(refuse, stream)
+                continue
+            open_now += 1
+            nursery.start_soon(handle, stream)
 
 
 async def _listen(web: WebConfig, backlog: int) -> tuple[socket.socket, Callable[[], None]]:
@@ -227,6 +278,10 @@ class WebApp:
                 return
             if scope["path"] == "/events" and scope["method"] == "GET":
                 await self.events(scope, receive, send)
+                return
+            parts = scope["path"].split("/")
+            if scope["method"] == "GET" and len(parts) == 5 and parts[1] == "program" and parts[3] == "log":
+                await self.follow_log(parts[2], parts[4], scope, receive, send)
                 return
         await self.routes(scope, receive, send)
 
@@ -393,6 +448,52 @@ class WebApp:
                         await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
                 nursery.cancel_scope.cancel()
 
+    # -- /program/NAME/log/STREAM -----------------------------------------------------------------
+
+    async def follow_log(self, name: str, stream: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Server-sent events of the lines a program writes from now on to its captured ``stream``
+        (``stdout`` or ``stderr``), one ``data:`` line each (a line longer than LOG_TAIL_BYTES in
+        pieces of that size), through rotation (the old file's last lines first). It reads the file
+        when inotify on the log directory says it changed, never on a clock; nothing is buffered
+        for the reader beyond one read of at most LOG_TAIL_BYTES, and a reader whose socket takes
+        nothing for ``send_timeout`` is let go, like /events."""
+        try:
+            if stream not in ("stdout", "stderr"):
+                raise ControlError("no_such_program", f"no such stream: {stream} (stdout or stderr)")
+            path = self.api.log_path(name, stream)
+        except ControlError as e:
+            response = PlainTextResponse(f"{e.message}\n", status_code=HTTP_STATUS.get(e.code, 400))
+            await response(scope, receive, send)
+            return
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - handed to the Follower
+            f.seek(0, os.SEEK_END)  # the page shows the tail; this is what comes after
+        except FileNotFoundError:
+            f = None
+        follower = Follower(path, f)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store")]
+                if await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers}) \
+                        and await self._send(send, _chunk(b": nsinitd log\n\n")):
+                    pending = b""
+                    while True:
+                        data = follower.read(LOG_TAIL_BYTES)
+                        if not data:
+                            await _wait_for_change(follower)
+                            continue
+                        *lines, pending = (pending + data).split(b"\n")
+                        while len(pending) >= LOG_TAIL_BYTES:  # a line this long is sent in pieces
+                            lines.append(pending[:LOG_TAIL_BYTES])
+                            pending = pending[LOG_TAIL_BYTES:]
+                        if lines and not await self._send(send, _chunk(b"".join(
+                                b"data: " + line.replace(b"\r", b"") + b"\n\n" for line in lines))):
+                            break
+                nursery.cancel_scope.cancel()
+        finally:
+            follower.close()
+
     async def _send(self, send: Send, message: Message) -> bool:
         """False when the reader's socket took nothing for send_timeout (it is then let go)."""
         with trio.move_on_after(self.limits.send_timeout):
@@ -407,6 +508,18 @@ def _chunk(data: bytes) -> Message:
 
 def _sse(ev: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(ev, separators=(",", ":"), default=str).encode() + b"\n\n"
+
+
+async def _wait_for_change(follower: Follower) -> None:
+    """Until the followed file may have changed: inotify says so, or RECHECK passes (what inotify
+    can't see, a network filesystem)."""
+    fd = follower.inotify_fd
+    if fd is None:
+        await trio.sleep(Follower.POLL)
+        return
+    with trio.move_on_after(Follower.RECHECK):
+        await trio.lowlevel.wait_readable(fd)
+        follower.drain()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
@@ -685,7 +798,28 @@ def render_page(rows: list[Row], with_token: bool, now: float) -> str:
 
 def render_program(row: Row, logs: Mapping[str, str], with_token: bool, now: float) -> str:
     e = html.escape
-    sections = "".join(f"<h2>{stream}</h2><pre>{e(text) or '(empty)'}</pre>" for stream, text in logs.items())
-    return (f"{_HEAD}<title>nsinitd: {e(row.status.name)}</title></head><body>"
-            f'<p><a href="/">all programs</a></p><h1>{e(row.status.name)}</h1>'
-            f"{_table([row], with_token, now, back='program')}{sections}{_SCRIPT}</body></html>")
+    name = row.status.name
+    sections = "".join(f'<h2>{stream}</h2><pre id=log-{stream} data-src="/program/{e(name)}/log/{stream}">'
+                       f"{e(text) or '(empty)'}</pre>" for stream, text in logs.items())
+    return (f"{_HEAD}<title>nsinitd: {e(name)}</title></head><body>"
+            f'<p><a href="/">all programs</a></p><h1>{e(name)}</h1>'
+            f"{_table([row], with_token, now, back='program')}{sections}{_SCRIPT}{_LOG_SCRIPT}</body></html>")
+
+
+_LOG_SCRIPT = """<script>
+// Each log section follows the program's output: its lines from /program/NAME/log/STREAM are
+// appended as they are written (the page's last 64 KiB are kept). Without scripts it is the tail
+// as rendered.
+(function () {
+  document.querySelectorAll("pre[data-src]").forEach(function (pre) {
+    var empty = pre.textContent === "(empty)", source = new EventSource(pre.getAttribute("data-src"));
+    source.onopen = function () { pre.setAttribute("data-following", "yes"); };
+    source.onmessage = function (ev) {
+      if (empty) { pre.textContent = ""; empty = false; }
+      var text = pre.textContent + ev.data + "\\n";
+      pre.textContent = text.length > 65536 ? text.slice(text.indexOf("\\n", text.length - 65536) + 1) : text;
+      pre.scrollTop = pre.scrollHeight;
+    };
+  });
+})();
+</script>"""

@@ -70,6 +70,19 @@ class Follower:
         except OSError:
             pass
 
+    @property
+    def inotify_fd(self) -> int | None:
+        """The inotify descriptor :meth:`wait` sleeps on (None without inotify), for a caller that
+        waits on it in its own event loop and then calls :meth:`drain`."""
+        return self._inotify
+
+    def drain(self) -> None:
+        """Consume what the inotify descriptor reported (it then sleeps until the next change)."""
+        if self._inotify is not None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._inotify, 64 * 1024):
+                    pass
+
     def wait(self) -> None:
         """Until the file may have changed (bounded by RECHECK)."""
         if self._inotify is None:
@@ -80,9 +93,7 @@ class Follower:
         poller = select.poll()
         poller.register(self._inotify, select.POLLIN)
         if poller.poll(self.RECHECK * 1000):
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._inotify, 64 * 1024):
-                    pass
+            self.drain()
 
     def _reopen(self) -> bool:
         try:
@@ -94,10 +105,11 @@ class Follower:
         self.f = f
         return True
 
-    def read(self) -> bytes:
+    def read(self, limit: int = -1) -> bytes:
+        """What was appended since the last read (at most ``limit`` bytes; all of it with -1)."""
         if self.f is None:
-            return self.read_reopened()
-        data = self.f.read()
+            return self.read_reopened(limit)
+        data = self.f.read(limit)
         if data:
             return data
         try:
@@ -106,17 +118,20 @@ class Follower:
             return b""
         current = os.fstat(self.f.fileno())
         if (st.st_dev, st.st_ino) != (current.st_dev, current.st_ino):
-            return self.f.read() + self.read_reopened()  # the old file's last words first
+            rest = self.f.read(limit)  # the old file's last words first
+            if rest and limit >= 0:
+                return rest  # the next read finds the rest, or the end and reopens
+            return rest + self.read_reopened(limit)
         if st.st_size < self.f.tell():
             self.f.seek(0)  # truncated in place
-            return self.f.read()
+            return self.f.read(limit)
         return b""
 
-    def read_reopened(self) -> bytes:
+    def read_reopened(self, limit: int = -1) -> bytes:
         if not self._reopen():
             return b""
         assert self.f is not None
-        return self.f.read()
+        return self.f.read(limit)
 
     def close(self) -> None:
         if self.f is not None:

@@ -98,9 +98,9 @@ async def web(cfg: ConfigWriter, nursery: trio.Nursery) -> AsyncIterator[Callabl
     answering once its ``web.started`` event and the autostart programs' ``program.running`` are out."""
     procs: list[trio.Process] = []
 
-    async def start(auth: str = "token", programs: str = PROGRAMS) -> Web:
+    async def start(auth: str = "token", programs: str = PROGRAMS, extra: str = "") -> Web:
         port = free_port()
-        path = cfg.write(programs + "\n" + web_table(port, token_file(cfg.root) if auth == "token" else None))
+        path = cfg.write(programs + "\n" + web_table(port, token_file(cfg.root) if auth == "token" else None) + extra)
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "supervisor.nsinitd", "-c", str(path), "--no-socket"], stdout=subprocess.PIPE)
         procs.append(proc)
@@ -141,7 +141,10 @@ BROWSER = {**FORM, "accept": "text/html,application/xhtml+xml"}
     ('listen = "127.0.0.1:9001"', 'web.token_file: missing (auth = "token" reads the token from this file)'),
     ('listen = "127.0.0.1:9001"\nauth = "basic"', "web.auth: expected one of token, none"),
     ('listen = "127.0.0.1:9001"\nauth = "none"\nport = 1',
-     "web.port: unknown key (expected one of auth, listen, token_file)"),
+     "web.port: unknown key (expected one of auth, listen, max_connections, token_file)"),
+    ('listen = "127.0.0.1:9001"\nauth = "none"\nmax_connections = 0', "web.max_connections: must be >= 1, got 0"),
+    ('listen = "127.0.0.1:9001"\nauth = "none"\nmax_connections = "9"',
+     "web.max_connections: expected an integer, got a string"),
 ])
 def test_a_bad_web_table_is_refused_naming_its_key(cfg: ConfigWriter, table: str, error: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -444,3 +447,116 @@ async def test_300_idle_connections_leave_healthz_answering_within_100ms(web: Ca
     finally:
         for s in idle:
             await s.aclose()
+
+
+def healthz_once_a_connection_is_taken(port: int) -> list[tuple[int, bytes]]:
+    """Connect until the server takes the connection (each 503 comes at once, until it has read the
+    closes' EOF), then ask /healthz 20 times on it; each answer must come within 100 ms."""
+    deadline = time.monotonic() + 5
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/healthz")
+            r = conn.getresponse()
+            body = r.read()
+            if r.status == 503 and time.monotonic() < deadline:
+                continue
+            answers = [(r.status, body)]
+            for _ in range(19):
+                t0 = time.monotonic()
+                conn.request("GET", "/healthz")
+                r = conn.getresponse()
+                answers.append((r.status, r.read()))
+                assert time.monotonic() - t0 < 0.1
+            return answers
+        finally:
+            conn.close()
+
+
+async def test_connections_beyond_max_connections_are_refused_and_healthz_answers_after_some_close(
+        web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web(auth="none", extra="max_connections = 20\n")
+    held: list[trio.SocketStream] = []
+    try:
+        for _ in range(20):
+            held.append(await trio.open_tcp_stream("127.0.0.1", w.port))
+        # the 21st is answered 503 at once and closed, without sending a byte of its own
+        extra = await trio.open_tcp_stream("127.0.0.1", w.port)
+        async with extra:
+            buf = b""
+            with trio.fail_after(1):
+                while chunk := await extra.receive_some(65536):
+                    buf += chunk
+        assert buf.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert buf.endswith(b"\r\n\r\ntoo many connections (web.max_connections = 20)\n")
+        for s in held[:5]:
+            await s.aclose()
+        del held[:5]
+        answers = await trio.to_thread.run_sync(healthz_once_a_connection_is_taken, w.port)
+        assert answers == [(200, b"ok\n")] * 20
+    finally:
+        for s in held:
+            await s.aclose()
+
+
+async def test_a_program_page_follows_its_output_live_through_rotation(
+        web: Callable[..., Awaitable[Web]], cfg: ConfigWriter, tmp_path: Path) -> None:
+    fifo = tmp_path / "say"
+    os.mkfifo(fifo)
+    w = await web(auth="none", programs=f"""
+        [programs.talker]
+        command = ["sh", "-c", "echo before; exec cat {fifo}"]
+        startsecs = 0.2
+        stdout_maxbytes = 100
+        stdout_backups = 2
+    """)
+    stream = await trio.open_tcp_stream("127.0.0.1", w.port)
+    async with stream:
+        await stream.send_all(f"GET /program/talker/log/stdout HTTP/1.1\r\nHost: 127.0.0.1:{w.port}\r\n\r\n".encode())
+        buf = b""
+        with trio.fail_after(10):
+            while b": nsinitd log\n\n" not in buf:  # following from here on
+                buf += await stream.receive_some(65536)
+            assert buf.startswith(b"HTTP/1.1 200 ") and b"content-type: text/event-stream" in buf.lower()
+            writer = await trio.to_thread.run_sync(lambda: open(fifo, "w"))  # noqa: SIM115 - closed below
+            try:
+                for i in range(6):  # 6 lines of 41 bytes: the file is rotated twice on the way
+                    writer.write(f"line-{i} {'x' * 33}\n")
+                    writer.flush()
+                    while f"data: line-{i} ".encode() not in buf:
+                        buf += await stream.receive_some(65536)
+            finally:
+                writer.close()
+    lines = [line[6:] for line in buf.split(b"\n") if line.startswith(b"data: ")]
+    assert lines == [f"line-{i} {'x' * 33}".encode() for i in range(6)]
+    assert (cfg.root / "logs" / "talker.out.2").exists()  # it was rotated twice
+    r = await w.request("GET", "/program/talker/log/stdin")
+    assert (r.status, r.body) == (404, b"no such stream: stdin (stdout or stderr)\n")
+    r = await w.request("GET", "/program/nope/log/stdout")
+    assert (r.status, r.body) == (404, b"no such program: nope\n")
+
+
+async def test_a_followed_output_line_without_end_comes_in_64k_pieces(
+        web: Callable[..., Awaitable[Web]], tmp_path: Path) -> None:
+    fifo = tmp_path / "say"
+    os.mkfifo(fifo)
+    w = await web(auth="none", programs=f"""
+        [programs.talker]
+        command = ["sh", "-c", "exec cat {fifo}"]
+        startsecs = 0.2
+    """)
+    stream = await trio.open_tcp_stream("127.0.0.1", w.port)
+    async with stream:
+        await stream.send_all(f"GET /program/talker/log/stdout HTTP/1.1\r\nHost: 127.0.0.1:{w.port}\r\n\r\n".encode())
+        buf = b""
+        with trio.fail_after(10):
+            while b": nsinitd log\n\n" not in buf:
+                buf += await stream.receive_some(65536)
+            writer = await trio.to_thread.run_sync(lambda: open(fifo, "wb"))  # noqa: SIM115 - closed below
+            with writer:
+                writer.write(b"y" * 150_000)  # never a newline: not held back without bound
+                writer.flush()
+                while buf.count(b"\n\n") < 3:  # the head, the comment and two whole pieces
+                    buf += await stream.receive_some(65536)
+    pieces = [line[6:] for line in buf.split(b"\n") if line.startswith(b"data: ")]
+    assert pieces[:2] == [b"y" * 65536, b"y" * 65536]

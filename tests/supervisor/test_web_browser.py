@@ -131,3 +131,33 @@ async def test_the_page_stops_a_program_and_shows_a_crash_live_and_a_refusal(
             browser.save_screenshot(os.environ["NSINIT_SCREENSHOT"])
 
     await in_browser(the_crash_turns_its_row_red)
+
+
+async def test_a_program_page_shows_new_output_lines_without_a_reload(
+        web: Callable[..., Awaitable[Web]], browser: WebDriver, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+    fifo = tmp_path / "say"
+    os.mkfifo(fifo)
+    w = await web(auth="none", programs=f"""
+        [programs.talker]
+        command = ["sh", "-c", "echo before; exec cat {fifo}"]
+        startsecs = 0.2
+    """)
+    await w.daemon.wait_for("program.running", "talker")
+
+    def loads_and_follows() -> None:
+        browser.get(f"http://127.0.0.1:{w.port}/program/talker")
+        browser.execute_script("window.notReloaded = true;")
+        wait_until(browser, lambda d: d.find_element(By.ID, "log-stdout").get_attribute("data-following") == "yes",
+                   "the log followed")
+
+    await in_browser(loads_and_follows)
+    writer = await trio.to_thread.run_sync(lambda: open(fifo, "w"))  # noqa: SIM115 - closed below
+    with writer:
+        writer.write("a new <line>\n")
+
+    def the_line_appears() -> None:
+        wait_until(browser, lambda d: "a new <line>" in d.find_element(By.ID, "log-stdout").text, "the new line")
+        assert browser.find_element(By.ID, "log-stdout").text.endswith("a new <line>")
+        assert browser.execute_script("return window.notReloaded") is True
+
+    await in_browser(the_line_appears)
