@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +82,6 @@ class Bundle:
 
     def marker(self) -> bool:
         return (self.rootfs / "tmp" / "marker").exists()
-
-
-@pytest.fixture
-def bundle(tmp_path: Path) -> Iterator[Bundle]:
-    libc.set_subreaper()  # as conmon and containerd's shim are (host_unchanged restores the flag)
-    b = Bundle(tmp_path)
-    yield b
-    for cid in os.listdir(b.root) if b.root.exists() else []:
-        b.nsrun("delete", "--force", cid)
-    for pid in list(b.pids):
-        b.reap(pid)
 
 
 def test_create_runs_no_user_code_until_start_and_the_lifecycle_ends_in_not_found(bundle: Bundle) -> None:

@@ -24,17 +24,6 @@ READ_AND_RUN = ["sh", "-c", 'read -r line; eval "$line"']
 
 
 @pytest.fixture
-def bundle(tmp_path: Path) -> Iterator[Bundle]:
-    libc.set_subreaper()  # as conmon and containerd's shim are (host_unchanged restores the flag)
-    b = Bundle(tmp_path)
-    yield b
-    for cid in os.listdir(b.root) if b.root.exists() else []:
-        b.nsrun("delete", "--force", cid)
-    for pid in list(b.pids):
-        b.reap(pid)
-
-
-@pytest.fixture
 def console_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
     path = tmp_path / "console.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

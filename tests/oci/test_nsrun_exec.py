@@ -6,27 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nsruntime import libc
 from tests.conftest import wait_for
 from tests.oci.test_nsrun import Bundle
 
 pytestmark = pytest.mark.privileged
-
-
-@pytest.fixture
-def bundle(tmp_path: Path) -> Iterator[Bundle]:
-    libc.set_subreaper()  # as conmon and containerd's shim are (host_unchanged restores the flag)
-    b = Bundle(tmp_path)
-    yield b
-    for cid in os.listdir(b.root) if b.root.exists() else []:
-        b.nsrun("delete", "--force", cid)
-    for pid in list(b.pids):
-        b.reap(pid)
 
 
 def task_state(pid: int) -> str:
