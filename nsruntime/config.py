@@ -530,17 +530,20 @@ def _cgroups(path: str, value: object) -> Cgroups:
     )
 
 
-def _idmaps(path: str, value: object) -> tuple[IdMap, ...]:
+def _idmaps(path: str, value: object,
+            keys: tuple[str, str, str] = ("container_id", "host_id", "size")) -> tuple[IdMap, ...]:
+    """Id mappings; keys name the container id, host id and size fields (an OCI spec spells them
+    containerID, hostID, size)."""
+    cid, hid, size = keys
     out = []
     for i, item in enumerate(_list(path, value)):
         p = f"{path}[{i}]"
-        d = _obj(p, item, {"container_id", "host_id", "size"})
-        for req in ("container_id", "host_id", "size"):
+        d = _obj(p, item, set(keys))
+        for req in keys:
             if req not in d:
                 raise ConfigError(f"{p}.{req}", "missing")
-        out.append(IdMap(_int(f"{p}.container_id", d["container_id"], 0, 2**32 - 2),
-                         _int(f"{p}.host_id", d["host_id"], 0, 2**32 - 2),
-                         _int(f"{p}.size", d["size"], 1, 2**32 - 1)))
+        out.append(IdMap(_int(f"{p}.{cid}", d[cid], 0, 2**32 - 2), _int(f"{p}.{hid}", d[hid], 0, 2**32 - 2),
+                         _int(f"{p}.{size}", d[size], 1, 2**32 - 1)))
     return tuple(out)
 
 

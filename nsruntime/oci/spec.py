@@ -38,6 +38,7 @@ from ..config import (
     _is_cpu_list,
     _memory,
 )
+from ..config import _idmaps as _config_idmaps
 from ..consts import (
     MS_DIRSYNC,
     MS_LAZYTIME,
@@ -379,16 +380,7 @@ def _namespaces(path: str, value: object) -> tuple[tuple[str, ...], tuple[tuple[
 
 
 def _idmaps(path: str, value: object) -> tuple[IdMap, ...]:
-    out = []
-    for i, item in enumerate(_list(path, value)):
-        p = f"{path}[{i}]"
-        d = _obj(p, item, {"containerID", "hostID", "size"})
-        for req in ("containerID", "hostID", "size"):
-            if req not in d:
-                raise ConfigError(f"{p}.{req}", "missing")
-        out.append(IdMap(_int(f"{p}.containerID", d["containerID"], 0, 2**32 - 2),
-                         _int(f"{p}.hostID", d["hostID"], 0, 2**32 - 2), _int(f"{p}.size", d["size"], 1, 2**32 - 1)))
-    return tuple(out)
+    return _config_idmaps(path, value, ("containerID", "hostID", "size"))
 
 
 def _paths(path: str, value: object) -> tuple[str, ...]:
