@@ -303,22 +303,21 @@ def kill(root: str, cid: str, signum: int, *, all_processes: bool = False) -> No
         os.close(pidfd)
 
 
-def pause(root: str, cid: str) -> None:
+def _freeze(root: str, cid: str, frozen: bool) -> None:
     rec = Record(root, cid)
     rec.require()
     status, _pid = rec.status()
-    if status != "running":
-        raise StateError(f"cannot pause a container that is {status}")
-    rec.freeze(True)
+    if status != ("running" if frozen else "paused"):
+        raise StateError(f"cannot {'pause' if frozen else 'resume'} a container that is {status}")
+    rec.freeze(frozen)
+
+
+def pause(root: str, cid: str) -> None:
+    _freeze(root, cid, True)
 
 
 def resume(root: str, cid: str) -> None:
-    rec = Record(root, cid)
-    rec.require()
-    status, _pid = rec.status()
-    if status != "paused":
-        raise StateError(f"cannot resume a container that is {status}")
-    rec.freeze(False)
+    _freeze(root, cid, False)
 
 
 def ps(root: str, cid: str) -> list[int]:
