@@ -57,6 +57,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from nsruntime import signal_name
+
 from .api import ControlError, ProgramStatus, SupervisorAPI
 from .config import ConfigError, WebConfig, check_token_file, parse_signal
 from .ctl.eventlog import EventFilter, Follower
@@ -80,7 +82,10 @@ ALL_PICKS: Final[Mapping[str, frozenset[str]]] = {
     "start": frozenset({"STOPPED", "EXITED", "FATAL", "BACKOFF"}),
     "stop": _ACTIVE,
     "restart": frozenset({"STOPPED", "EXITED", "FATAL", "BACKOFF", *_ACTIVE}),
+    "signal": frozenset({"RUNNING"}),
 }
+#: the signals the page offers (any other name or number can be POSTed)
+PAGE_SIGNALS: Final = ("HUP", "INT", "QUIT", "TERM", "KILL", "USR1", "USR2")
 MAX_BODY = 16 * 1024
 LOG_TAIL_BYTES = 64 * 1024
 
@@ -345,15 +350,22 @@ class WebApp:
     # -- actions ---------------------------------------------------------------------------------
 
     async def action_all(self, request: Request) -> Response:
-        """``start``, ``stop`` or ``restart`` of every program nsinitctl's ``all`` would pick, one
-        after the other (stop in reverse name order); each program's answer in ``results``."""
+        """``start``, ``stop``, ``restart`` or ``signal`` of every program nsinitctl's ``all``
+        would pick, one after the other (stop in reverse name order); each program's answer in
+        ``results`` (for a signal ``{"name", "signal"}``, as ``nsinitctl signal --json`` prints)."""
         action = request.path_params["action"]
-        _, from_page, refused = await self.guarded(request)
+        form, from_page, refused = await self.guarded(request)
         if refused is not None:
             return refused
         if action not in ALL_PICKS:
             return _answer(from_page, 404, "bad_request",
                            f"no such action for all: {action} (one of {', '.join(ALL_PICKS)})")
+        args: dict[str, Any] = {}
+        if action == "signal":
+            try:
+                args["signum"] = _signal_field(request, form)
+            except ConfigError as e:
+                return _answer(from_page, 400, "bad_request", str(e))
         names = [s.name for s in self.api.status() if s.state in ALL_PICKS[action]]
         if action == "stop":
             names.reverse()
@@ -361,7 +373,9 @@ class WebApp:
         errors: list[str] = []
         for name in names:
             try:
-                results.append(await CALLS[action](self.api, {"name": name}))
+                result = await CALLS[action](self.api, {**args, "name": name})
+                results.append({"name": name, "signal": signal_name(args["signum"])} if action == "signal"
+                               else result)
             except ControlError as e:
                 results.append({"name": name, "error": {"code": e.code, "message": e.message}})
                 errors.append(f"{name}: {e.message}")
@@ -394,7 +408,7 @@ class WebApp:
         args: dict[str, Any] = {"name": name}
         try:
             if action == "signal":
-                args["signum"] = parse_signal("signal", form.get("signal", request.query_params.get("signal", "")))
+                args["signum"] = _signal_field(request, form)
             result = await CALLS[action](self.api, args)
         except ConfigError as e:
             return _answer(from_page, 400, "bad_request", str(e))
@@ -500,6 +514,11 @@ class WebApp:
             await send(message)
             return True
         return False
+
+
+def _signal_field(request: Request, form: Mapping[str, str]) -> int:
+    """The ``signal`` of a form, else of the query (``HUP``, ``SIGHUP``, ``1``); ConfigError naming it."""
+    return parse_signal("signal", form.get("signal", request.query_params.get("signal", "")))
 
 
 def _chunk(data: bytes) -> Message:
@@ -689,6 +708,7 @@ _SCRIPT = """<script>
   var busy = false, again = false;
   var form = document.getElementById("programs"), msg = document.getElementById("msg");
   var field = form && form.querySelector("input[name=token]");
+  var signal = form && form.querySelector("select[name=signal]");
   if (field) {
     field.value = sessionStorage.getItem("nsinit-token") || "";
     field.addEventListener("input", function () { sessionStorage.setItem("nsinit-token", field.value); });
@@ -697,10 +717,11 @@ _SCRIPT = """<script>
     var button = ev.submitter;
     if (!button || !button.getAttribute("formaction")) return;
     ev.preventDefault();
-    var headers = {"Accept": "application/json"};
+    var headers = {"Accept": "application/json"}, url = button.getAttribute("formaction");
     if (field && field.value) headers["Authorization"] = "Bearer " + field.value;
+    if (signal && url.slice(-7) === "/signal") url += "?signal=" + encodeURIComponent(signal.value);
     msg.textContent = "";
-    fetch(button.getAttribute("formaction"), {method: "POST", headers: headers, cache: "no-store"})
+    fetch(url, {method: "POST", headers: headers, cache: "no-store"})
       .then(function (r) { return r.json(); })
       .then(function (answer) { if (!answer.ok) msg.textContent = answer.error.message; refresh(); })
       .catch(function (e) { msg.textContent = "request failed: " + e; });
@@ -766,8 +787,7 @@ def _row(r: Row, now: float, with_name_link: bool = True) -> str:
     uptime = f"{int(up) // 3600}:{int(up) % 3600 // 60:02d}:{int(up) % 60:02d}" if s.state == "RUNNING" else ""
     cpu = "" if r.cpu_seconds is None else f"{r.cpu_seconds:.2f} s"
     mem = "" if r.memory_bytes is None else _size(r.memory_bytes)
-    buttons = "".join(f'<button formaction="/program/{e(s.name)}/{a}">{a}</button>'
-                      for a in ("start", "stop", "restart"))
+    buttons = "".join(f'<button formaction="/program/{e(s.name)}/{a}">{a}</button>' for a in ACTIONS)
     return (f'<tr id="p-{e(s.name)}" class="{e(s.state)}"><td>{name}</td><td class=state>{e(s.state)}</td>'
             f'<td class="pid opt">{s.pid or ""}</td><td class="uptime opt">{uptime}</td>'
             f'<td class="restarts opt">{s.restarts}</td><td class="exit opt">{e(last_exit(s, r.oom_killed))}</td>'
@@ -776,13 +796,16 @@ def _row(r: Row, now: float, with_name_link: bool = True) -> str:
 
 
 def _table(rows: Iterable[Row], with_token: bool, now: float, back: str = "") -> str:
-    token = ('<p><label>token <input type=password name=token autocomplete=current-password></label></p>'
+    token = ('<label>token <input type=password name=token autocomplete=current-password></label> '
              if with_token else "")
+    # the signal a "signal" button sends (the form's field, with scripts on or off)
+    signals = "".join(f"<option>{name}</option>" for name in PAGE_SIGNALS)
+    fields = f"<p>{token}<label>signal <select name=signal>{signals}</select></label></p>"
     back_field = f'<input type=hidden name=back value="{back}">' if back else ""
     every = "" if back else ("<p>all programs: " + "".join(
         f'<button formaction="/all/{a}">{a} all</button>' for a in ALL_PICKS) + "</p>")
     body = "".join(_row(r, now, not back) for r in rows)
-    return (f'<form id=programs method=post>{token}{every}<p id=msg class=err role=alert></p>{back_field}'
+    return (f'<form id=programs method=post>{fields}{every}<p id=msg class=err role=alert></p>{back_field}'
             '<div class=wrap><table><thead><tr><th>program</th><th>state</th>'
             '<th class=opt>pid</th><th class=opt>uptime</th><th class=opt>restarts</th><th class=opt>last exit</th>'
             '<th class=opt>cpu</th><th class=opt>memory</th>'

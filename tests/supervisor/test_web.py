@@ -406,10 +406,11 @@ def test_last_exit_shows_the_code_or_signal_and_an_oom_kill() -> None:
 
 
 def test_all_picks_the_programs_nsinitctls_all_picks() -> None:
-    from supervisor.ctl.commands import _ACTIONS
+    from supervisor.ctl.commands import _ACTIONS, SIGNAL_PICKS
     from supervisor.web import ALL_PICKS
 
-    assert dict(ALL_PICKS) == {action: picked for action, (_, _, picked) in _ACTIONS.items()}
+    assert dict(ALL_PICKS) == {**{action: picked for action, (_, _, picked) in _ACTIONS.items()},
+                               "signal": SIGNAL_PICKS}
 
 
 async def test_stop_all_and_start_all_act_on_the_programs_nsinitctl_would(web: Callable[..., Awaitable[Web]]) -> None:
@@ -425,9 +426,30 @@ async def test_stop_all_and_start_all_act_on_the_programs_nsinitctl_would(web: C
     r = await w.request("POST", "/all/start", auth)
     assert r.status == 200 and [(p["name"], p["state"]) for p in r.json()["result"]] == \
         [("idle", "RUNNING"), ("web", "RUNNING"), ("worker", "RUNNING")]
-    r = await w.request("POST", "/all/signal", auth)
+    r = await w.request("POST", "/all/bogus", auth)
     assert (r.status, r.json()["error"]["message"]) == (
-        404, "no such action for all: signal (one of start, stop, restart)")
+        404, "no such action for all: bogus (one of start, stop, restart, signal)")
+
+
+async def test_signal_all_signals_every_running_program_like_nsinitctl(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    r = await w.request("POST", "/all/signal", FORM, b"signal=TERM")
+    assert (r.status, r.json()["error"]["code"]) == (401, "refused")
+    auth = {"authorization": f"Bearer {TOKEN}", **FORM}
+    r = await w.request("POST", "/all/signal", auth, b"signal=BOGUS")
+    assert (r.status, r.json()["error"]) == (400, {"code": "bad_request", "message": "signal: unknown signal 'BOGUS'"})
+    assert [e for e in w.daemon.events if e["event"] == "program.exited"] == []
+    r = await w.request("POST", "/all/signal", auth, b"signal=TERM")
+    # nsinitctl signal TERM all --json answers the same list; idle (STOPPED) is not picked
+    assert (r.status, r.json()) == (200, {"ok": True, "result": [{"name": "web", "signal": "SIGTERM"},
+                                                                  {"name": "worker", "signal": "SIGTERM"}]})
+    for name in ("web", "worker"):
+        exited = await w.daemon.wait_for("program.exited", name)
+        assert (exited["signal"], exited["exit_code"]) == ("SIGTERM", 143)
+        await w.daemon.wait_for("program.running", name, count=2)  # restarted: a signal is a failure
+    assert await w.state("idle") == "STOPPED"
+    r = await w.request("POST", "/all/signal?signal=1", {"authorization": f"Bearer {TOKEN}"})  # or in the query
+    assert (r.status, [p["signal"] for p in r.json()["result"]]) == (200, ["SIGHUP", "SIGHUP"])
 
 
 async def test_300_idle_connections_leave_healthz_answering_within_100ms(web: Callable[..., Awaitable[Web]]) -> None:

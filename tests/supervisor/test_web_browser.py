@@ -17,7 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.supervisor.test_web import TOKEN, Web, web  # noqa: F401 (web is the fixture)
 
@@ -131,6 +131,21 @@ async def test_the_page_stops_a_program_and_shows_a_crash_live_and_a_refusal(
             browser.save_screenshot(os.environ["NSINIT_SCREENSHOT"])
 
     await in_browser(the_crash_turns_its_row_red)
+
+    def signal_all_with_kill_restarts_the_one_running_program() -> None:
+        Select(browser.find_element(By.NAME, "signal")).select_by_visible_text("KILL")
+        browser.find_element(By.XPATH, "//button[text()='signal all']").click()
+        wait_until(browser, lambda d: row(d, "worker").find_element(By.CLASS_NAME, "restarts").text == "1"
+                   and row(d, "worker").get_attribute("class") == "RUNNING", "worker restarted")
+        assert row(browser, "worker").find_element(By.CLASS_NAME, "exit").text == "SIGKILL"
+        assert browser.find_element(By.ID, "msg").text == ""
+        assert [row(browser, name).get_attribute("class") for name in ("crasher", "web")] == ["EXITED", "STOPPED"]
+
+    await in_browser(signal_all_with_kill_restarts_the_one_running_program)
+    killed = await w.daemon.wait_for("program.exited", "worker")
+    assert killed["signal"] == "SIGKILL"
+    # web's exit is the stop; only the one RUNNING program was signalled
+    assert [e["program"] for e in w.daemon.events if e["event"] == "program.exited"] == ["web", "crasher", "worker"]
 
 
 async def test_a_program_page_shows_new_output_lines_without_a_reload(
