@@ -101,6 +101,9 @@ class WebLimits:
     keep_alive_timeout: float = 5.0  # an idle keep-alive connection
     refusal_events_per_second: float = 10.0
     backlog: int = 1024
+    # GET answers computed at once (the page, /status.json, /metrics ...); more wait their turn
+    # parked, costing the loop nothing, instead of each lengthening every turn of it
+    renders_at_once: int = 1
 
 
 async def serve(
@@ -262,6 +265,7 @@ class WebApp:
         self.last_oom: dict[str, bool] = {}  # the last exit was an OOM kill, by program
         self._refusals = _RateLimit(limits.refusal_events_per_second)
         self.hosts = _allowed_hosts(web)
+        self.rendering = trio.Semaphore(limits.renders_at_once)
         self.routes = Starlette(routes=[
             Route("/", self.page, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -288,7 +292,35 @@ class WebApp:
             if scope["method"] == "GET" and len(parts) == 5 and parts[1] == "program" and parts[3] == "log":
                 await self.follow_log(parts[2], parts[4], scope, receive, send)
                 return
+            if scope["method"] in ("GET", "HEAD") and scope["path"] != "/healthz":
+                await self.render_in_turn(scope, receive, send)
+                return
         await self.routes(scope, receive, send)
+
+    async def render_in_turn(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A GET answered once its turn comes: at most ``renders_at_once`` are computed at a time.
+        A flood of them then keeps nsinitd's loop turning fast (the control socket and /healthz,
+        which skips the queue, answer within milliseconds) instead of every turn running all of
+        them. The turn ends when the answer is computed, before it is sent: a client that doesn't
+        read can't hold it. POSTs don't wait here: an action may wait for a program (a stop for
+        ``stopwaitsecs``), and without the token they are refused at once."""
+        turn_over = False
+
+        def end_turn() -> None:
+            nonlocal turn_over
+            if not turn_over:
+                turn_over = True
+                self.rendering.release()
+
+        async def send_after_turn(message: Message) -> None:
+            end_turn()
+            await send(message)
+
+        await self.rendering.acquire()
+        try:
+            await self.routes(scope, receive, send_after_turn)
+        finally:
+            end_turn()
 
     def report(self, scope: Scope, reason: str) -> None:
         suppressed = self._refusals.take()

@@ -98,11 +98,13 @@ async def web(cfg: ConfigWriter, nursery: trio.Nursery) -> AsyncIterator[Callabl
     answering once its ``web.started`` event and the autostart programs' ``program.running`` are out."""
     procs: list[trio.Process] = []
 
-    async def start(auth: str = "token", programs: str = PROGRAMS, extra: str = "") -> Web:
+    async def start(auth: str = "token", programs: str = PROGRAMS, extra: str = "", control: bool = False) -> Web:
+        """``control``: nsinitd also listens on its control socket (cfg.root / "nsinitd.sock")."""
         port = free_port()
         path = cfg.write(programs + "\n" + web_table(port, token_file(cfg.root) if auth == "token" else None) + extra)
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "supervisor.nsinitd", "-c", str(path), "--no-socket"], stdout=subprocess.PIPE)
+            [sys.executable, "-m", "supervisor.nsinitd", "-c", str(path), *([] if control else ["--no-socket"])],
+            stdout=subprocess.PIPE)
         procs.append(proc)
         d = Nsinitd(proc)
         await d.wait_for("web.started")
@@ -336,6 +338,155 @@ async def test_stalled_event_readers_leave_healthz_answering_within_100ms(web: C
     finally:
         for s in stalled:
             await s.aclose()
+
+
+FLOOD_PROGRAMS = """
+    [programs.flapper]
+    command = ["sleep", "0.05"]
+    startsecs = 0
+    autorestart = "always"
+    backoff = { initial = 0.0, factor = 1.0, max = 0.0 }
+    startretries = 1000000
+    [programs.web]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+"""
+
+
+def probe_latencies(port: int, control_socket: Path, enough: Callable[[], bool]) -> tuple[list[float], list[float]]:
+    """Seconds each answer took: ``nsinitctl status``'s call over the control socket (a fresh
+    connection each time, as nsinitctl makes) and a GET /healthz on a fresh connection, taken in
+    turn, 20 of each at least and then until ``enough()`` (at most 2000). Each answer is checked,
+    not only timed."""
+    from supervisor.ctl.client import Client
+
+    status: list[float] = []
+    healthz: list[float] = []
+    while len(status) < 20 or (not enough() and len(status) < 2000):
+        t0 = time.monotonic()
+        with Client(os.fspath(control_socket), timeout=10) as client:
+            programs = client.call("status")
+        status.append(time.monotonic() - t0)
+        assert [p["name"] for p in programs] == ["flapper", "web"]
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/healthz")
+            r = conn.getresponse()
+            assert (r.status, r.read()) == (200, b"ok\n")
+        finally:
+            conn.close()
+        healthz.append(time.monotonic() - t0)
+    return status, healthz
+
+
+class EventReader:
+    """The events of a raw ``GET /events`` answer: the head, then HTTP/1.1 chunks of ``data:`` lines."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+        self.text = b""  # the body, unchunked, not yet parsed into events
+        self.events: list[dict[str, Any]] = []
+
+    async def _more(self) -> None:
+        chunk = await self.stream.receive_some(65536)
+        assert chunk, f"the event stream ended after {len(self.events)} events: {self.events[-3:]}"
+        self.buf += chunk
+
+    async def subscribed(self) -> None:
+        """Until the server's opening comment: it has subscribed, what follows is live."""
+        while b"\r\n\r\n" not in self.buf:
+            await self._more()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower()
+        await self._unchunk_until(lambda: b": nsinitd events\n\n" in self.text)
+        self.text = self.text.partition(b": nsinitd events\n\n")[2]
+
+    async def _unchunk_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            while b"\r\n" not in self.buf:
+                await self._more()
+            size = int(self.buf.split(b"\r\n", 1)[0], 16)
+            while len(self.buf) < self.buf.index(b"\r\n") + 2 + size + 2:
+                await self._more()
+            start = self.buf.index(b"\r\n") + 2
+            self.text += self.buf[start:start + size]
+            self.buf = self.buf[start + size + 2:]
+
+    async def until(self, event: str, program: str) -> list[dict[str, Any]]:
+        """Every event through the first ``event`` of ``program``."""
+        while not self.events or (self.events[-1]["event"], self.events[-1].get("program")) != (event, program):
+            await self._unchunk_until(lambda: b"\n\n" in self.text)
+            block, _, self.text = self.text.partition(b"\n\n")
+            assert block.startswith(b"data: "), block
+            self.events.append(json.loads(block[6:]))
+        return self.events
+
+
+async def test_a_flood_leaves_status_and_healthz_answering_within_100ms_and_loses_no_event(
+        web: Callable[..., Awaitable[Web]], cfg: ConfigWriter) -> None:
+    """300 idle connections, an /events reader that never reads, and 48 clients asking for the
+    page, /status.json and /metrics as fast as they are answered, while a program flaps (200
+    events and more): the control socket's status and /healthz each answer within 100 ms (the
+    worst of the probes taken meanwhile, 20 of each at least), and a reading /events client gets
+    every event of the event log, in order."""
+    w = await web(auth="none", programs=FLOOD_PROGRAMS, control=True)
+    log = cfg.root / "events.jsonl"
+    stalled = await _open_events(w.port, "", rcvbuf=1024)
+    reader = EventReader(await _open_events(w.port, ""))
+    idle: list[trio.SocketStream] = []
+    flood: trio.Process | None = None
+    async with stalled, reader.stream:
+        with trio.fail_after(10):
+            await reader.subscribed()
+        logged_before = len(log.read_text().splitlines())
+        try:
+            for i in range(300):
+                s = await trio.open_tcp_stream("127.0.0.1", w.port)
+                if i % 2:  # half never send a byte, half stop in the middle of a request head
+                    await s.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                idle.append(s)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader.until, "program.stopped", "web")
+                flood = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "tests.supervisor.web_flood", str(w.port), "48", "/", "/status.json",
+                     "/metrics"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                assert flood.stdin is not None and flood.stdout is not None
+                with trio.fail_after(60):
+                    said = b""
+                    while b"on\n" not in said:  # every flood client has been answered: it is on
+                        said += await flood.stdout.receive_some(65536)
+                    started = time.monotonic()
+                    status, healthz = await trio.to_thread.run_sync(
+                        probe_latencies, w.port, cfg.root / "nsinitd.sock",
+                        lambda: sum(e["program"] == "flapper" for e in reader.events) >= 200)
+                    ended = time.monotonic()
+                    await flood.stdin.aclose()
+                    while not said.endswith(b"}\n"):
+                        chunk = await flood.stdout.receive_some(65536)
+                        assert chunk, "the flood ended without its summary"
+                        said += chunk
+                    assert await flood.wait() == 0
+                    summary = json.loads(said.split(b"\n")[1])
+                    r = await w.request("POST", "/program/web/stop")  # the last event the reader waits for
+                    assert r.status == 200
+        finally:
+            if flood is not None and flood.returncode is None:
+                flood.kill()
+                await flood.wait()
+            for s in idle:
+                await s.aclose()
+    assert summary["statuses"] == {"200": len(summary["times"])}
+    # the flood went on while the probes were taken: each client was answered at least once meanwhile
+    assert sum(started <= t <= ended for t in summary["times"]) >= 48
+    assert max(status) < 0.1, f"nsinitctl status took {max(status) * 1000:.0f} ms at worst: {status}"
+    assert max(healthz) < 0.1, f"/healthz took {max(healthz) * 1000:.0f} ms at worst: {healthz}"
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    first = logged.index(reader.events[0])
+    assert first <= logged_before  # the reader's first event was logged before the flood began
+    assert reader.events == logged[first:first + len(reader.events)]
+    assert sum(e.get("program") == "flapper" for e in logged[logged_before:]) >= 200
 
 
 async def test_a_unix_socket_listener_is_root_only_and_removed_at_exit(cfg: ConfigWriter) -> None:
