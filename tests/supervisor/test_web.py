@@ -21,6 +21,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config import ConfigError
+from tests.conftest import make_busybox_rootfs
 from tests.supervisor.test_daemon_process import Nsinitd
 
 ConfigWriter = Any
@@ -542,6 +543,33 @@ async def test_the_page_shows_each_programs_cpu_and_memory_from_its_cgroup(
     assert "<th class=opt>cpu</th><th class=opt>memory</th>" in page
     assert f'<td class="cpu opt num">{rows["web"]["cpu_seconds"]:.2f} s</td>' in page
     assert '<td class="cpu opt num"></td><td class="mem opt num"></td>' in page  # idle: no cgroup
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+async def test_a_container_killed_for_memory_says_oom_in_its_event_metrics_and_row(
+        web: Callable[..., Awaitable[Web]], tmp_path: Path) -> None:
+    # 16 MiB and no swap; tail keeps its line in memory, and /dev/zero has no newline: it grows
+    # until the kernel's OOM killer ends it, in the container's memory cgroup
+    rootfs = make_busybox_rootfs(tmp_path / "bb", {"cgroups": {"memory": 16 << 20, "memory_swap": 16 << 20}})
+    w = await web(auth="none", programs=f"""
+        [programs.hog]
+        container = "{rootfs}"
+        command = ["tail", "/dev/zero"]
+        startsecs = 0
+        autorestart = "never"
+    """)
+    exited = await w.daemon.wait_for("program.exited", "hog", timeout=30)
+    assert (exited["signal"], exited["exit_code"], exited["oom_killed"]) == ("SIGKILL", 137, True)
+    await w.daemon.wait_for("container.destroyed", "hog")
+    families = {f.name: f for f in text_string_to_metric_families((await w.request("GET", "/metrics")).body.decode())}
+    exits = {tuple(sorted(s.labels.items())): s.value for s in families["nsinit_program_exits"].samples
+             if s.name == "nsinit_program_exits_total"}
+    assert exits == {(("cause", "oom"), ("program", "hog")): 1.0}
+    row = {p["name"]: p for p in (await w.request("GET", "/status.json")).json()}["hog"]
+    assert (row["state"], row["signal"], row["oom_killed"]) == ("EXITED", "SIGKILL", True)
+    page = (await w.request("GET", "/")).body.decode()
+    assert '<tr id="p-hog" class="EXITED">' in page and '<td class="exit opt">SIGKILL (OOM)</td>' in page
 
 
 def test_last_exit_shows_the_code_or_signal_and_an_oom_kill() -> None:
