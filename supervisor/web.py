@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import IO, Any, Final, cast
 from urllib.parse import parse_qs
 
 import trio
@@ -61,7 +61,8 @@ from nsruntime import signal_name
 
 from .api import ControlError, ProgramStatus, SupervisorAPI
 from .config import ConfigError, WebConfig, check_token_file, parse_signal
-from .ctl.eventlog import EventFilter, Follower
+from .ctl.errors import CtlError
+from .ctl.eventlog import EventFilter, Follower, parse_since
 from .server import CALLS, _bind, _remove_files
 from .states import ProcessState
 
@@ -475,15 +476,33 @@ class WebApp:
 
     async def events(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Server-sent events: each event object as one ``data:`` line, filtered like
-        ``nsinitctl events`` (``?program=NAME`` and ``?event=PATTERN``, both repeatable)."""
+        ``nsinitctl events`` (``?program=NAME`` and ``?event=PATTERN``, both repeatable, and
+        ``?since=TIME``: first the event log's events from then on, then the live ones)."""
         query = parse_qs(scope.get("query_string", b"").decode("utf-8", "replace"))
-        wanted = EventFilter(programs=frozenset(query.get("program", [])), patterns=tuple(query.get("event", [])))
+        since: float | None = None
+        log = self.api.event_log
+        if "since" in query:
+            try:
+                since = parse_since(query["since"][-1])
+            except CtlError as e:  # nsinitctl's words for its --since, which is our since
+                error: str | None = e.message.removeprefix("--")
+            else:
+                error = None if log is not None else "since: nsinitd keeps no event log ([supervisor] event_log)"
+            if error is not None:
+                await PlainTextResponse(f"{error}\n", status_code=400)(scope, receive, send)
+                return
+        wanted = EventFilter(programs=frozenset(query.get("program", [])), patterns=tuple(query.get("event", [])),
+                             since=since)
         with self.api.subscribe(self.limits.event_buffer) as channel:
+            # The log's first ``logged`` bytes are the events before the subscription, the rest
+            # come through it: taken in the same step of the loop, nothing can be emitted between.
+            logged = _size_of(log) if since is not None and log is not None else 0
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
                 headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store")]
                 if await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers}) \
-                        and await self._send(send, _chunk(b": nsinitd events\n\n")):
+                        and await self._send(send, _chunk(b": nsinitd events\n\n")) \
+                        and (not logged or await self._replay(send, cast(Path, log), logged, wanted)):
                     async for ev in channel:
                         last = ev.get("event") == "subscriber.dropped"
                         if (last or wanted(ev)) and not await self._send(send, _chunk(_sse(ev))):
@@ -540,6 +559,27 @@ class WebApp:
         finally:
             follower.close()
 
+    async def _replay(self, send: Send, log: Path, size: int, wanted: EventFilter) -> bool:
+        """The events ``wanted`` among the first ``size`` bytes of the event log, read a piece
+        at a time in a thread; False when the reader was let go."""
+        pending = b""
+
+        def next_piece(f: IO[bytes]) -> bytes | None:
+            """The wanted events of the next piece, as server-sent events; None at the end."""
+            nonlocal size, pending
+            data = f.read(min(size, LOG_TAIL_BYTES)) if size > 0 else b""
+            if not data:
+                return None
+            size -= len(data)
+            *lines, pending = (pending + data).split(b"\n")
+            return b"".join(_sse(ev) for ev in map(_event_of, lines) if ev is not None and wanted(ev))
+
+        with open(log, "rb") as f:
+            while (piece := await trio.to_thread.run_sync(next_piece, f)) is not None:
+                if piece and not await self._send(send, _chunk(piece)):
+                    return False
+        return True
+
     async def _send(self, send: Send, message: Message) -> bool:
         """False when the reader's socket took nothing for send_timeout (it is then let go)."""
         with trio.move_on_after(self.limits.send_timeout):
@@ -551,6 +591,22 @@ class WebApp:
 def _signal_field(request: Request, form: Mapping[str, str]) -> int:
     """The ``signal`` of a form, else of the query (``HUP``, ``SIGHUP``, ``1``); ConfigError naming it."""
     return parse_signal("signal", form.get("signal", request.query_params.get("signal", "")))
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _event_of(line: bytes) -> dict[str, Any] | None:
+    """An event log line's object; None for what isn't one (a line cut short by a full disk)."""
+    try:
+        ev = json.loads(line)
+    except ValueError:
+        return None
+    return ev if isinstance(ev, dict) else None
 
 
 def _chunk(data: bytes) -> Message:

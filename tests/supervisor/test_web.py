@@ -319,6 +319,25 @@ async def test_events_stream_live_filtered_by_program(web: Callable[..., Awaitab
                                                              ("program.stopped", "worker")]
 
 
+async def test_events_since_replays_the_event_log_then_follows_live(
+        web: Callable[..., Awaitable[Web]], cfg: ConfigWriter) -> None:
+    w = await web(auth="none")
+    r = await w.request("GET", "/events?since=yesterday")
+    assert (r.status, r.body) == (400, b"since: expected RFC 3339 (2026-11-28T00:10:00Z) or 10m/2h/1d, "
+                                       b"got 'yesterday'\n")
+    reader = EventReader(await _open_events(w.port, "?since=1h&program=worker"))
+    async with reader.stream:
+        with trio.fail_after(10):
+            await reader.subscribed()
+            await w.request("POST", "/program/worker/stop")
+            seen = await reader.until("program.stopped", "worker")
+    logged = [json.loads(line) for line in (cfg.root / "events.jsonl").read_text().splitlines()]
+    # the log's events of worker from nsinitd's start, then those of the stop: none twice, none missed
+    assert seen == [e for e in logged if e.get("program") == "worker"]
+    assert [e["event"] for e in seen][:2] == ["program.starting", "program.running"]
+    assert [e["event"] for e in seen][-3:] == ["program.stopping", "program.exited", "program.stopped"]
+
+
 async def test_stalled_event_readers_leave_healthz_answering_within_100ms(web: Callable[..., Awaitable[Web]]) -> None:
     w = await web(auth="none", programs="""
         [programs.flapper]
