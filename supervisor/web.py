@@ -224,15 +224,16 @@ async def _listen(web: WebConfig, backlog: int) -> tuple[socket.socket, Callable
 class _RateLimit:
     """A token bucket: at most ``rate`` reports a second, the rest counted as suppressed."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
+        self.clock = clock
         self.tokens = rate
-        self.stamp = time.monotonic()
+        self.stamp = clock()
         self.suppressed = 0
 
     def take(self) -> int | None:
         """The count suppressed since the last report, or None to suppress this one."""
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens < 1:

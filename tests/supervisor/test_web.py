@@ -204,6 +204,32 @@ async def test_a_stop_without_the_token_is_refused_and_reported(web: Callable[..
     assert await w.state("web") == "RUNNING"
 
 
+async def test_a_wrong_token_is_reported_as_such(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    r = await w.request("POST", "/all/stop", {"authorization": "Bearer not-it"})
+    assert (r.status, r.json()["error"]["message"]) == (403, "permission denied: wrong token")
+    event = await w.daemon.wait_for("web.refused")
+    assert (event["method"], event["path"], event["reason"], event["suppressed"]) == ("POST", "/all/stop",
+                                                                                       "wrong-token", 0)
+    assert event["client"].startswith("127.0.0.1:")
+    assert [await w.state(name) for name in ("web", "worker")] == ["RUNNING", "RUNNING"]
+
+
+def test_refusals_are_reported_at_most_10_a_second_and_the_rest_counted_in_the_next() -> None:
+    from supervisor.web import _RateLimit
+
+    now = [100.0]
+    limit = _RateLimit(10, clock=lambda: now[0])
+    assert [limit.take() for _ in range(12)] == [0] * 10 + [None, None]  # a burst: 10, then quiet
+    now[0] += 0.0625  # not yet a report's worth of time (0.1 s)
+    assert limit.take() is None
+    now[0] += 0.0625
+    assert limit.take() == 3  # the three suppressed since the last report
+    assert limit.take() is None
+    now[0] += 60  # a long quiet time fills the bucket to 10, no more
+    assert [limit.take() for _ in range(11)] == [1] + [0] * 9 + [None]
+
+
 async def test_a_cross_site_post_is_refused_even_with_the_token(web: Callable[..., Awaitable[Web]]) -> None:
     w = await web()
     r = await w.request("POST", "/program/web/stop", {**BROWSER, "origin": "http://evil.example"},
