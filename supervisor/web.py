@@ -782,7 +782,7 @@ tr.FATAL td.state,tr.BACKOFF td.state,tr.EXITED td.state{color:#b00;font-weight:
 button{margin:.1em}
 .err{color:#b00}
 pre{background:#f6f6f6;padding:.5em;overflow-x:auto;max-height:30em}
-@media (max-width:600px){th.opt,td.opt{display:none}}
+@media (max-width:600px){th.opt,td.opt{display:none}td.actions{white-space:normal}th,td{padding:.35em .3em}}
 </style>
 """
 
@@ -849,7 +849,7 @@ _SCRIPT = """<script>
   }
   var source = new EventSource("/events?event=program.*");
   source.onmessage = refresh;
-  source.onopen = refresh;
+  source.onopen = function () { if (form) form.setAttribute("data-live", "yes"); refresh(); };
 })();
 </script>"""
 
@@ -881,7 +881,7 @@ def _row(r: Row, now: float, with_name_link: bool = True) -> str:
             f'<td class="pid opt">{s.pid or ""}</td><td class="uptime opt">{uptime}</td>'
             f'<td class="restarts opt">{s.restarts}</td><td class="exit opt">{e(last_exit(s, r.oom_killed))}</td>'
             f'<td class="cpu opt num">{cpu}</td><td class="mem opt num">{mem}</td>'
-            f"<td>{buttons}</td></tr>")
+            f"<td class=actions>{buttons}</td></tr>")
 
 
 def _table(rows: Iterable[Row], with_token: bool, now: float, back: str = "") -> str:
