@@ -19,6 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from tests.conftest import make_busybox_rootfs
 from tests.supervisor.test_web import TOKEN, Web, web  # noqa: F401 (web is the fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -246,3 +247,37 @@ async def test_on_a_phone_the_table_fits_the_screen(
             assert row(browser, "web").find_element(By.XPATH, f".//button[text()='{action}']").is_displayed()
 
     await in_browser(fits)
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+async def test_an_oom_kill_shows_in_its_row_live(
+        web: Callable[..., Awaitable[Web]], browser: WebDriver, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+    rootfs = make_busybox_rootfs(tmp_path / "bb", {"cgroups": {"memory": 16 << 20, "memory_swap": 16 << 20}})
+    os.mkfifo(rootfs / "go")
+    w = await web(auth="none", programs=f"""
+        [programs.hog]
+        container = "{rootfs}"
+        command = ["sh", "-c", "read x < /go; exec tail /dev/zero"]
+        startsecs = 0.2
+        autorestart = "never"
+    """)
+    await w.daemon.wait_for("program.running", "hog", timeout=30)
+
+    def loads() -> None:
+        browser.get(f"http://127.0.0.1:{w.port}/")
+        wait_until(browser, lambda d: d.find_element(By.ID, "programs").get_attribute("data-live") == "yes",
+                   "the event stream open")
+        browser.execute_script("window.notReloaded = true;")
+        assert row(browser, "hog").get_attribute("class") == "RUNNING"
+
+    await in_browser(loads)
+    await trio.to_thread.run_sync(lambda: (rootfs / "go").write_text("now\n"))  # tail grows into the limit
+    assert (await w.daemon.wait_for("program.exited", "hog", timeout=30))["oom_killed"] is True
+
+    def the_row_says_oom() -> None:
+        wait_until(browser, lambda d: row(d, "hog").get_attribute("class") == "EXITED", "hog EXITED")
+        assert row(browser, "hog").find_element(By.CLASS_NAME, "exit").text == "SIGKILL (OOM)"
+        assert browser.execute_script("return window.notReloaded") is True
+
+    await in_browser(the_row_says_oom)
