@@ -22,7 +22,10 @@ What it promises, and how:
   subscription, bounded like the control socket's: a reader that falls ``event_buffer`` behind is
   dropped, and one whose socket takes no bytes for ``send_timeout`` is disconnected. Each
   connection is its own trio task; the daemon's emit never blocks on any of them. At most
-  ``max_connections`` are open at once: one more is answered 503 and closed at once.
+  ``max_connections`` are open at once: one more is answered 503 and closed at once. GET answers
+  are computed one at a time (:meth:`WebApp.render_in_turn`): a flood of them waits parked
+  instead of making every turn of the loop longer, so the control socket and /healthz keep
+  answering within milliseconds.
 """
 
 from __future__ import annotations
