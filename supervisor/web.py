@@ -151,6 +151,20 @@ _LOGGER = logging.getLogger("nsinitd.web")
 _ACCEPT_RETRY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
+class _TCPServer(TCPServer):
+    """hypercorn's per-connection server, letting a connection go as soon as its client has
+    closed it. hypercorn's own keeps an idle connection's task (and so its slot among
+    ``max_connections``) until ``keep_alive_timeout`` even after the client's EOF: a flood of
+    connect-and-close (port scans, TCP health checks) would then hold every slot and /healthz
+    would be answered 503."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # the read side has ended: a request in progress still gets its answer (its stream holds
+        # the connection); an idle connection has nothing left to wait for
+        await self.idle_task.stop()
+
+
 async def _accept_loop(app: ASGIFramework, hconfig: HypercornConfig, sock: socket.socket, max_connections: int,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """hypercorn's per-connection server for each accepted connection, at most ``max_connections``
@@ -170,7 +184,7 @@ async def _accept_loop(app: ASGIFramework, hconfig: HypercornConfig, sock: socke
         nonlocal open_now
         try:
             # TCPServer's annotation says SSLStream; it takes a plain SocketStream as well (no TLS here)
-            await TCPServer(wrapper, hconfig, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+            await _TCPServer(wrapper, hconfig, context, ConnectionState({}), stream)  # type: ignore[arg-type]
         finally:
             open_now -= 1
 
