@@ -747,6 +747,22 @@ async def test_connections_beyond_max_connections_are_refused_and_healthz_answer
             await s.aclose()
 
 
+async def until_logged(path: Path, text: bytes) -> None:
+    """Until the captured output file holds ``text``, woken by inotify on its directory (the
+    Follower of nsinitctl logs -f and of the page)."""
+    from supervisor.ctl.eventlog import Follower
+    from supervisor.web import _wait_for_change
+
+    follower = Follower(path, None)  # watching before the first read: no write slips between
+    try:
+        seen = b""
+        with trio.fail_after(10):
+            while text not in (seen := seen + follower.read()):
+                await _wait_for_change(follower)
+    finally:
+        follower.close()
+
+
 async def test_a_program_page_follows_its_output_live_through_rotation(
         web: Callable[..., Awaitable[Web]], cfg: ConfigWriter, tmp_path: Path) -> None:
     fifo = tmp_path / "say"
@@ -758,6 +774,7 @@ async def test_a_program_page_follows_its_output_live_through_rotation(
         stdout_maxbytes = 100
         stdout_backups = 2
     """)
+    await until_logged(cfg.root / "logs" / "talker.out", b"before\n")  # what the page's tail shows, not the stream
     stream = await trio.open_tcp_stream("127.0.0.1", w.port)
     async with stream:
         await stream.send_all(f"GET /program/talker/log/stdout HTTP/1.1\r\nHost: 127.0.0.1:{w.port}\r\n\r\n".encode())
