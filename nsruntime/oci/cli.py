@@ -61,6 +61,11 @@ class _Log:
         sys.stderr.write(f"nsrun: {msg}\n")
         self._write("error", msg)
 
+    def warning(self, msg: str) -> None:
+        """What failed without failing the verb (a poststart or poststop hook)."""
+        sys.stderr.write(f"nsrun: warning: {msg}\n")
+        self._write("warning", msg)
+
     def debug(self, msg: str) -> None:
         if self.debug_on:
             self._write("debug", msg)
@@ -169,9 +174,10 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
         if args.verb == "create":
             runtime.create(root, args.id, args.bundle, pid_file=args.pid_file, console_socket=args.console_socket)
             return 0
-        return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file)
+        return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file, warn=log.warning)
     if args.verb == "start":
-        runtime.start(root, args.id)
+        for w in runtime.start(root, args.id):
+            log.warning(w)
     elif args.verb == "state":
         sys.stdout.write(dumps(runtime.Record(root, args.id).state()) + "\n")
     elif args.verb == "kill":
@@ -180,7 +186,8 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
             raise NsRuntimeError(f"kill: unknown signal {args.signal!r}")
         runtime.kill(root, args.id, signum, all_processes=args.all)
     elif args.verb == "delete":
-        runtime.delete(root, args.id, force=args.force)
+        for w in runtime.delete(root, args.id, force=args.force):
+            log.warning(w)
     elif args.verb == "exec":
         return runtime.exec_(root, args.id, list(args.args), process_file=args.process, tty=args.tty,
                              cwd=args.cwd, env=list(args.env), user=args.user, detach=args.detach,

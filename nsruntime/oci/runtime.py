@@ -29,10 +29,12 @@ from ..cgroups import base as cgroups_base
 from ..errors import ConfigError, NsRuntimeError, StateError, TeardownError
 from ..lean import replace, send_fds, suppress
 from ..state import StateDir
+from . import hooks as oci_hooks
 from . import spec as oci_spec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from ..cgroups.base import CgroupSet
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = "/run/nsrun"
 FIFO = "start.fifo"
+REPLY_FIFO = "started.fifo"  # with startContainer hooks: their failure, told to `start` (spawn._starting)
 _ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 KILL_TIMEOUT = 10.0
 
@@ -62,6 +65,7 @@ class Record:
         self.path = os.path.join(os.path.abspath(root), cid)
         self.sdir = StateDir(self.path)
         self.fifo = os.path.join(self.path, FIFO)
+        self.reply_fifo = os.path.join(self.path, REPLY_FIFO)
 
     def exists(self) -> bool:
         return os.path.isfile(self.sdir.file("state.json"))
@@ -96,6 +100,19 @@ class Record:
                 if f.read().strip() == "1":
                     return True
         return False
+
+    def hooks(self) -> dict[str, tuple[oci_hooks.Hook, ...]]:
+        """The hooks of the config.json the container was created with."""
+        config = self.sdir.read_state().get("config")
+        spec = config.get("spec") if isinstance(config, dict) else None
+        raw = spec.get("hooks") if isinstance(spec, dict) else None
+        return oci_hooks.parse(raw) if raw is not None else {}
+
+    def hook_state(self, status: str, pid: int) -> dict[str, Any]:
+        """The state a hook reads on its stdin."""
+        oci = self.oci()
+        return {"ociVersion": oci_spec.SPEC_VERSION, "id": self.id, "status": status, "pid": pid,
+                "bundle": oci.get("bundle", ""), "annotations": oci.get("annotations", {})}
 
     def cgroups(self) -> CgroupSet:
         return cgroups.from_paths(self.sdir.read_state().get("cgroups") or [])
@@ -147,7 +164,7 @@ def _make_dir(rec: Record) -> None:
 
 
 def _remove_dir(rec: Record) -> None:
-    for name in (FIFO,):
+    for name in (FIFO, REPLY_FIFO):
         with suppress(FileNotFoundError):
             os.unlink(os.path.join(rec.path, name))
     with suppress(FileNotFoundError):
@@ -218,10 +235,11 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
         if console_socket is not None:
             console = connect_console(console_socket)
         os.mkfifo(rec.fifo, 0o600)
+        lifecycle = _lifecycle(rec, sp)
         record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
                             "annotations": dict(sp.annotations)}, "spec": sp.config.source}
         c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, tty=sp.terminal, die_with_parent=False,
-                           raw_config=record, start_fifo=rec.fifo)
+                           raw_config=record, start_fifo=rec.fifo, lifecycle=lifecycle)
     except BaseException:
         if console is not None:
             console.close()
@@ -248,34 +266,94 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
     return c.pid
 
 
+def _lifecycle(rec: Record, sp: oci_spec.Spec) -> oci_hooks.SpecHooks | None:
+    """The hooks of the setup and the start, when the spec has any (else nsruntime adds no step);
+    the reply FIFO made for startContainer's."""
+    hooks = oci_hooks.SpecHooks(sp.hooks, {"ociVersion": oci_spec.SPEC_VERSION, "id": rec.id, "bundle": sp.bundle,
+                                           "annotations": dict(sp.annotations)}, rec.reply_fifo)
+    if not hooks.needed:
+        return None
+    if hooks.reply_fifo is not None:
+        os.mkfifo(hooks.reply_fifo, 0o600)
+    return hooks
+
+
 def _destroy(rec: Record, c: Container) -> None:
     with suppress(NsRuntimeError, OSError):
         c.destroy()
     _remove_dir(rec)
 
 
-def start(root: str, cid: str) -> None:
-    """Let the created container's command run (from any process)."""
+def start(root: str, cid: str) -> list[str]:
+    """Let the created container's command run (from any process); the poststart hooks' failures,
+    which are warnings. A failing startContainer hook fails the start: the container is then
+    stopped (its command never ran), for the caller to delete."""
     rec = Record(root, cid)
     rec.require()
     status, _pid = rec.status()
     if status != "created":
         raise StateError(f"cannot start a container that is {status}")
+    hooks = rec.hooks()
+    reply = -1
+    if os.path.exists(rec.reply_fifo):  # read before the start: what the command's process says after it
+        reply = os.open(rec.reply_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        fd = os.open(rec.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # no reader: the command's process is gone
-            raise StateError(f"cannot start container {cid}: its process no longer waits") from None
-        if e.errno == errno.ENOENT:
-            raise StateError(f"cannot start container {cid}: started already") from None
-        raise
-    try:
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            raise StateError(f"{rec.fifo}: not a FIFO")
-        os.unlink(rec.fifo)  # first: from here on state says running
-        os.write(fd, b"0")
+        try:
+            fd = os.open(rec.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no reader: the command's process is gone
+                raise StateError(f"cannot start container {cid}: its process no longer waits") from None
+            if e.errno == errno.ENOENT:
+                raise StateError(f"cannot start container {cid}: started already") from None
+            raise
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise StateError(f"{rec.fifo}: not a FIFO")
+            os.unlink(rec.fifo)  # first: from here on state says running
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        if reply >= 0:
+            _started(rec, reply, hooks.get("startContainer", ()))
     finally:
-        os.close(fd)
+        if reply >= 0:
+            os.close(reply)
+            with suppress(FileNotFoundError):
+                os.unlink(rec.reply_fifo)
+    if not hooks.get("poststart"):
+        return []
+    return [str(e) for e in oci_hooks.run_kind("poststart", hooks["poststart"],
+                                               rec.hook_state("running", rec.sdir.live_pid() or 0))]
+
+
+def _started(rec: Record, reply: int, hooks: tuple[oci_hooks.Hook, ...]) -> None:
+    """Wait (bounded by the hooks' timeouts) for the startContainer hooks' outcome: end of file
+    when the command's execve closed the FIFO, or a failure's text, after which PID 1 exits."""
+    from .. import libc
+
+    bound = creator.SETUP_TIMEOUT + sum(h.timeout or creator.SETUP_TIMEOUT for h in hooks)
+    deadline = time.monotonic() + bound
+    said = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not libc.wait_readable(reply, left):
+            raise StateError(f"container {rec.id}: the startContainer hooks did not finish within {bound:g} s")
+        try:
+            chunk = os.read(reply, 4096)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        said += chunk
+    if not said:
+        return
+    live = rec.sdir.open_live()
+    if live is not None:  # it exits once it has said why: `state` then says stopped
+        try:
+            libc.wait_readable(live[1], KILL_TIMEOUT)
+        finally:
+            os.close(live[1])
+    raise StateError(said.decode(errors="replace"))
 
 
 def kill(root: str, cid: str, signum: int, *, all_processes: bool = False) -> None:
@@ -329,12 +407,18 @@ def ps(root: str, cid: str) -> list[int]:
     return sorted(rec.cgroups().pids())
 
 
-def delete(root: str, cid: str, *, force: bool = False) -> None:
-    """Release what the container holds. Gone already: nothing to do (the shim calls it twice)."""
+def delete(root: str, cid: str, *, force: bool = False) -> list[str]:
+    """Release what the container holds, then run its poststop hooks; their failures, which are
+    warnings. Gone already: nothing to do (the shim calls it twice)."""
     rec = Record(root, cid)
     if not os.path.isdir(rec.path):
-        return
+        return []
+    poststop: tuple[oci_hooks.Hook, ...] = ()
+    hook_state: dict[str, Any] = {}
     if rec.exists():
+        poststop = rec.hooks().get("poststop", ())
+        recorded = rec.sdir.read_pid()
+        hook_state = rec.hook_state("stopped", recorded[0] if recorded else 0)
         status, _pid = rec.status()
         if status in ("running", "paused") and not force:
             raise StateError(f"cannot delete container {cid} that is not stopped: {status}")
@@ -357,10 +441,14 @@ def delete(root: str, cid: str, *, force: bool = False) -> None:
                 os.close(pidfd)
         creator.cleanup_stale(rec.sdir)
     _remove_dir(rec)
+    return [str(e) for e in oci_hooks.run_kind("poststop", poststop, hook_state)] if poststop else []
 
 
-def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None) -> int:
-    """create + start in the foreground: the command's exit status (128+N when signal N killed it)."""
+def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
+        warn: Callable[[str], None] | None = None) -> int:
+    """create + start in the foreground: the command's exit status (128+N when signal N killed it).
+    With hooks, the start goes through the start FIFO as `nsrun start` does (startContainer and
+    poststart at their points); their warnings and poststop's go to warn."""
     import signal
 
     rec = Record(root, cid)
@@ -372,20 +460,37 @@ def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None) -> int
     try:
         record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
                             "annotations": dict(sp.annotations)}, "spec": sp.config.source}
-        c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, raw_config=record, start=True)
+        lifecycle = None
+        if any(sp.hooks.values()):
+            os.mkfifo(rec.fifo, 0o600)
+            lifecycle = _lifecycle(rec, sp)
+        if lifecycle is None and not os.path.exists(rec.fifo):
+            c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, raw_config=record, start=True)
+        else:
+            c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, raw_config=record,
+                               start_fifo=rec.fifo, lifecycle=lifecycle)
     except BaseException:
         _remove_dir(rec)
         raise
+    poststop = sp.hooks.get("poststop", ())
+    state = rec.hook_state("stopped", c.pid)
     try:
         if pid_file is not None:
             write_pid_file(pid_file, c.pid)
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(s, lambda signum, _frame: c.signal(signum))
+        if os.path.exists(rec.fifo):
+            for w in start(root, cid):
+                if warn is not None:
+                    warn(w)
         status = c.wait()
         assert status is not None
         return status.exit_code
     finally:
         _destroy(rec, c)
+        for e in oci_hooks.run_kind("poststop", poststop, state) if poststop else []:
+            if warn is not None:
+                warn(str(e))
 
 
 def ids(root: str) -> list[str]:

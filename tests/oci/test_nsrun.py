@@ -193,7 +193,7 @@ def test_a_missing_bundle_says_no_such_file_or_directory(bundle: Bundle, tmp_pat
     (lambda s: s["process"].update(foo=1), "process.foo: unknown field"),
     (lambda s: s["linux"].update(seccomp={"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/l.sock"}),
      "linux.seccomp.listenerPath: "),
-    (lambda s: s.update(hooks={"prestart": [{"path": "/bin/true"}]}), "hooks: not run yet by nsrun (see docs/oci.md)"),
+    (lambda s: s.update(hooks={"prestart": [{"path": "true"}]}), 'hooks.prestart[0].path: "true" is not an absolute path'),
     (lambda s: s["linux"]["namespaces"].append({"type": "pid", "path": "/proc/1/ns/pid"}),
      'linux.namespaces[5].type: namespace "pid" listed twice'),
     (lambda s: s["process"]["capabilities"].update(bounding=["CAP_NOPE"]),
