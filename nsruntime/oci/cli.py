@@ -133,6 +133,20 @@ def parser() -> argparse.ArgumentParser:
     v = verb("list", "list the containers")
     v.add_argument("--format", "-f", choices=("table", "json"), default="table")
     v.add_argument("--quiet", "-q", action="store_true", help="ids only")
+    v = verb("update", "change the live container's cgroup limits")
+    v.add_argument("--resources", "-r", metavar="F", help="an OCI LinuxResources JSON file, - for stdin")
+    for flag, what in (("--memory", "memory limit (bytes, or with k, m, g)"),
+                       ("--memory-swap", "memory + swap limit (bytes, or with k, m, g; -1: none)"),
+                       ("--cpu-share", "cpu.shares"), ("--cpu-quota", "CFS quota (µs)"),
+                       ("--cpu-period", "CFS period (µs)"),
+                       ("--cpuset-cpus", "the cpus allowed (0-1,3)"), ("--pids-limit", "the most processes"),
+                       ("--blkio-weight", "block io weight (10-1000)")):
+        v.add_argument(flag, help=what)
+    v.add_argument("id")
+    v = verb("events", "the container's stats and oom events as JSON lines, until it is gone")
+    v.add_argument("--stats", action="store_true", help="print one stats event and exit")
+    v.add_argument("--interval", default="5s", help="between stats events (5s, 500ms, 1m; default 5s)")
+    v.add_argument("id")
     verb("features", "print the runtime-spec features document")
     v = verb("spec", "write a default config.json (root: ./rootfs)")
     v.add_argument("--bundle", "-b", default=".")
@@ -200,11 +214,90 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
         runtime.resume(root, args.id)
     elif args.verb == "list":
         _list(root, args.format, args.quiet)
+    elif args.verb == "update":
+        runtime.update(root, args.id, _update_resources(args), "resources" if args.resources else "update")
+    elif args.verb == "events":
+        runtime.events(root, args.id, stats_once=args.stats, interval=_duration(args.interval),
+                       emit=_emit)
     elif args.verb == "features":
         sys.stdout.write(dumps(runtime.features()) + "\n")
     elif args.verb == "spec":
         runtime.spec_file(args.bundle)
     return 0
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
+# flag -> (the resources object's path, reads its value)
+_UPDATE_FLAGS = {
+    "memory": (("memory", "limit"), "bytes"), "memory_swap": (("memory", "swap"), "bytes"),
+    "cpu_share": (("cpu", "shares"), "int"), "cpu_quota": (("cpu", "quota"), "int"),
+    "cpu_period": (("cpu", "period"), "int"), "cpuset_cpus": (("cpu", "cpus"), "str"),
+    "pids_limit": (("pids", "limit"), "int"), "blkio_weight": (("blockIO", "weight"), "int"),
+}
+
+
+def _update_resources(args: argparse.Namespace) -> dict[str, object]:
+    """--resources F (or -: stdin), with each flag given set on top (runc's way)."""
+    from ..fields import decode_json
+
+    res: dict[str, object] = {}
+    if args.resources is not None:
+        try:
+            if args.resources == "-":
+                raw = sys.stdin.buffer.read(1 << 20)
+            else:
+                with open(args.resources, "rb") as f:
+                    raw = f.read(1 << 20)
+        except OSError as e:
+            raise NsRuntimeError(f"--resources {args.resources}: {(e.strerror or str(e)).lower()}") from None
+        decoded = decode_json("--resources", raw, 1 << 20)
+        if not isinstance(decoded, dict):
+            raise NsRuntimeError("--resources: not a JSON object (OCI LinuxResources)")
+        res = decoded
+    for name, ((group, key), kind) in _UPDATE_FLAGS.items():
+        text = getattr(args, name)
+        if text is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        value: object = text if kind == "str" else _number(flag, text, kind == "bytes")
+        sub = res.setdefault(group, {})
+        if not isinstance(sub, dict):
+            raise NsRuntimeError(f"--resources: {group}: not a JSON object")
+        sub[key] = value
+    if not res:
+        raise NsRuntimeError("update: --resources F or a limit flag (--memory, --pids-limit...) is required")
+    return res
+
+
+def _number(flag: str, text: str, sized: bool) -> int:
+    """An integer flag's value; with sized, k, m or g (binary: 1k = 1024) may follow."""
+    digits = text.rstrip("bBkKmMgG") if sized else text
+    unit = text[len(digits):].lower()
+    try:
+        return int(digits) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise NsRuntimeError(f"{flag} {text!r}: not a number" + (" (k, m, g allowed)" if sized else "")) from None
+
+
+def _emit(event: dict[str, object]) -> None:
+    sys.stdout.write(dumps(event) + "\n")
+    sys.stdout.flush()  # a reader (containerd's shim) acts on each line as it comes
+
+
+def _duration(text: str) -> float:
+    """5s, 500ms, 1m, 1.5 (seconds): runc's --interval."""
+    number, scale = text, 1.0
+    for suffix, unit in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], unit
+            break
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise NsRuntimeError(f"--interval {text!r}: not a positive duration (5s, 500ms, 1m)")
+    return seconds
 
 
 def _ps(pids: list[int], fmt: str) -> None:

@@ -493,6 +493,47 @@ def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
                 warn(str(e))
 
 
+def update(root: str, cid: str, resources: object, where: str = "resources") -> None:
+    """Apply an OCI LinuxResources object (memory, cpu, pids, blockIO weight) to the live
+    container's cgroups, each controller in the directory that carries it. What config.json
+    refuses is refused here too, naming its path; devices are not changed (as runc)."""
+    from . import events as oci_events
+
+    rec = Record(root, cid)
+    rec.require()
+    status, _pid = rec.status()
+    if status == "stopped":
+        raise StateError(f"cannot update a container that is {status}")
+    wanted = oci_spec.resources(where, resources)
+    cg = rec.cgroups()
+    dirs = oci_events.controller_dirs(cg)
+    for leaf in cg.leaves:
+        carried = frozenset(c for c, (_v, d) in dirs.items() if d == leaf.path)
+        type(leaf)(leaf.path, limits=carried).apply(wanted)
+
+
+def events(root: str, cid: str, *, stats_once: bool, interval: float,
+           emit: Callable[[dict[str, Any]], None]) -> None:
+    """runc's events: one stats event (stats_once), or a stats event every interval and an oom
+    event when the OOM killer acts, until the container is gone."""
+    from . import events as oci_events
+
+    rec = Record(root, cid)
+    rec.require()
+    live = rec.sdir.open_live()
+    if live is None:
+        raise StateError(f"container {cid} is not running")
+    _pid, pidfd = live
+    try:
+        cg = rec.cgroups()
+        if stats_once:
+            emit({"type": "stats", "id": cid, "data": oci_events.stats(cg)})
+            return
+        oci_events.stream(cid, cg, pidfd, interval, emit)
+    finally:
+        os.close(pidfd)
+
+
 def ids(root: str) -> list[str]:
     try:
         names = sorted(os.listdir(root))
@@ -551,7 +592,7 @@ def features() -> dict[str, Any]:
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": oci_spec.SPEC_VERSION,
-        "hooks": [],
+        "hooks": list(oci_hooks.KINDS),
         "mountOptions": oci_spec.MOUNT_OPTIONS,
         "linux": {
             "namespaces": sorted(oci_spec.NAMESPACE_TYPES),

@@ -518,6 +518,11 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
     return Cgroups(name=name, parent=parent, keep_parents=keep, **fields)
 
 
+def resources(path: str, value: object) -> Cgroups:
+    """An OCI LinuxResources object alone (`nsrun update --resources`): the limits it sets."""
+    return _resources(path, value, None)
+
+
 def _devices(path: str, value: object) -> tuple[DeviceRule, ...]:
     out = []
     for i, item in enumerate(_list(path, value)):
