@@ -103,7 +103,8 @@ def parser() -> argparse.ArgumentParser:
         v.add_argument("--no-new-keyring", action="store_true", help="accepted: nsrun never makes a session keyring")
         v.add_argument("--preserve-fds", type=int, default=0, help="(only 0 is supported)")
         if name == "run":
-            v.add_argument("--detach", "-d", action="store_true", help="(not supported)")
+            v.add_argument("--detach", "-d", action="store_true",
+                           help="exit once it runs; the caller (a subreaper) reaps PID 1")
         v.add_argument("id")
     verb("start", "run the command of a created container").add_argument("id")
     verb("state", "print the container's OCI state as JSON").add_argument("id")
@@ -181,14 +182,11 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
             raise NsRuntimeError("--preserve-fds: not supported yet (only 0)")
         if args.no_pivot:
             raise NsRuntimeError("--no-pivot: not supported yet")
-        if args.verb == "run" and args.console_socket:
-            raise NsRuntimeError(runtime.NEEDLESS_CONSOLE_SOCKET)  # run stays in the foreground
-        if args.verb == "run" and args.detach:
-            raise NsRuntimeError("run --detach: not supported (use create and start)")
         if args.verb == "create":
             runtime.create(root, args.id, args.bundle, pid_file=args.pid_file, console_socket=args.console_socket)
             return 0
-        return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file, warn=log.warning)
+        return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file, detach=args.detach,
+                           console_socket=args.console_socket, warn=log.warning)
     if args.verb == "start":
         for w in runtime.start(root, args.id):
             log.warning(w)

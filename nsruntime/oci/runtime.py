@@ -444,53 +444,87 @@ def delete(root: str, cid: str, *, force: bool = False) -> list[str]:
     return [str(e) for e in oci_hooks.run_kind("poststop", poststop, hook_state)] if poststop else []
 
 
-def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
-        warn: Callable[[str], None] | None = None) -> int:
-    """create + start in the foreground: the command's exit status (128+N when signal N killed it).
+def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None, detach: bool = False,
+        console_socket: str | None = None, warn: Callable[[str], None] | None = None) -> int:
+    """create + start. In the foreground (runc's default): wait for the command, forwarding the
+    signals we get and, with process.terminal, relaying its pty to and from our stdin and stdout
+    (raw while it runs when stdin is a terminal); then delete; the command's exit status (128+N
+    when signal N killed it). detach: create and start, then exit 0 leaving it running, its PID 1
+    reparented to our caller (a subreaper), a terminal's master sent to console_socket.
     With hooks, the start goes through the start FIFO as `nsrun start` does (startContainer and
     poststart at their points); their warnings and poststop's go to warn."""
-    import signal
+    from .. import init, joiner, libc
 
-    rec = Record(root, cid)
     sp = _load(bundle, cid)
-    if sp.terminal:
-        raise NsRuntimeError("process.terminal: run does not relay a terminal yet (use create --console-socket, "
-                             "then start)")
-    _make_dir(rec)
-    try:
-        record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
-                            "annotations": dict(sp.annotations)}, "spec": sp.config.source}
-        lifecycle = None
-        if any(sp.hooks.values()):
-            os.mkfifo(rec.fifo, 0o600)
-            lifecycle = _lifecycle(rec, sp)
-        if lifecycle is None and not os.path.exists(rec.fifo):
-            c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, raw_config=record, start=True)
-        else:
-            c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, raw_config=record,
-                               start_fifo=rec.fifo, lifecycle=lifecycle)
-    except BaseException:
-        _remove_dir(rec)
-        raise
-    poststop = sp.hooks.get("poststop", ())
-    state = rec.hook_state("stopped", c.pid)
-    try:
-        if pid_file is not None:
-            write_pid_file(pid_file, c.pid)
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(s, lambda signum, _frame: c.signal(signum))
-        if os.path.exists(rec.fifo):
+    check_console(sp.terminal, detach, console_socket)
+    if detach:
+        create(root, cid, bundle, pid_file=pid_file, console_socket=console_socket)
+        try:
             for w in start(root, cid):
                 if warn is not None:
                     warn(w)
-        status = c.wait()
-        assert status is not None
-        return status.exit_code
+        except BaseException:
+            with suppress(NsRuntimeError, OSError):
+                delete(root, cid, force=True)
+            raise
+        return 0
+    rec = Record(root, cid)
+    _make_dir(rec)
+    # blocked from here on and read from a signalfd: nothing sent to us is lost or kills us halfway
+    init.block_signals()
+    sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
+    try:
+        try:
+            record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
+                                "annotations": dict(sp.annotations)}, "spec": sp.config.source}
+            lifecycle = None
+            if any(sp.hooks.values()):
+                os.mkfifo(rec.fifo, 0o600)
+                lifecycle = _lifecycle(rec, sp)
+            fifo = rec.fifo if os.path.exists(rec.fifo) else None
+            # without a FIFO or a terminal, Start goes with Go: one round trip less
+            c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, raw_config=record, tty=sp.terminal,
+                               start=fifo is None, start_fifo=fifo, lifecycle=lifecycle)
+        except BaseException:
+            _remove_dir(rec)
+            raise
+        poststop = sp.hooks.get("poststop", ())
+        state = rec.hook_state("stopped", c.pid)
+        try:
+            if pid_file is not None:
+                write_pid_file(pid_file, c.pid)
+
+            def go() -> None:
+                if fifo is None:
+                    c.start()
+                    return
+                for w in start(root, cid):
+                    if warn is not None:
+                        warn(w)
+
+            if c.console is not None:
+                from .. import console  # termios and tty: only for a terminal
+
+                with console.raw_mode(0):
+                    console.copy_winsize(0, c.console)
+                    go()
+                    joiner.forward_until_exit(sigfd, c.pidfd, c.signal, c.console)
+            else:
+                go()
+                joiner.forward_until_exit(sigfd, c.pidfd, c.signal, None)
+            status = c.poll()
+            assert status is not None
+            return status.exit_code
+        finally:
+            _destroy(rec, c)
+            for e in oci_hooks.run_kind("poststop", poststop, state) if poststop else []:
+                if warn is not None:
+                    warn(str(e))
     finally:
-        _destroy(rec, c)
-        for e in oci_hooks.run_kind("poststop", poststop, state) if poststop else []:
-            if warn is not None:
-                warn(str(e))
+        os.close(sigfd)
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, init.ALL_SIGNALS)
 
 
 def update(root: str, cid: str, resources: object, where: str = "resources") -> None:
