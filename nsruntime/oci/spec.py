@@ -27,6 +27,7 @@ from ..config import (
     CapabilitySets,
     Cgroups,
     ContainerConfig,
+    Device,
     DeviceRule,
     IdMap,
     Mount,
@@ -177,8 +178,6 @@ def parse(data: object, bundle: str) -> Spec:
         from .. import seccomp  # opens libseccomp: only for a profile, and before pivot_root
 
         seccomp_filter = seccomp.compile(linux["seccomp"], "linux.seccomp")
-    _only_empty(linux, "linux", ("devices",), "device nodes are not made yet (the runtime's /dev has null, zero, "
-                "full, random, urandom, tty, ptmx)")
     _only_empty(linux, "linux", ("intelRdt", "personality", "timeOffsets", "memoryPolicy", "netDevices"))
     if not _empty(linux.get("mountLabel")):
         raise _refuse("linux.mountLabel", "SELinux is not supported")
@@ -203,7 +202,12 @@ def parse(data: object, bundle: str) -> Spec:
             raise ConfigError("hostname", "needs a uts namespace of the container's own (not the host's, not "
                               "joined by path)")
     proc = _process("process", d["process"])
+    devices = _device_nodes("linux.devices", linux.get("devices") or [])
     cgroups = _resources("linux.resources", linux.get("resources") or {}, linux.get("cgroupsPath"))
+    if devices:  # as runc: each node made is also allowed in the devices cgroup
+        allowed = tuple(DeviceRule(True, "c" if d.type == "u" else d.type, d.major, d.minor, "rwm")
+                        for d in devices if d.type != "p")
+        cgroups = replace(cgroups, devices=cgroups.devices + allowed)
     sysctl = _sysctl("linux.sysctl", linux.get("sysctl") or {}, namespaces, joins, netns)
     cfg = ContainerConfig(
         hostname=hostname,
@@ -229,6 +233,7 @@ def parse(data: object, bundle: str) -> Spec:
         rlimits=proc["rlimits"],
         sysctl=sysctl,
         oom_score_adj=proc["oom"],
+        devices=devices,
         namespace_joins=joins,
         seccomp=seccomp_filter,
         source=data,
@@ -516,6 +521,41 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
         # and containerd's /default/ID expect); relative: below nsrun's own cgroup
         fields["from_root"] = s.startswith("/")
     return Cgroups(name=name, parent=parent, keep_parents=keep, **fields)
+
+
+_DEVICE_TYPES = ("c", "u", "b", "p")
+_MOUNTED_IN_DEV = ("pts", "shm", "mqueue")  # the runtime's mounts in /dev: no node goes below them
+
+
+def _device_nodes(path: str, value: object) -> tuple[Device, ...]:
+    out: list[Device] = []
+    for i, item in enumerate(_list(path, value)):
+        p = f"{path}[{i}]"
+        d = _obj(p, item, {"path", "type", "major", "minor", "fileMode", "uid", "gid"})
+        for req in ("path", "type"):
+            if req not in d:
+                raise ConfigError(f"{p}.{req}", "missing")
+        where = os.path.normpath(_abs_path(f"{p}.path", d["path"]))
+        parts = where.split("/")
+        if len(parts) < 3 or parts[1] != "dev" or parts[2] in _MOUNTED_IN_DEV:
+            raise _refuse(f"{p}.path", f"{_q(where)}: only below /dev (nodes go in the runtime's /dev tmpfs, not "
+                          "in /dev/pts, /dev/shm or /dev/mqueue)")
+        kind = _str(f"{p}.type", d["type"])
+        if kind not in _DEVICE_TYPES:
+            raise ConfigError(f"{p}.type", f"{_q(kind)} is not one of c, u, b, p")
+        numbers = [0, 0]
+        for j, k in enumerate(("major", "minor")):
+            if kind != "p" and d.get(k) is None:
+                raise ConfigError(f"{p}.{k}", f"missing (a {kind} device has one)")
+            numbers[j] = _int(f"{p}.{k}", d.get(k) or 0, 0, 2**32 - 1)
+        mode = _int(f"{p}.fileMode", d["fileMode"], 0, 2**32 - 1) & 0o7777 if d.get("fileMode") is not None \
+            else 0o666
+        uid = _int(f"{p}.uid", d.get("uid") or 0, 0, 2**32 - 2)
+        gid = _int(f"{p}.gid", d.get("gid") or 0, 0, 2**32 - 2)
+        if any(o.path == where for o in out):
+            raise ConfigError(f"{p}.path", f"{_q(where)} listed twice")
+        out.append(Device(where, kind, numbers[0], numbers[1], mode, uid, gid))
+    return tuple(out)
 
 
 def resources(path: str, value: object) -> Cgroups:
