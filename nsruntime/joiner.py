@@ -139,7 +139,7 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
                 parent_end: socket.socket, detach: bool) -> None:
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        sock, sigfd = spawn.child_prologue(stdio, sock, parent_end, keep=[pidfd])
+        sock, sigfd = spawn.child_prologue(stdio, sock, parent_end, keep=[pidfd, *spawn.preserved(cfg)])
         spawn._process_limits(cfg)  # rlimits, OOM score (OCI only): while the host's stdlib is in reach
         if cg is not None:
             cg.join_self()  # before setns and fork: the command counts against the pids limit
@@ -181,7 +181,7 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
                 os.close(fds[0])
             init.exec_command(cfg, command, env, tty_path)
         channel.send(sock, channel.Pid(cmd), fds=fds)
-        for fd in [*fds, slave]:
+        for fd in [*fds, slave, *spawn.preserved(cfg)]:
             if fd >= 0:
                 os.close(fd)
     except BaseException as e:

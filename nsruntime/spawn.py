@@ -68,6 +68,11 @@ def _keep_only_fds(keep: Sequence[int]) -> None:
     libc.close_range(prev + 1)
 
 
+def preserved(cfg: ContainerConfig) -> range:
+    """The caller's descriptors that go on to the command (OCI --preserve-fds): 3 and up."""
+    return range(3, 3 + cfg.preserve_fds)
+
+
 def child_prologue(stdio: tuple[int, int, int] | None, sock: socket.socket,
                     parent_end: socket.socket | None, keep: Sequence[int] = ()) -> tuple[socket.socket, int]:
     """The first steps of a freshly forked helper child (setup or join); returns its socket and signalfd.
@@ -99,7 +104,7 @@ def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
                  lifecycle: Lifecycle | None = None) -> None:
     """In the forked setup child: namespaces, then fork PID 1. Never returns."""
     try:
-        sock, sigfd = child_prologue(stdio, sock, parent_end)
+        sock, sigfd = child_prologue(stdio, sock, parent_end, keep=preserved(cfg))
         flags = cfg.clone_flags
         userns = bool(flags & libc.CLONE_NEWUSER)
         if cg is not None:
@@ -160,7 +165,7 @@ def clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[st
         return 0
     if pid == 0:
         try:
-            sock, sigfd = child_prologue(stdio, sock, parent_end)
+            sock, sigfd = child_prologue(stdio, sock, parent_end, keep=preserved(cfg))
             if cg is not None:
                 cg.join_self(v2=False)  # the v1 hierarchies (a lone thread moves itself without RCU wait)
             _join_namespaces(cfg.joins)
@@ -265,10 +270,12 @@ def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, st
           sock: socket.socket, sigfd: int, die_with_parent: bool, start_fifo: str | None,
           lifecycle: Lifecycle | None = None) -> None:
     _be_init(sock, sigfd, die_with_parent, cfg.clone_flags,
-             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, start_fifo, lifecycle))
+             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, start_fifo, lifecycle),
+             preserved(cfg))
 
 
-def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int, setup: Callable[[], None]) -> None:
+def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int, setup: Callable[[], None],
+             passed: range = range(0)) -> None:
     """PID 1, in the container's namespaces and cgroups; never returns.
 
     It forks the command's process at once, and that process sets the container up (the root,
@@ -296,6 +303,10 @@ def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int,
     if cmd == 0:
         setup()
         os._exit(EXIT_RUNTIME_FAILED)  # (setup never returns)
+    for fd in passed:  # the command's, not PID 1's: a pipe's end held here would outlive the command
+        if fd not in (sock.fileno(), sigfd):
+            with suppress(OSError):
+                os.close(fd)
     init.serve(sock, sigfd, cmd, die_with_parent, bool(flags & libc.CLONE_NEWPID))
 
 

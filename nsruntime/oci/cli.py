@@ -101,7 +101,8 @@ def parser() -> argparse.ArgumentParser:
                                                 "goes there (SCM_RIGHTS)")
         v.add_argument("--no-pivot", action="store_true", help="switch root with MS_MOVE + chroot")
         v.add_argument("--no-new-keyring", action="store_true", help="accepted: nsrun never makes a session keyring")
-        v.add_argument("--preserve-fds", type=int, default=0, help="(only 0 is supported)")
+        v.add_argument("--preserve-fds", type=int, default=0, metavar="N",
+                       help="pass our fds 3..3+N-1 on to the command")
         if name == "run":
             v.add_argument("--detach", "-d", action="store_true",
                            help="exit once it runs; the caller (a subreaper) reaps PID 1")
@@ -124,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--cwd", help="its working directory, in the container")
     v.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="add to its environment")
     v.add_argument("--user", "-u", metavar="UID[:GID]", help="its user (numbers)")
+    v.add_argument("--preserve-fds", type=int, default=0, metavar="N", help="pass our fds 3..3+N-1 on to it")
     v.add_argument("id")
     v.add_argument("args", nargs=argparse.REMAINDER, help="the command (instead of --process)")
     v = verb("ps", "the container's processes (json: an array of host pids)")
@@ -178,15 +180,14 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
     root = args.root
     log.debug(f"{args.verb} {getattr(args, 'id', '')}".strip())
     if args.verb in ("create", "run"):
-        if args.preserve_fds:
-            raise NsRuntimeError("--preserve-fds: not supported yet (only 0)")
         if args.no_pivot:
             raise NsRuntimeError("--no-pivot: not supported yet")
         if args.verb == "create":
-            runtime.create(root, args.id, args.bundle, pid_file=args.pid_file, console_socket=args.console_socket)
+            runtime.create(root, args.id, args.bundle, pid_file=args.pid_file, console_socket=args.console_socket,
+                           preserve_fds=args.preserve_fds)
             return 0
         return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file, detach=args.detach,
-                           console_socket=args.console_socket, warn=log.warning)
+                           console_socket=args.console_socket, warn=log.warning, preserve_fds=args.preserve_fds)
     if args.verb == "start":
         for w in runtime.start(root, args.id):
             log.warning(w)
@@ -203,7 +204,8 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
     elif args.verb == "exec":
         return runtime.exec_(root, args.id, list(args.args), process_file=args.process, tty=args.tty,
                              cwd=args.cwd, env=list(args.env), user=args.user, detach=args.detach,
-                             pid_file=args.pid_file, console_socket=args.console_socket)
+                             pid_file=args.pid_file, console_socket=args.console_socket,
+                             preserve_fds=args.preserve_fds)
     elif args.verb == "ps":
         _ps(runtime.ps(root, args.id), args.format)
     elif args.verb == "pause":

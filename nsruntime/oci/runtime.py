@@ -171,14 +171,29 @@ def _remove_dir(rec: Record) -> None:
         os.rmdir(rec.path)
 
 
-def _load(bundle: str, cid: str) -> oci_spec.Spec:
+def _load(bundle: str, cid: str, preserve_fds: int = 0) -> oci_spec.Spec:
     """The bundle's spec; without a cgroupsPath the container's cgroup is named by its id (nsrun/ID,
-    as runc names it), not by a hash of its rootfs's path."""
+    as runc names it), not by a hash of its rootfs's path. preserve_fds: our fds 3..3+N-1 go on
+    to the command (each must be open)."""
     sp = oci_spec.load(bundle)
     if sp.config.cgroups.name is None:
         cfg = replace(sp.config, cgroups=replace(sp.config.cgroups, name=cid))
         sp = replace(sp, config=cfg)
+    if preserve_fds:
+        sp = replace(sp, config=replace(sp.config, preserve_fds=check_preserved(preserve_fds)))
     return sp
+
+
+def check_preserved(n: int) -> int:
+    """n, once fds 3..3+n-1 are known to be open here (else one would be some later file of ours)."""
+    if n < 0:
+        raise NsRuntimeError(f"--preserve-fds {n}: not a count")
+    for fd in range(3, 3 + n):
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise NsRuntimeError(f"--preserve-fds {n}: fd {fd} is not open") from None
+    return n
 
 
 NO_CONSOLE_SOCKET = "cannot allocate tty if nsrun will detach without setting console socket"
@@ -217,7 +232,7 @@ def send_console(sock: socket.socket, path: str, master: int) -> None:
 
 
 def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
-           console_socket: str | None = None) -> int:
+           console_socket: str | None = None, preserve_fds: int = 0) -> int:
     """Make the container, its command waiting for start; returns PID 1's host pid.
 
     PID 1 outlives this process (no death signal, no kill when our socket closes) and is
@@ -227,7 +242,7 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
     however short-lived the command. On failure nothing is left: records, cgroups, directory.
     """
     rec = Record(root, cid)
-    sp = _load(bundle, cid)
+    sp = _load(bundle, cid, preserve_fds)
     check_console(sp.terminal, True, console_socket)
     _make_dir(rec)
     console = None
@@ -445,7 +460,7 @@ def delete(root: str, cid: str, *, force: bool = False) -> list[str]:
 
 
 def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None, detach: bool = False,
-        console_socket: str | None = None, warn: Callable[[str], None] | None = None) -> int:
+        console_socket: str | None = None, warn: Callable[[str], None] | None = None, preserve_fds: int = 0) -> int:
     """create + start. In the foreground (runc's default): wait for the command, forwarding the
     signals we get and, with process.terminal, relaying its pty to and from our stdin and stdout
     (raw while it runs when stdin is a terminal); then delete; the command's exit status (128+N
@@ -455,10 +470,10 @@ def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None, detach
     poststart at their points); their warnings and poststop's go to warn."""
     from .. import init, joiner, libc
 
-    sp = _load(bundle, cid)
+    sp = _load(bundle, cid, preserve_fds)
     check_console(sp.terminal, detach, console_socket)
     if detach:
-        create(root, cid, bundle, pid_file=pid_file, console_socket=console_socket)
+        create(root, cid, bundle, pid_file=pid_file, console_socket=console_socket, preserve_fds=preserve_fds)
         try:
             for w in start(root, cid):
                 if warn is not None:
@@ -666,7 +681,7 @@ MAX_PROCESS_BYTES = 1 << 20
 
 def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = None, tty: bool = False,
           cwd: str | None = None, env: list[str] | None = None, user: str | None = None, detach: bool = False,
-          pid_file: str | None = None, console_socket: str | None = None) -> int:
+          pid_file: str | None = None, console_socket: str | None = None, preserve_fds: int = 0) -> int:
     """Run one more process in a created or running container (nsruntime's join).
 
     The process is the container's own (config.json's) with args, cwd, env (added), user and
@@ -717,6 +732,8 @@ def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = No
             raise NsRuntimeError(f"--user {user!r}: not UID[:GID] (numbers)")
         proc["user"] = {**(proc.get("user") or {}), "uid": int(uid), **({"gid": int(gid)} if sep else {})}
     cfg, command, terminal = oci_spec.exec_process(sp, proc, where)
+    if preserve_fds:
+        cfg = replace(cfg, preserve_fds=check_preserved(preserve_fds))
     check_console(terminal, detach, console_socket)
     if detach:
         console = connect_console(console_socket) if console_socket is not None else None

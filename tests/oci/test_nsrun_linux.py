@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -53,3 +52,49 @@ def test_a_device_that_cannot_be_made_is_refused_naming_its_path(bundle: Bundle,
     bundle.write()
     p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
     assert (p.returncode, p.stdout) == (1, f"nsrun: {message}\n")
+
+
+def nsrun_with_fds(b: Bundle, tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
+    """nsrun ARGS with its fds 3, 4 and 5 open on three files (as a caller's preserved fds are);
+    its stdout and stderr in files too (create hands them to the container, which keeps them)."""
+    files = [tmp / f"fd{n}" for n in (3, 4, 5)]
+    env = {**ENV, **{f"F{n}": str(f) for n, f in zip((3, 4, 5), files, strict=True)},
+           "OUT": str(tmp / "out"), "ERR": str(tmp / "err")}
+    p = subprocess.run(["sh", "-c", 'exec "$@" 3>"$F3" 4>"$F4" 5>"$F5" >"$OUT" 2>"$ERR"', "sh", *NSRUN, "--root",
+                        str(b.root), *args], env=env, cwd=b.dir, timeout=30, text=True)
+    p.stdout, p.stderr = (tmp / "out").read_text(), (tmp / "err").read_text()
+    return p, files
+
+
+FD_SCRIPT = "echo three >&3; echo four >&4; (echo five >&5) 2>/dev/null || echo no-five"
+
+
+def test_run_preserve_fds_passes_exactly_those_fds(bundle: Bundle, tmp_path: Path) -> None:
+    bundle.spec["process"]["args"] = ["sh", "-c", FD_SCRIPT]
+    bundle.write()
+    p, (f3, f4, f5) = nsrun_with_fds(bundle, tmp_path, "run", "--preserve-fds", "2", "--bundle", str(bundle.dir),
+                                     "r1")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "no-five\n", "")
+    assert (f3.read_text(), f4.read_text(), f5.read_text()) == ("three\n", "four\n", "")
+
+
+def test_create_and_exec_preserve_fds(bundle: Bundle, tmp_path: Path) -> None:
+    bundle.spec["process"]["args"] = ["sh", "-c", "echo created >&3; exec sleep 1000"]
+    bundle.write()
+    p, (f3, _f4, _f5) = nsrun_with_fds(bundle, tmp_path, "create", "--preserve-fds", "1", "--bundle",
+                                       str(bundle.dir), "--pid-file", str(bundle.dir / "pid"), "pf1")
+    assert p.returncode == 0, p.stderr
+    bundle.pids.append(int((bundle.dir / "pid").read_text()))
+    assert bundle.nsrun("start", "pf1").returncode == 0
+    from tests.conftest import wait_for
+
+    wait_for(lambda: f3.read_text() == "created\n", what="the command to write to its fd 3")
+    p, (f3, f4, f5) = nsrun_with_fds(bundle, tmp_path, "exec", "--preserve-fds", "2", "pf1", "sh", "-c", FD_SCRIPT)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "no-five\n", "")
+    assert (f3.read_text(), f4.read_text(), f5.read_text()) == ("three\n", "four\n", "")
+
+
+def test_preserve_fds_refuses_an_fd_that_is_not_open(bundle: Bundle, tmp_path: Path) -> None:
+    p, _files = nsrun_with_fds(bundle, tmp_path, "create", "--preserve-fds", "4", "--bundle", str(bundle.dir), "c1")
+    assert (p.returncode, p.stderr) == (1, "nsrun: --preserve-fds 4: fd 6 is not open\n")
+    assert os.listdir(bundle.root) == [] if bundle.root.exists() else True
