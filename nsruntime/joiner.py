@@ -149,7 +149,8 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
                 k == name for k, _p in cfg.namespace_joins)
             if name not in cfg.namespaces and not joined:
                 continue
-            path = f"/proc/{pid}/ns/{nsfile}"
+            # the pid namespace of PID 1's children: PID 1's own, or one joined by path (OCI)
+            path = f"/proc/{pid}/ns/{'pid_for_children' if nsfile == 'pid' else nsfile}"
             if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{nsfile}").st_ino:
                 continue
             nsfds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), path))

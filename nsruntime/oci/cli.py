@@ -126,6 +126,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="add to its environment")
     v.add_argument("--user", "-u", metavar="UID[:GID]", help="its user (numbers)")
     v.add_argument("--preserve-fds", type=int, default=0, metavar="N", help="pass our fds 3..3+N-1 on to it")
+    v.add_argument("--cap", "-c", action="append", default=[], metavar="CAP",
+                   help="add a capability (bounding, effective, permitted; ambient with an inheritable set)")
+    v.add_argument("--additional-gids", "-g", action="append", default=[], type=int, metavar="GID",
+                   help="add a supplementary group")
+    v.add_argument("--no-new-privs", action="store_true", help="set no_new_privs")
+    v.add_argument("--apparmor", metavar="PROFILE", help="confine it (refused where AppArmor is absent)")
     v.add_argument("id")
     v.add_argument("args", nargs=argparse.REMAINDER, help="the command (instead of --process)")
     v = verb("ps", "the container's processes (json: an array of host pids)")
@@ -205,7 +211,9 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
         return runtime.exec_(root, args.id, list(args.args), process_file=args.process, tty=args.tty,
                              cwd=args.cwd, env=list(args.env), user=args.user, detach=args.detach,
                              pid_file=args.pid_file, console_socket=args.console_socket,
-                             preserve_fds=args.preserve_fds)
+                             preserve_fds=args.preserve_fds, caps=list(args.cap),
+                             additional_gids=list(args.additional_gids), no_new_privs=args.no_new_privs,
+                             apparmor=args.apparmor)
     elif args.verb == "ps":
         _ps(runtime.ps(root, args.id), args.format)
     elif args.verb == "pause":

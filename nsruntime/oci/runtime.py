@@ -679,9 +679,33 @@ def spec_file(bundle: str, args: list[str] | None = None) -> str:
 MAX_PROCESS_BYTES = 1 << 20
 
 
+def _exec_flags(proc: dict[str, Any], caps: list[str], gids: list[int], no_new_privs: bool,
+                apparmor: str | None) -> None:
+    """runc exec's --cap, --additional-gids, --no-new-privs, --apparmor, on the process in place.
+
+    A capability goes into the bounding, effective and permitted sets, and into ambient only
+    where the process has an inheritable set (ambient needs it), as runc does; a process without
+    capabilities (all kept) gains nothing from it."""
+    if caps and proc.get("capabilities") is not None:
+        sets = dict(proc["capabilities"])
+        for name in ("bounding", "effective", "permitted", *(("ambient",) if sets.get("inheritable") else ())):
+            sets[name] = [*(sets.get(name) or []), *caps]
+        proc["capabilities"] = sets
+    if gids:
+        user = dict(proc.get("user") or {})
+        user["additionalGids"] = [*(user.get("additionalGids") or []), *gids]
+        proc["user"] = user
+    if no_new_privs:
+        proc["noNewPrivileges"] = True
+    if apparmor is not None:
+        proc["apparmorProfile"] = apparmor
+
+
 def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = None, tty: bool = False,
           cwd: str | None = None, env: list[str] | None = None, user: str | None = None, detach: bool = False,
-          pid_file: str | None = None, console_socket: str | None = None, preserve_fds: int = 0) -> int:
+          pid_file: str | None = None, console_socket: str | None = None, preserve_fds: int = 0,
+          caps: list[str] | None = None, additional_gids: list[int] | None = None, no_new_privs: bool = False,
+          apparmor: str | None = None) -> int:
     """Run one more process in a created or running container (nsruntime's join).
 
     The process is the container's own (config.json's) with args, cwd, env (added), user and
@@ -731,7 +755,12 @@ def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = No
         if not uid.isdigit() or (sep and not gid.isdigit()):
             raise NsRuntimeError(f"--user {user!r}: not UID[:GID] (numbers)")
         proc["user"] = {**(proc.get("user") or {}), "uid": int(uid), **({"gid": int(gid)} if sep else {})}
+    _exec_flags(proc, caps or [], additional_gids or [], no_new_privs, apparmor)
     cfg, command, terminal = oci_spec.exec_process(sp, proc, where)
+    if cfg.apparmor_profile:
+        from .. import apparmor as aa
+
+        aa.check(cfg.apparmor_profile)  # here, before the join: never run unconfined
     if preserve_fds:
         cfg = replace(cfg, preserve_fds=check_preserved(preserve_fds))
     check_console(terminal, detach, console_socket)

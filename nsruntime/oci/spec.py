@@ -74,7 +74,9 @@ MAX_SPEC_BYTES = 4 << 20
 NAMESPACE_TYPES = {"pid": "NEWPID", "network": "NEWNET", "mount": "NEWNS", "ipc": "NEWIPC", "uts": "NEWUTS",
                    "user": "NEWUSER", "cgroup": "NEWCGROUP"}
 # namespaces that can be joined by path (others are refused with their path)
-JOINABLE = ("network", "ipc", "uts")
+# (pid: PID 1 stays where it is born, the command's process and what it forks go into the pid
+# namespace joined; a mount or user namespace joined would leave no root or ids of the container's own)
+JOINABLE = ("network", "ipc", "uts", "pid", "cgroup")
 
 # mount options that set (or clear) a flag; the rest of a mount's options are its filesystem's data
 _SET_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "sync": MS_SYNCHRONOUS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -98,3 +99,54 @@ def test_preserve_fds_refuses_an_fd_that_is_not_open(bundle: Bundle, tmp_path: P
     p, _files = nsrun_with_fds(bundle, tmp_path, "create", "--preserve-fds", "4", "--bundle", str(bundle.dir), "c1")
     assert (p.returncode, p.stderr) == (1, "nsrun: --preserve-fds 4: fd 6 is not open\n")
     assert os.listdir(bundle.root) == [] if bundle.root.exists() else True
+
+
+def test_joining_pid_and_cgroup_namespaces_by_path(bundle: Bundle) -> None:
+    from tests.conftest import wait_for
+
+    holder = subprocess.Popen(["unshare", "--pid", "--fork", "--cgroup", "sleep", "1000"])
+    pod = None
+    try:
+        def inner() -> int | None:
+            kids = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()
+            return int(kids[0]) if kids else None
+
+        wait_for(inner, what="the holder's pid namespace")
+        pod = inner()
+        assert pod is not None
+        bundle.spec["linux"]["namespaces"] = [{"type": "mount"}, {"type": "pid", "path": f"/proc/{pod}/ns/pid"},
+                                              {"type": "cgroup", "path": f"/proc/{pod}/ns/cgroup"}]
+        del bundle.spec["hostname"]
+        bundle.spec["process"]["args"] = ["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; "
+                                          "readlink /proc/self/ns/pid; readlink /proc/self/ns/cgroup; sleep 1000"]
+        bundle.write()
+        pid = bundle.create("j1")
+        assert bundle.nsrun("start", "j1").returncode == 0
+        wait_for(lambda: len(bundle.out.read_text().splitlines()) >= 3, what="the command's output")
+        assert bundle.out.read_text().splitlines() == [
+            "sleep 1000 ", os.readlink(f"/proc/{pod}/ns/pid"), os.readlink(f"/proc/{pod}/ns/cgroup")]
+        p = bundle.nsrun("exec", "j1", "sh", "-c", "readlink /proc/self/ns/pid; cat /proc/1/cmdline | tr '\\0' ' '")
+        assert (p.returncode, p.stdout) == (0, f"{os.readlink(f'/proc/{pod}/ns/pid')}\nsleep 1000 ")
+        # once PID 1 is gone its children (in the pod's namespace) come to us, the subreaper, as to conmon
+        orphans = [q for q in json.loads(bundle.nsrun("ps", "--format", "json", "j1").stdout) if q != pid]
+        assert bundle.nsrun("delete", "--force", "j1").returncode == 0
+        bundle.reap(pid)
+        for q in orphans:
+            bundle.pids.append(q)
+            bundle.reap(q)
+    finally:
+        if pod is not None:
+            os.kill(pod, 9)  # the pod's init: unshare reaps it and exits
+        else:
+            holder.kill()
+        holder.wait(timeout=10)
+
+
+@pytest.mark.parametrize("kind", ["mount", "user"])
+def test_joining_a_mount_or_user_namespace_is_refused_naming_the_path(bundle: Bundle, kind: str) -> None:
+    path = f"/proc/1/ns/{'mnt' if kind == 'mount' else kind}"
+    bundle.spec["linux"]["namespaces"] = [{"type": kind, "path": path}, {"type": "pid"}]
+    bundle.write()
+    p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
+    assert (p.returncode, p.stdout) == (1, f"nsrun: linux.namespaces[0].path: joining a {kind} namespace by path is "
+                                           "not supported (only network, ipc, uts, pid, cgroup)\n")
