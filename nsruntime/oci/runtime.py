@@ -631,8 +631,8 @@ def default_spec(args: list[str] | None = None) -> dict[str, Any]:
 
 
 def features() -> dict[str, Any]:
-    """The runtime-spec features document: what this nsrun can do."""
-    from .. import apparmor
+    """The runtime-spec features document: exactly what this nsrun honours on this machine."""
+    from .. import apparmor, seccomp
 
     try:
         apparmor_on = apparmor.enabled()
@@ -647,10 +647,11 @@ def features() -> dict[str, Any]:
             "namespaces": sorted(oci_spec.NAMESPACE_TYPES),
             "capabilities": [f"CAP_{n}" for n in capability_names()],
             "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False, "rdma": False},
-            "seccomp": {"enabled": False},
+            "seccomp": seccomp.features(),
             "apparmor": {"enabled": apparmor_on},
             "selinux": {"enabled": False},
             "intelRdt": {"enabled": False},
+            "mountExtensions": {"idmap": {"enabled": False}},
         },
         "annotations": {"org.opencontainers.runc.checkpoint.enabled": "false"},
     }

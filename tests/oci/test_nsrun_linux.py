@@ -150,3 +150,21 @@ def test_joining_a_mount_or_user_namespace_is_refused_naming_the_path(bundle: Bu
     p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
     assert (p.returncode, p.stdout) == (1, f"nsrun: linux.namespaces[0].path: joining a {kind} namespace by path is "
                                            "not supported (only network, ipc, uts, pid, cgroup)\n")
+
+
+def test_features_reports_what_is_honoured_here() -> None:
+    p = subprocess.run([*NSRUN, "features"], capture_output=True, text=True, env=ENV, timeout=30)
+    assert p.returncode == 0, p.stderr
+    feats = json.loads(p.stdout)
+    assert feats["hooks"] == ["prestart", "createRuntime", "createContainer", "startContainer", "poststart",
+                              "poststop"]
+    linux = feats["linux"]
+    assert linux["namespaces"] == ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"]
+    assert linux["cgroup"] == {"v1": True, "v2": True, "systemd": False, "systemdUser": False, "rdma": False}
+    assert linux["apparmor"] == {"enabled": False}, "no AppArmor on this machine"
+    assert linux["selinux"] == {"enabled": False} and linux["mountExtensions"] == {"idmap": {"enabled": False}}
+    seccomp = linux["seccomp"]
+    assert seccomp["enabled"] and "SCMP_ACT_ERRNO" in seccomp["actions"] and "SCMP_ACT_NOTIFY" not in seccomp["actions"]
+    assert "SCMP_ARCH_X86_64" in seccomp["archs"] and "SCMP_CMP_MASKED_EQ" in seccomp["operators"]
+    assert {"bind", "rbind", "ro", "nosuid", "rprivate"} <= set(feats["mountOptions"])
+    assert "idmap" not in feats["mountOptions"]
