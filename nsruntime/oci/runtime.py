@@ -1,4 +1,4 @@
-"""The OCI verbs on a state root: create, start, state, kill, delete, run, list.
+"""The OCI verbs on a state root: create, start, state, kill, delete, run, exec, update, events, list.
 
 Each container has a directory ROOT/ID (0700, root's, refused inside the rootfs) holding
 nsruntime.state's records (pid, start ticks, state.json with PID 1's namespaces and cgroup, the
@@ -10,6 +10,9 @@ cgroups and links to release) and, until it is started, the FIFO ``start.fifo``:
          │  a subreaper, and lives on)
     nsrun start ── opens start.fifo for writing (ENXIO: nobody waits), unlinks it, writes a byte ──►
                                               the command's process execs the command
+
+With startContainer hooks, ``started.fifo`` too: the command's process holds it open until its
+execve closes it; a hook's failure is written there for `start` to read (spawn._starting).
 
 Status, from the records alone: no live PID 1 (nsruntime.state.StateDir.open_live checks its
 start time, namespaces and cgroup) is ``stopped``; a live one with start.fifo still there is

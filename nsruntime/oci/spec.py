@@ -2,8 +2,8 @@
 
 Every field is either carried over to what the runtime does, or refused with one line naming its
 JSON path (``linux.resources.memory.reservation: not supported``): nothing is accepted and then
-ignored. Empty values of a field that is not supported (``"hooks": {}``, ``"devices": []``) are
-accepted, since they ask for nothing. docs/oci.md lists what is taken and what is refused.
+ignored. Empty values of a field that is not supported (``"hugepageLimits": []``,
+``"intelRdt": {}``) are accepted, since they ask for nothing. docs/oci.md lists what is taken and what is refused.
 
 Where the spec and container.json differ:
 - capabilities: OCI lists, set by set, what the process *keeps* (container.json's
