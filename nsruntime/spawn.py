@@ -105,6 +105,7 @@ def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
     """In the forked setup child: namespaces, then fork PID 1. Never returns."""
     try:
         sock, sigfd = child_prologue(stdio, sock, parent_end, keep=preserved(cfg))
+        fifos = _open_fifos(start_fifo, lifecycle)  # while host root: a user namespace's root may not
         flags = cfg.clone_flags
         userns = bool(flags & libc.CLONE_NEWUSER)
         if cg is not None:
@@ -123,11 +124,24 @@ def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
         libc.unshare(flags & ~(libc.CLONE_NEWUSER | libc.CLONE_NEWCGROUP))  # PID 1 takes NEWCGROUP itself
         pid1 = os.fork() if userns else _fork_inside(cg)
         if pid1 == 0:
-            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, start_fifo, lifecycle)
+            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, fifos, lifecycle)
         channel.send(sock, channel.Pid(pid1))
         os._exit(0)
     except BaseException as e:
         init.main_fail(sock, e)
+
+
+def _open_fifos(start_fifo: str | None, lifecycle: Lifecycle | None) -> tuple[int, int]:
+    """The start FIFO's reading end and the reply FIFO (read-write: see _starting), -1 for none;
+    opened by the host's root before any user namespace, passed down to the command's process.
+
+    A reader that is open makes the starter's non-blocking open succeed; with none (the command's
+    process died) it fails with ENXIO: the starter learns at once that nobody waits."""
+    fifo = os.open(start_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if start_fifo is not None else -1
+    reply = -1
+    if lifecycle is not None and lifecycle.reply_fifo is not None:
+        reply = os.open(lifecycle.reply_fifo, os.O_RDWR | os.O_CLOEXEC)
+    return fifo, reply
 
 
 def _join_namespaces(joins: Sequence[tuple[str, int]]) -> None:
@@ -166,12 +180,13 @@ def clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[st
     if pid == 0:
         try:
             sock, sigfd = child_prologue(stdio, sock, parent_end, keep=preserved(cfg))
+            fifos = _open_fifos(start_fifo, lifecycle)
             if cg is not None:
                 cg.join_self(v2=False)  # the v1 hierarchies (a lone thread moves itself without RCU wait)
             _join_namespaces(cfg.joins)
         except BaseException as e:
             init.main_fail(sock, e)
-        _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, start_fifo, lifecycle)
+        _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, fifos, lifecycle)
     return pid
 
 
@@ -267,15 +282,15 @@ def _fork_inside(cg: CgroupSet | None) -> int:
 
 
 def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
-          sock: socket.socket, sigfd: int, die_with_parent: bool, start_fifo: str | None,
+          sock: socket.socket, sigfd: int, die_with_parent: bool, fifos: tuple[int, int],
           lifecycle: Lifecycle | None = None) -> None:
     _be_init(sock, sigfd, die_with_parent, cfg.clone_flags,
-             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, start_fifo, lifecycle),
-             preserved(cfg))
+             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, fifos, lifecycle),
+             [*preserved(cfg), *(fd for fd in fifos if fd >= 0)])
 
 
 def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int, setup: Callable[[], None],
-             passed: range = range(0)) -> None:
+             passed: Sequence[int] = ()) -> None:
     """PID 1, in the container's namespaces and cgroups; never returns.
 
     It forks the command's process at once, and that process sets the container up (the root,
@@ -303,7 +318,7 @@ def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int,
     if cmd == 0:
         setup()
         os._exit(EXIT_RUNTIME_FAILED)  # (setup never returns)
-    for fd in passed:  # the command's, not PID 1's: a pipe's end held here would outlive the command
+    for fd in passed:  # the command's, not PID 1's: a pipe's or FIFO's end held here would outlive it
         if fd not in (sock.fileno(), sigfd):
             with suppress(OSError):
                 os.close(fd)
@@ -311,12 +326,12 @@ def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int,
 
 
 def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
-                    sock: socket.socket, sigfd: int, start_fifo: str | None = None,
+                    sock: socket.socket, sigfd: int, fifos: tuple[int, int] = (-1, -1),
                     lifecycle: Lifecycle | None = None) -> None:
     """The command's process, forked by PID 1: the container's setup, then the command; never returns.
 
-    With start_fifo (a FIFO in the host's state dir, opened here before the root is switched
-    away from it) the command waits for a byte there instead of Start on the socket: the start
+    With a start FIFO (fifos[0]: the reading end of a FIFO in the host's state dir, see
+    _open_fifos) the command waits for a byte there instead of Start on the socket: the start
     then comes from any process, long after the creator has gone (`nsrun start`).
 
     With a lifecycle (OCI hooks), once the mounts are made and before the root is switched, it
@@ -328,18 +343,11 @@ def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: di
         # wait for the host side (network) to be done with our namespaces (Start may come with it)
         if not isinstance(channel.receive(sock, creator), channel.Go):
             os._exit(EXIT_RUNTIME_FAILED)
-        fifo = -1
-        if start_fifo is not None:
-            # a reader that is open makes the starter's non-blocking open succeed; with none (we
-            # died) it fails with ENXIO: the starter learns at once that nobody waits
-            fifo = os.open(start_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fifo, reply = fifos
         _process_limits(cfg)
         rootfs.prepare(cfg, root)
-        reply = -1
         state = ""
         if lifecycle is not None:
-            if lifecycle.reply_fifo is not None:  # the starter holds its reading end (see _starting)
-                reply = os.open(lifecycle.reply_fifo, os.O_RDWR | os.O_CLOEXEC)
             state = _prestart(sock, creator, lifecycle)
         rootfs.switch_root(cfg, root)
         if cfg.hostname and "NEWUTS" in cfg.namespaces:

@@ -168,3 +168,40 @@ def test_features_reports_what_is_honoured_here() -> None:
     assert "SCMP_ARCH_X86_64" in seccomp["archs"] and "SCMP_CMP_MASKED_EQ" in seccomp["operators"]
     assert {"bind", "rbind", "ro", "nosuid", "rprivate"} <= set(feats["mountOptions"])
     assert "idmap" not in feats["mountOptions"]
+
+
+def test_create_and_start_with_a_user_namespace_and_hooks(tmp_path: Path) -> None:
+    """The start and reply FIFOs are opened by the host's root before the user namespace exists:
+    root of the container's user namespace may not open them in the 0700 state dir."""
+    import shutil
+    import tempfile
+
+    from nsruntime import libc
+
+    top = Path(tempfile.mkdtemp(prefix="nsrun-userns-"))
+    top.chmod(0o755)  # the rootfs must be reachable by the container's root, an unprivileged host id
+    libc.set_subreaper()
+    b = Bundle(top)
+    try:
+        (b.rootfs / "start-hook").write_text("#!/bin/sh\ncat /proc/self/uid_map > /tmp/hook-saw\n")
+        (b.rootfs / "start-hook").chmod(0o755)
+        (b.rootfs / "tmp").chmod(0o1777)  # the container's root is not the host's owner of the image
+        b.spec["process"]["args"] = ["sh", "-c", "cat /tmp/hook-saw; id -u; exec sleep 1000"]
+        b.spec["linux"]["namespaces"].append({"type": "user"})
+        b.spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        b.spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        b.spec["hooks"] = {"startContainer": [{"path": "/start-hook"}], "createRuntime": [{"path": "/bin/true"}]}
+        b.write()
+        pid = b.create("u1")
+        assert b.nsrun("start", "u1").returncode == 0
+        from tests.conftest import wait_for
+
+        wait_for(lambda: len(b.out.read_text().splitlines()) >= 2, what="the command's output")
+        assert [line.split() for line in b.out.read_text().splitlines()] == [["0", "100000", "65536"], ["0"]]
+        assert b.nsrun("delete", "--force", "u1").returncode == 0
+        b.reap(pid)
+    finally:
+        for pid in list(b.pids):
+            b.nsrun("delete", "--force", "u1")
+            b.reap(pid)
+        shutil.rmtree(top)
