@@ -143,10 +143,11 @@ class OomWatch:
     """Readable (``fd``) when the OOM killer acts in the container's memory cgroup; ``fired()``
     says whether it did since the last call (a cgroup2 notice may also be another change)."""
 
-    def __init__(self, version: int, fd: int, events: str | None) -> None:
+    def __init__(self, version: int, fd: int, events: str | None, directory: str = "") -> None:
         self.version = version
         self.fd = fd
         self._events = events
+        self._dir = directory
         self._kills = self._count()
 
     @classmethod
@@ -171,7 +172,7 @@ class OomWatch:
         except OSError as e:
             os.close(efd)
             raise NsRuntimeError(f"events: {d}/cgroup.event_control: {cgroups_base.describe(e)}") from None
-        return cls(1, efd, None)
+        return cls(1, efd, None, d)
 
     def _count(self) -> int:
         return _keyed(self._events).get("oom_kill", 0) if self._events else 0
@@ -182,7 +183,7 @@ class OomWatch:
                 os.eventfd_read(self.fd)
             except BlockingIOError:
                 return False
-            return True
+            return os.path.isdir(self._dir)  # v1 also signals the eventfd when the cgroup is removed
         os.lseek(self.fd, 0, os.SEEK_SET)
         os.read(self.fd, 4096)  # re-arms POLLPRI
         kills = self._count()
