@@ -557,6 +557,9 @@ def update(root: str, cid: str, resources: object, where: str = "resources") -> 
     if status == "stopped":
         raise StateError(f"cannot update a container that is {status}")
     wanted = oci_spec.resources(where, resources)
+    pids = resources.get("pids") if isinstance(resources, dict) else None
+    if isinstance(pids, dict) and pids.get("limit") == -1:
+        wanted = replace(wanted, pids_limit=-1)  # lifted (config.json's -1 asks for none from the start)
     cg = rec.cgroups()
     dirs = oci_events.controller_dirs(cg)
     for leaf in cg.leaves:

@@ -65,6 +65,8 @@ def test_update_takes_runcs_flags(bundle: Bundle) -> None:
     assert read(leaf(bundle, "memory") / "memory.limit_in_bytes") == str(100 * MiB)
     assert read(leaf(bundle, "pids") / "pids.max") == "50"
     assert read(leaf(bundle, "cpu") / "cpu.shares") == "300"
+    assert bundle.nsrun("update", "--pids-limit", "-1", "c1").returncode == 0
+    assert read(leaf(bundle, "pids") / "pids.max") == "max", "-1 lifts the limit"
 
 
 @pytest.mark.parametrize(("args", "message"), [
