@@ -65,6 +65,10 @@ def load_state_config(sdir: StateDir) -> tuple[ContainerConfig, dict[str, Any]]:
     raw = st.get("config")
     if raw is None:
         raise StateError(f"{sdir.path}: state.json holds no config")
+    if isinstance(raw, dict) and isinstance(raw.get("nsrun"), dict) and isinstance(raw.get("spec"), dict):
+        from .oci import spec as oci_spec  # made from an OCI bundle: by nsrun, or an nsinitd bundle program
+
+        return oci_spec.parse(raw["spec"], str(raw["nsrun"].get("bundle") or "/")).config, st
     return parse(raw), st
 
 

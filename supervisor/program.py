@@ -462,7 +462,12 @@ class Program:
                     sp = load_bundle(f"programs.{self.name}.bundle", self.cfg.bundle)
                 except SupervisorConfigError as e:
                     raise ContainerConfigError(str(e)) from None
-                cfg, rootfs = sp.config, Path(sp.rootfs)
+                from nsruntime.lean import replace
+
+                # recorded in nsrun's shape, so that a join (nsinitctl exec) reads it as config.json
+                source = {"nsrun": {"bundle": str(self.cfg.bundle)}, "spec": sp.config.source}
+                cfg = replace(sp.config, source=source)
+                rootfs = Path(sp.rootfs)
             else:
                 assert self.cfg.container is not None
                 cfg, rootfs = spawner.load(self.cfg.container / "container.json"), self.cfg.container

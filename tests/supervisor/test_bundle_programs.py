@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import trio
 
 from nsruntime.oci.runtime import default_spec
 from supervisor import config as c
-from tests.conftest import make_busybox_rootfs
+from tests.conftest import REPO, make_busybox_rootfs
 
 ConfigWriter = Any
 
@@ -82,6 +83,12 @@ async def test_a_bundle_program_runs_as_a_container_and_stops(cfg: ConfigWriter,
         while not out.exists() or b"\n" not in out.read_bytes():
             await trio.sleep(0.02)
     assert out.read_text() == "hello from nsrun hi nsinit-init\n"  # the spec's hostname, the program's env
+    state_dir = r.daemon.exec_target("img")  # what nsinitctl exec joins, through nsruntime.join
+    joined = await trio.run_process(
+        [sys.executable, "-c", "import sys; from nsruntime import join; "
+         f"sys.exit(join({str(state_dir)!r}, ['sh', '-c', 'hostname; cat /proc/1/comm; exit 7']))"],
+        capture_stdout=True, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (joined.returncode, joined.stdout) == (7, b"nsrun\nnsinit-init\n")
     st = await r.daemon.stop("img")
     assert st.state == "STOPPED" and st.signal == "SIGTERM"
     assert not (cfg.root / "state" / "img" / "pid").exists()
