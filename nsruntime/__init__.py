@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .cgroups.detect import detect as detect_cgroups
     from .config import ContainerConfig
     from .config import load as load_config
-    from .container import Container, describe
+    from .container import Container, describe, reattach
     from .creator import Creating, begin_create, cleanup_stale, create
     from .joiner import Joined, join, open_join
     from .libc import set_subreaper
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 # (machine, config) load no ctypes through this package
 _LAZY = {
     "ContainerConfig": "config", "load_config": "config:load",
-    "Container": "container", "describe": "container",
+    "Container": "container", "describe": "container", "reattach": "container",
     "Creating": "creator", "begin_create": "creator", "cleanup_stale": "creator", "create": "creator",
     "Joined": "joiner", "join": "joiner", "open_join": "joiner",
     "proc_state": "state",
@@ -84,6 +84,7 @@ __all__ = [
     "load_config",
     "open_join",
     "proc_state",
+    "reattach",
     "set_subreaper",
     "signal_name",
     "signal_number",

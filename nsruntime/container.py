@@ -56,6 +56,12 @@ class Container:
     def __repr__(self) -> str:
         return f"Container(id={self.id!r}, pid={self.pid}, rootfs={self.rootfs!r})"
 
+    @property
+    def control_fd(self) -> int:
+        """The host's end of the control socket, over which PID 1 reports the command's status
+        (Exited): whoever holds a copy keeps that report for a later reader (nsinitd's keeper)."""
+        return self._sock.fileno()
+
     def start(self) -> None:
         if not self._started:
             self._started = True
@@ -187,6 +193,31 @@ class Container:
         self._sock.close()
         self._destroyed = True
         return released
+
+
+def reattach(state_dir: str | PathLike[str] | StateDir, sock: socket.socket) -> Container | None:
+    """The live container recorded in state_dir, made (and started) by another process whose end
+    of the control socket is sock: a Container whose verbs work as on the one create() returned
+    (PID 1 need not be our child: its status comes as its Exited report, or SIGKILL when none
+    came), with the config it was made with (state.json). None, touching nothing, unless PID 1
+    proves to be the recorded one (open_live: start time, namespaces, cgroup)."""
+    from . import cgroups
+    from .config import parse
+
+    sdir = resolve(state_dir)
+    live = sdir.open_live()
+    if live is None:
+        return None
+    pid, pidfd = live
+    st = sdir.read_state()
+    try:
+        config = parse(st.get("config"))
+        cg = cgroups.from_paths(list(st["cgroups"])) if st.get("cgroups") else None
+    except (NsRuntimeError, OSError):
+        os.close(pidfd)
+        return None
+    return Container(str(st.get("id", "")), config, str(st.get("rootfs", "")), sdir, pid, pidfd, cg,
+                     list(st.get("links", [])), None, sock, started=True)
 
 
 def describe(state_dir: str | PathLike[str] | StateDir) -> dict[str, Any]:

@@ -313,26 +313,6 @@ def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive() -> None:
     assert _owner_alive("nsinitd-test-1")  # not a name nsinitd makes: never removed
 
 
-def test_the_nsinitd_entry_starts_a_zygote_early_only_for_containers(tmp_path: Path) -> None:
-    from supervisor.nsinitd import Options, _early_zygote
-
-    plain = tmp_path / "plain.toml"
-    plain.write_text('[programs.p]\ncommand = ["true"]\n')
-    boxed = tmp_path / "boxed.toml"
-    boxed.write_text('[programs.p]\ncontainer = "/x"\ncommand = ["true"]\n')
-    assert _early_zygote(Options(str(plain))) is None
-    assert _early_zygote(Options(str(boxed), check=True)) is None
-    assert _early_zygote(Options(str(tmp_path / "missing.toml"))) is None  # the daemon reports it
-    z = _early_zygote(Options(str(boxed)))
-    assert z is not None
-    try:
-        z.wait_ready()
-        assert z.alive()
-    finally:
-        z.close()
-    assert not os.path.exists(f"/proc/{z.pid}")
-
-
 def test_one_parser_reads_the_command_line_plain_spellings_without_argparse() -> None:
     from supervisor.options import Options, _fast, parse_args
 

@@ -138,7 +138,7 @@ class FakeAPI:
                                        pid=None)
         return {"added": ["new"], "removed": [], "changed": []}
 
-    def request_shutdown(self) -> None:
+    def request_shutdown(self, reason: str = "requested", *, keep_running: bool = False) -> None:
         self.shutdown_requested = True
 
     def emit(self, event: str, **fields: Any) -> None:
