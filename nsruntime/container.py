@@ -195,12 +195,13 @@ class Container:
         return released
 
 
-def reattach(state_dir: str | PathLike[str] | StateDir, sock: socket.socket) -> Container | None:
+def reattach(state_dir: str | PathLike[str] | StateDir, sock: socket.socket, pid: int) -> Container | None:
     """The live container recorded in state_dir, made (and started) by another process whose end
     of the control socket is sock: a Container whose verbs work as on the one create() returned
     (PID 1 need not be our child: its status comes as its Exited report, or SIGKILL when none
     came), with the config it was made with (state.json). None, touching nothing, unless PID 1
-    proves to be the recorded one (open_live: start time, namespaces, cgroup)."""
+    proves to be the recorded one (open_live: start time, namespaces, cgroup) and is pid, the one
+    the caller was told of."""
     from . import cgroups
     from .config import parse
 
@@ -208,7 +209,10 @@ def reattach(state_dir: str | PathLike[str] | StateDir, sock: socket.socket) -> 
     live = sdir.open_live()
     if live is None:
         return None
-    pid, pidfd = live
+    if live[0] != pid:
+        os.close(live[1])
+        return None
+    pidfd = live[1]
     st = sdir.read_state()
     try:
         config = parse(st.get("config"))

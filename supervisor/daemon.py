@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import trio
 
-from nsruntime import ExitStatus
+from nsruntime import ExitStatus, proc_state
 
 from . import __version__, machine
 from . import config as config_mod
@@ -176,7 +176,8 @@ def _owner_alive(name: str) -> bool:
         return True  # not one of ours: leave it alone
     if not ticks_text:
         return os.path.exists(f"/proc/{pid_text}")
-    return proc_start_time(int(pid_text)) == int(ticks_text)
+    # a zombie is dead, though its start time still reads: this host's init may reap it late
+    return proc_start_time(int(pid_text)) == int(ticks_text) and proc_state(int(pid_text)).split()[0] != "Z"
 
 
 async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
@@ -315,6 +316,12 @@ class Daemon:
                     else:
                         await self._stop_all()
                     programs.cancel_scope.cancel()
+                if self.keeper is not None:  # while its reader still runs: the answer, then its exit
+                    self.ctx.spawner.close()  # the zygote first: the keeper's child, it ends with its socket
+                    if self.ctx.keep_running:
+                        await self.keeper.detach()  # it drains the pipes from now on
+                    else:
+                        await self.keeper.quit(self.reaper)  # it exits with its last child
                 root.cancel_scope.cancel()
         except BaseException:
             self.exit_code = EXIT_FAILED
@@ -322,11 +329,7 @@ class Daemon:
         finally:
             self.ctx.spawner.close()
             if self.keeper is not None:
-                with trio.CancelScope(shield=True):
-                    if self.ctx.keep_running:
-                        self.keeper.close()  # it drains the pipes from now on
-                    else:
-                        await self.keeper.quit(self.reaper)  # it exits with its last child
+                self.keeper.close()  # (after an error: the keeper keeps what runs, for the next nsinitd)
             else:
                 self._remove_cgroup_root()
             self.bus.emit("supervisor.stopped", exit_code=self.exit_code)
@@ -428,7 +431,11 @@ class Daemon:
             name = str(rec["name"])
             taken, fds = await keeper.call({"op": "take", "name": name})
             named = dict(zip(taken.get("fds", []), fds, strict=False))
-            child = self._proven(name, rec, named)
+            why = "not proven ours (start time, cgroup or container records differ)"
+            try:
+                child = self._proven(name, rec, named)
+            except Exception as e:  # a record that can't be read can't be proven: left alone
+                why, child = f"{type(e).__name__}: {e}", None
             out, err = named.pop("out", -1), named.pop("err", -1)
             for fd in named.values():
                 os.close(fd)
@@ -436,8 +443,7 @@ class Daemon:
                 for fd in (out, err):
                     if fd >= 0:
                         os.close(fd)
-                self.bus.emit("program.not_adopted", name, pid=int(rec["pid"]),
-                              reason="not proven ours (start time, cgroup or container records differ)")
+                self.bus.emit("program.not_adopted", name, pid=int(rec["pid"]), reason=why)
                 continue
             pcfg = self.config.programs.get(name)
             same = pcfg is not None and config_digest(pcfg) == rec.get("digest")
@@ -477,13 +483,8 @@ class Daemon:
                     return self.ctx.spawner.release(state_dir)
 
                 return GoneChild(pid, ExitStatus.from_wait_status(int(str(status))), release_container)
-            c = self.ctx.spawner.adopt(state_dir, ctl) if ctl >= 0 else None
-            if c is None:
-                return None
-            if c.pid != pid:
-                c.kill()  # (never: open_live proved it is the recorded PID 1, which is pid)
-                return None
-            return ContainerChild(c, self.reaper)
+            c = self.ctx.spawner.adopt(state_dir, ctl, pid) if ctl >= 0 else None
+            return ContainerChild(c, self.reaper) if c is not None else None
         if ctl >= 0:
             os.close(ctl)
         cgroup = Cgroup(self.ctx.cgroup_root / name) if self.ctx.cgroup_root is not None else None

@@ -221,7 +221,17 @@ class KeeperClient:
                     await trio.sleep(0.01)
             reaper.disown(self.proc.pid)
 
+    async def detach(self) -> None:
+        """Leave the keeper with everything it holds (shutdown --keep-running): it sees our end
+        close and drains the programs' pipes from then on. Bounded."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # the reader sees EOF and ends; then close
+        with trio.move_on_after(ANSWER_TIMEOUT):
+            await self.lost.wait()
+        self.close()
+
     def close(self) -> None:
+        """Only once the reader (run) has ended: closing under it is an error in trio."""
         self._sock.close()
 
 

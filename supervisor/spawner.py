@@ -111,10 +111,11 @@ class Spawner(Protocol):
     def find_stale(self, state_dir: Path) -> Stale | None:
         """The container left running in state_dir, if any (its PID 1 checked and opened)."""
 
-    def adopt(self, state_dir: Path, control_fd: int) -> Created | None:
+    def adopt(self, state_dir: Path, control_fd: int, pid: int) -> Created | None:
         """The container a previous nsinitd made in state_dir and left running, whose control
         socket the keeper kept (control_fd: taken over, closed with the container); None, having
-        closed control_fd and touched nothing, unless its PID 1 proves to be the recorded one."""
+        closed control_fd and touched nothing, unless its PID 1 proves to be the recorded one
+        and is pid (the keeper's child)."""
 
     def release(self, state_dir: Path) -> Released:
         """Release what a container that is gone recorded in state_dir (cgroups, links, records);
@@ -167,10 +168,14 @@ class NsRuntime:
             return None
         return Stale(pid, pidfd)
 
-    def adopt(self, state_dir: Path, control_fd: int) -> Created | None:
-        sock = socket.socket(fileno=control_fd)
+    def adopt(self, state_dir: Path, control_fd: int, pid: int) -> Created | None:
         try:
-            c = nsruntime.reattach(state_dir, sock)
+            sock = socket.socket(fileno=control_fd)
+        except OSError:  # not a socket: not what nsinitd gave the keeper
+            os.close(control_fd)
+            return None
+        try:
+            c = nsruntime.reattach(state_dir, sock, pid)
         except (NsRuntimeError, OSError):
             c = None
         if c is None:

@@ -143,7 +143,7 @@ class FakeRuntime:
     def find_stale(self, state_dir: Path) -> Stale | None:
         return None  # a fake container never outlives its test
 
-    def adopt(self, state_dir: Path, control_fd: int) -> FakeContainer | None:
+    def adopt(self, state_dir: Path, control_fd: int, pid: int) -> FakeContainer | None:
         os.close(control_fd)
         return None
 
