@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -259,6 +260,10 @@ class KeptChild:
     def reap(self) -> ExitStatus | None:
         if self.exit is None:
             self.exit = self.keeper.exit_status(self.pid)
+            if self.exit is None and self.keeper.lost.is_set() and self._gone():
+                # the keeper died (killed by hand, OOM) and took the status with it: reported as a
+                # SIGKILL, as the runtime reports a container whose PID 1 left no word
+                self.exit = ExitStatus(128 + int(signal.SIGKILL), int(signal.SIGKILL))
             if self.exit is None:
                 return None
             self.keeper.forget_pid(self.pid)
@@ -267,9 +272,28 @@ class KeptChild:
                 self.pidfd = -1
         return self.exit
 
+    def _gone(self) -> bool:
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return self.pidfd < 0 or bool(poller.poll(0))
+
     async def wait(self) -> None:
-        if self.exit is None:
-            await self.keeper.exit_event(self.pid).wait()
+        """Until the keeper tells the exit; or, should the keeper die, until the process is gone."""
+        if self.exit is not None:
+            return
+        async with trio.open_nursery() as nursery:
+            async def told() -> None:
+                await self.keeper.exit_event(self.pid).wait()
+                nursery.cancel_scope.cancel()
+
+            async def keeper_gone() -> None:
+                await self.keeper.lost.wait()
+                if self.pidfd >= 0:
+                    await trio.lowlevel.wait_readable(self.pidfd)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(told)
+            nursery.start_soon(keeper_gone)
 
     def stats(self) -> Mapping[str, int]:
         return self.cgroup.stats() if self.cgroup is not None else {}

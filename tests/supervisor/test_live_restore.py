@@ -25,7 +25,7 @@ import trio
 from supervisor import keeper as keeper_proto
 from supervisor.process import cgroup2_mount, own_cgroup2, proc_start_time
 from tests.conftest import live_pid, make_busybox_rootfs, nsinit, records, wait_for
-from tests.supervisor.test_daemon_process import Nsinitd
+from tests.supervisor.test_daemon_process import Nsinitd, program_cgroup
 
 pytestmark = [pytest.mark.slow, pytest.mark.privileged,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for containers and cgroups")]
@@ -127,12 +127,11 @@ def cgroup_procs(path: Path) -> list[int]:
     return [int(p) for p in (path / "cgroup.procs").read_text().split()]
 
 
-def keeper_cgroup(pid_of_program: int) -> Path:
-    """The cgroup2 directory (under the keeper's) of a plain program."""
-    line = next(x for x in Path(f"/proc/{pid_of_program}/cgroup").read_text().splitlines() if x.startswith("0::"))
-    mount = cgroup2_mount()
-    assert mount is not None
-    return mount / line[3:].lstrip("/")
+def _cgroup(pid: int) -> Path:
+    """The cgroup2 directory of a plain program, under its keeper's."""
+    path = program_cgroup(pid)
+    assert path is not None and path.parent.name.startswith("nsinit-keeper-"), path
+    return path
 
 
 BOTH = """
@@ -154,7 +153,7 @@ async def test_sigkilled_nsinitd_leaves_its_programs_running_and_the_next_one_ad
     box = await first.wait_for("program.running", "box")
     plain = await first.wait_for("program.running", "plain")
     before = {name: (s["pid"], s["since"]) for name, s in (await status(cfg)).items()}
-    plain_cgroup = keeper_cgroup(plain["pid"])
+    plain_cgroup = _cgroup(plain["pid"])
     grandchild = next(p for p in cgroup_procs(plain_cgroup) if p != plain["pid"])
     starts = {pid: proc_start_time(pid) for pid in (box["pid"], plain["pid"], grandchild)}
     await killed(first)
@@ -440,7 +439,7 @@ async def test_after_the_keeper_dies_too_the_next_nsinitd_reclaims_and_runs_one_
     first = await nsinitd(conf)
     box = await first.wait_for("program.running", "box")
     plain = await first.wait_for("program.running", "plain")
-    plain_cgroup = keeper_cgroup(plain["pid"])
+    plain_cgroup = _cgroup(plain["pid"])
     old_plain = cgroup_procs(plain_cgroup)
     keeper_pid = int(Path(f"/proc/{box['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
     await killed(first)
