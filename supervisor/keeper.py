@@ -112,6 +112,32 @@ def exec_child(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, in
     os._exit(127)
 
 
+#: RLIMIT_NOFILE as the keeper got it: it raises its own soft limit (it holds up to three
+#: descriptors per program), and its children get the one they would have had from nsinitd.
+_NOFILE: tuple[int, int] | None = None
+
+
+def _raise_nofile() -> None:
+    global _NOFILE
+    import resource
+
+    _NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_NOFILE[1], _NOFILE[1]))
+    except (OSError, ValueError):
+        pass
+
+
+def _restore_nofile() -> None:
+    if _NOFILE is not None:
+        import resource
+
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, _NOFILE)
+        except (OSError, ValueError):
+            pass
+
+
 def start_ticks(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (clock ticks since boot), split after the last ')'."""
     try:
@@ -431,6 +457,7 @@ class Keeper:
             try:
                 pid = os.fork()
                 if pid == 0:
+                    _restore_nofile()
                     exec_child(msg["argv"], msg["env"], (stdio[0], stdio[1], stdio[2]), cgroup_fd, errw,
                                msg.get("cwd"))
             finally:
@@ -474,6 +501,7 @@ class Keeper:
             pid = os.fork()
             if pid == 0:
                 try:
+                    _restore_nofile()
                     os.set_inheritable(fd, True)
                     os.closerange(3, fd)
                     os.closerange(fd + 1, 1 << 20)
@@ -528,6 +556,7 @@ def main(argv: Sequence[str]) -> None:
             f.write("nsinit-keeper")
     except OSError:
         pass
+    _raise_nofile()
     state_dir, fd = argv[0], int(argv[1])
     keeper = Keeper(state_dir, socket.socket(fileno=fd), argv[2] if len(argv) > 2 else None)
     try:
