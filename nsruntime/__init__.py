@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .creator import Creating, begin_create, cleanup_stale, create
     from .joiner import Joined, join, open_join
     from .libc import set_subreaper
-    from .state import proc_state
+    from .state import StateDir, proc_state
     from .zygote import Zygote
 
 # where each lazily loaded name lives (module, or module:name when exported under another name):
@@ -43,7 +43,7 @@ _LAZY = {
     "Container": "container", "describe": "container", "reattach": "container",
     "Creating": "creator", "begin_create": "creator", "cleanup_stale": "creator", "create": "creator",
     "Joined": "joiner", "join": "joiner", "open_join": "joiner",
-    "proc_state": "state",
+    "proc_state": "state", "StateDir": "state",
     "Zygote": "zygote", "set_subreaper": "libc",
     "Hierarchy": "cgroups.detect", "detect_cgroups": "cgroups.detect:detect",
 }  # fmt: skip
@@ -70,6 +70,7 @@ __all__ = [
     "Joined",
     "NsRuntimeError",
     "SetupError",
+    "StateDir",
     "StateError",
     "SyscallError",
     "TeardownError",

@@ -397,10 +397,10 @@ class Daemon:
     async def _keeper_zygote(self) -> None:
         """Container PID 1s must be the keeper's children: their zygote is the keeper's child
         (PID 1 is cloned with CLONE_PARENT). Without one, PID 1s fork from nsinitd and die with it."""
-        if self._nsruntime is None or self.keeper is None:
+        if self._nsruntime is None or self.keeper is None or self._nsruntime.zygote is not None:
             return
         if not any(p.container is not None for p in self.config.programs.values()):
-            return
+            return  # (a reload that adds the first container program asks then)
         from nsruntime import Zygote
 
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -726,6 +726,7 @@ class Daemon:
                 await prog.finish()
                 del self.programs[prog.name]
             self.config = Config(self.config.path, self.config.supervisor, new.programs, self.config.web)
+            await self._keeper_zygote()
             fresh = [new.programs[n] for n in added + changed]
             for pcfg in sorted(fresh, key=lambda p: (p.priority, p.name)):
                 await self._add(pcfg)

@@ -516,7 +516,22 @@ class Keeper:
         return {"ok": True, "pid": pid}, [], []
 
     def op_quit(self, msg: dict[str, Any], fds: list[int]) -> Answer:
+        """After nsinitd's ordered shutdown every program is gone; one still running is one nsinitd
+        lost track of (a spawn cut short), and the keeper would wait for it forever: it is killed."""
         self.quitting = True
+        for h in self.held.values():
+            if h.status is None:  # our unreaped child: this pid is that process
+                try:
+                    os.kill(h.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        root = self.cgroup or ""
+        for sub in os.listdir(root) if root else []:
+            try:
+                with open(os.path.join(root, sub, "cgroup.kill"), "w") as f:
+                    f.write("1")
+            except OSError:  # not a directory, or no cgroup.kill
+                pass
         return {"ok": True}, [], []
 
     def close(self) -> None:
@@ -544,7 +559,7 @@ OPS: dict[str, Callable[[Keeper, dict[str, Any], list[int]], Answer]] = {
 
 def main(argv: Sequence[str]) -> None:
     """``python -m supervisor.keeper STATE_DIR FD [CGROUP_PARENT]``; FD: nsinitd's socketpair end."""
-    from nsruntime.libc import set_subreaper  # the one owner of prctl
+    from nsruntime import set_subreaper  # the one owner of prctl
 
     try:
         set_subreaper()

@@ -67,6 +67,7 @@ class KeeperClient:
         self._exits: dict[int, ExitStatus] = {}
         self._exit_events: dict[int, trio.Event] = {}
         self.lost = trio.Event()
+        self._out_of_step = False
 
     # -- finding or starting the keeper -----------------------------------------------------------
 
@@ -194,20 +195,24 @@ class KeeperClient:
         """Send one request; its reply and the descriptors that came with it (the caller owns them).
         KeeperError when the keeper is gone or does not answer in time."""
         async with self._lock:
-            if self.lost.is_set():
+            if self.lost.is_set() or self._out_of_step:
                 raise KeeperError(f"the keeper (pid {self.pid}) is gone")
             data = json.dumps(dict(msg), separators=(",", ":")).encode()
-            try:
-                await self._sock.sendmsg([data], _fds_message(fds))
-            except OSError as e:
-                raise KeeperError(f"the keeper (pid {self.pid}): {e.strerror}") from None
-            with trio.move_on_after(ANSWER_TIMEOUT) as scope:
+            # Shielded: a request sent must have its reply taken here, or the next caller would
+            # take it for its own. Bounded all the same.
+            with trio.CancelScope(deadline=trio.current_time() + ANSWER_TIMEOUT, shield=True) as scope:
+                try:
+                    await self._sock.sendmsg([data], _fds_message(fds))
+                except OSError as e:
+                    raise KeeperError(f"the keeper (pid {self.pid}): {e.strerror}") from None
                 try:
                     return await self._replies.receive()
                 except trio.EndOfChannel:
                     pass
-            why = "did not answer" if scope.cancelled_caught else "is gone"
-            raise KeeperError(f"the keeper (pid {self.pid}) {why}")
+            if scope.cancelled_caught:
+                self._out_of_step = True  # a late reply would answer the wrong request
+                raise KeeperError(f"the keeper (pid {self.pid}) did not answer within {ANSWER_TIMEOUT:g} s")
+            raise KeeperError(f"the keeper (pid {self.pid}) is gone")
 
     async def quit(self, reaper: Reaper) -> None:
         """After an ordered shutdown: the keeper exits once its last child is gone; bounded."""

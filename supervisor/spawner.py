@@ -183,9 +183,7 @@ class NsRuntime:
         return c
 
     def release(self, state_dir: Path) -> Released:
-        from nsruntime.state import StateDir
-
-        return nsruntime.cleanup_stale(StateDir(state_dir))
+        return nsruntime.cleanup_stale(nsruntime.StateDir(state_dir))
 
     def begin(self, config: ContainerConfig, rootfs: Path, command: Sequence[str], state_dir: Path, *,
               env: Mapping[str, str], stdio: tuple[int, int, int]) -> Creation:
