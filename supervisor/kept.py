@@ -226,6 +226,13 @@ class KeeperClient:
                 while self.proc.poll() is None:
                     await trio.sleep(0.01)
             reaper.disown(self.proc.pid)
+        if self.cgroup is not None and self.cgroup.exists():  # a keeper killed before it could
+            for sub in [self.cgroup / n for n in os.listdir(self.cgroup)]:
+                if sub.is_dir():
+                    with contextlib.suppress(OSError):
+                        await Cgroup(sub).remove(reaper, timeout=QUIT_TIMEOUT / 2)
+            with contextlib.suppress(OSError):
+                self.cgroup.rmdir()
 
     async def detach(self) -> None:
         """Leave the keeper with everything it holds (shutdown --keep-running): it sees our end

@@ -485,3 +485,64 @@ def test_the_keepers_cgroup_names_its_owner_so_only_a_dead_ones_is_cleaned() -> 
     assert not _owner_alive(f"nsinit-keeper-{me}-{(ticks or 0) + 1}")
     mount = cgroup2_mount()
     assert mount is None or own_cgroup2(mount).exists()
+
+
+async def test_a_held_process_outside_the_programs_cgroup_is_neither_adopted_nor_signalled(
+        cfg: ConfigWriter, nsinitd: Start) -> None:
+    conf = cfg.write('[programs.plain]\ncommand = ["sleep", "300"]\nstartsecs = 0.2\n')
+    first = await nsinitd(conf)
+    old = await first.wait_for("program.running", "plain")
+    await killed(first)
+    # the keeper is told (as by an nsinitd) to run a stranger under the program's name, outside
+    # the program's cgroup: the record looks like the program's, the process is not it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dfd = os.open(cfg.root / "state", os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock.settimeout(10)
+        sock.connect(f"/proc/self/fd/{dfd}/{keeper_proto.SOCKET_NAME}")
+        keeper_proto.send(sock, {"op": "hello"})
+        while (msg := keeper_proto.receive(sock)[0]) is not None and "exited" in msg:
+            pass
+        devnull = os.open(os.devnull, os.O_RDWR)
+        keeper_proto.send(sock, {"op": "spawn", "name": "plain", "argv": ["sleep", "299"], "env": {},
+                                 "cgroup": None, "digest": ""}, [devnull] * 3)
+        os.close(devnull)
+        reply, fds = keeper_proto.receive(sock)
+        for fd in fds:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+        sock.close()
+    assert reply is not None and reply["ok"], reply
+    stranger = int(reply["pid"])
+    try:
+        second = await nsinitd(conf)
+        refused = await second.wait_for("program.not_adopted", "plain")
+        assert refused["pid"] == stranger
+        new = await second.wait_for("program.running", "plain")
+        assert new["pid"] not in (stranger, old["pid"]) and alive(stranger)
+    finally:
+        os.kill(stranger, signal.SIGKILL)  # (the test's own: it must not outlive it)
+    second.proc.send_signal(signal.SIGTERM)
+    assert await second.finish() == 0
+    assert not any(e["event"] == "program.exited" and e["pid"] == stranger for e in second.events)
+    assert not alive(old["pid"])  # the one replaced in the keeper's records went with the keeper
+
+
+async def test_if_the_keeper_is_killed_nsinitd_still_sees_its_programs_go_and_shuts_down(
+        cfg: ConfigWriter, nsinitd: Start) -> None:
+    conf = cfg.write('[programs.plain]\ncommand = ["sleep", "300"]\nstartsecs = 0.2\nstopwaitsecs = 5\n')
+    d = await nsinitd(conf)
+    plain = await d.wait_for("program.running", "plain")
+    keeper = int(Path(f"/proc/{plain['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert Path(f"/proc/{keeper}/comm").read_text() == "nsinit-keeper\n"
+    cgroup = _cgroup(plain["pid"])
+    os.kill(keeper, signal.SIGKILL)
+    await ctl(cfg, "stop", "plain")  # through the pidfd the keeper gave: still that process
+    exited = await d.wait_for("program.exited", "plain")
+    # the status died with the keeper: reported as SIGKILL, as for a PID 1 that left no word
+    assert (exited["pid"], exited["exit_code"], exited["signal"]) == (plain["pid"], 137, "SIGKILL")
+    await d.wait_for("program.stopped", "plain")
+    d.proc.send_signal(signal.SIGTERM)
+    assert await d.finish() == 0
+    assert not cgroup.exists() and not cgroup.parent.exists()
