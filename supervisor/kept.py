@@ -38,6 +38,8 @@ from .process import Cgroup, Reaper, Released, SpawnError
 ANSWER_TIMEOUT = 10.0
 #: Bound on the keeper's exit after ``quit`` once the programs are stopped.
 QUIT_TIMEOUT = 10.0
+#: Exit notices kept for a reader that may never come (a container's exit, heard through its PID 1).
+MAX_UNREAD_EXITS = 4096
 
 
 class KeeperError(Exception):
@@ -180,6 +182,9 @@ class KeeperClient:
     def _exited(self, pid: int, status: int) -> None:
         self._exits[pid] = ExitStatus.from_wait_status(status)
         self.exit_event(pid).set()
+        while len(self._exits) > MAX_UNREAD_EXITS:  # a container's, told after its PID 1 was released
+            stale = next(iter(self._exits))
+            self.forget_pid(stale)
 
     def exit_event(self, pid: int) -> trio.Event:
         return self._exit_events.setdefault(pid, trio.Event())

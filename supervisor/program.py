@@ -350,6 +350,7 @@ class Program:
             self._emit("program.teardown_failed", pid=child.pid, error=str(released["error"]))
         remove_pid_files(self.state_dir)
         if self.ctx.keeper is not None:  # its exit is seen and its leftovers gone: the keeper may let go
+            self.ctx.keeper.forget_pid(child.pid)  # (a container's exit notice, unread: its PID 1 told us)
             with contextlib.suppress(KeeperError):
                 await self.ctx.keeper.call({"op": "forget", "name": self.name})
 
