@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .cgroups.detect import detect as detect_cgroups
     from .config import ContainerConfig
     from .config import load as load_config
-    from .container import Container, describe, reattach
+    from .container import Container, describe, exit_report, reattach
     from .creator import Creating, begin_create, cleanup_stale, create
     from .joiner import Joined, join, open_join
     from .libc import set_subreaper
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 # (machine, config) load no ctypes through this package
 _LAZY = {
     "ContainerConfig": "config", "load_config": "config:load",
-    "Container": "container", "describe": "container", "reattach": "container",
+    "Container": "container", "describe": "container", "reattach": "container", "exit_report": "container",
     "Creating": "creator", "begin_create": "creator", "cleanup_stale": "creator", "create": "creator",
     "Joined": "joiner", "join": "joiner", "open_join": "joiner",
     "proc_state": "state", "StateDir": "state",
@@ -81,6 +81,7 @@ __all__ = [
     "create",
     "describe",
     "detect_cgroups",
+    "exit_report",
     "join",
     "load_config",
     "open_join",

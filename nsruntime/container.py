@@ -85,19 +85,9 @@ class Container:
 
     def _read_exit_msg(self) -> None:
         """Take PID 1's Exited, if it said it (it can't when SIGKILL took it)."""
-        with suppress(OSError, NsRuntimeError):
-            self._sock.setblocking(False)
-            while True:
-                try:
-                    chunk = self._sock.recv(4096)
-                except BlockingIOError:
-                    break
-                if not chunk:
-                    break
-                self._reader.feed(chunk)
-        while (m := self._reader.next()) is not None:
-            if isinstance(m, channel.Exited):
-                self._exit_msg = (m.code, m.signal)
+        said = _last_word(self._sock, self._reader)
+        if said is not None:
+            self._exit_msg = said
 
     def poll(self) -> ExitStatus | None:
         """The exit status once PID 1 has exited (reaping it), else None. Never blocks."""
@@ -193,6 +183,34 @@ class Container:
         self._sock.close()
         self._destroyed = True
         return released
+
+
+def _last_word(sock: socket.socket, reader: channel.Reader) -> tuple[int, int] | None:
+    """Whatever PID 1 sent that is still unread on sock, without blocking: its Exited (code,
+    signal), if it said it."""
+    with suppress(OSError, NsRuntimeError):
+        sock.setblocking(False)
+        while True:
+            try:
+                chunk = sock.recv(4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            reader.feed(chunk)
+    said = None
+    while (m := reader.next()) is not None:
+        if isinstance(m, channel.Exited):
+            said = (m.code, m.signal)
+    return said
+
+
+def exit_report(sock: socket.socket) -> ExitStatus | None:
+    """How the command of a container that is gone ended, as its PID 1 reported it on the control
+    socket (unread till now: the creator that would have read it died first); None when PID 1 left
+    without a word (SIGKILL)."""
+    said = _last_word(sock, channel.Reader("container init"))
+    return ExitStatus(said[0], said[1] or None) if said is not None else None
 
 
 def reattach(state_dir: str | PathLike[str] | StateDir, sock: socket.socket, pid: int) -> Container | None:

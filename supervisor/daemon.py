@@ -475,14 +475,14 @@ class Daemon:
         if rec.get("kind") == "container":
             if pidfd >= 0:
                 os.close(pidfd)  # the runtime opens its own after its own checks
-            if status is not None:  # exited while we were away
-                if ctl >= 0:
-                    os.close(ctl)
+            if status is not None:  # exited while we were away: the command's status, as PID 1 told it
+                told = self.ctx.spawner.exit_report(ctl) if ctl >= 0 else None
 
                 async def release_container() -> Released:
                     return self.ctx.spawner.release(state_dir)
 
-                return GoneChild(pid, ExitStatus.from_wait_status(int(str(status))), release_container)
+                return GoneChild(pid, told or ExitStatus.from_wait_status(int(str(status))), release_container,
+                                 container=True)
             c = self.ctx.spawner.adopt(state_dir, ctl, pid) if ctl >= 0 else None
             return ContainerChild(c, self.reaper) if c is not None else None
         if ctl >= 0:
@@ -495,7 +495,7 @@ class Daemon:
             async def release_plain() -> Released:
                 return {"cgroups": await cgroup.remove(None) if cgroup is not None else []}
 
-            return GoneChild(pid, ExitStatus.from_wait_status(int(str(status))), release_plain)
+            return GoneChild(pid, ExitStatus.from_wait_status(int(str(status))), release_plain, container=False)
         if pidfd < 0 or proc_start_time(pid) != rec.get("start") or (cgroup is not None and pid not in cgroup.procs()):
             if pidfd >= 0:
                 os.close(pidfd)

@@ -345,7 +345,9 @@ class GoneChild:
     """A program that exited while no nsinitd was attached: the keeper reaped it and kept its
     wait status. Seen by nsinitd as any exit is (program.exited, teardown, the restart policy)."""
 
-    def __init__(self, pid: int, info: ExitStatus, release: Callable[[], Awaitable[Released]]) -> None:
+    def __init__(self, pid: int, info: ExitStatus, release: Callable[[], Awaitable[Released]], *,
+                 container: bool) -> None:
+        self.container = container  # its teardown releases a container (container.destroyed)
         self.pid = pid
         self.pidfd = -1
         self.exit = info

@@ -34,7 +34,7 @@ from . import machine
 from .config import ProgramConfig
 from .events import EventBus
 from .keeper import enlarge_pipe
-from .kept import KeeperClient, KeeperError, config_digest, spawn_kept
+from .kept import GoneChild, KeeperClient, KeeperError, config_digest, spawn_kept
 from .logs import ProgramLogs, pump
 from .process import (
     Cgroup,
@@ -344,7 +344,7 @@ class Program:
             released = {"error": "teardown timed out"}
         except Exception as e:  # the runtime's own errors
             released = {"error": f"{type(e).__name__}: {e}"}
-        if isinstance(child, ContainerChild):
+        if isinstance(child, ContainerChild) or (isinstance(child, GoneChild) and child.container):
             self._emit("container.destroyed", released=released)
         elif "error" in released:
             self._emit("program.teardown_failed", pid=child.pid, error=str(released["error"]))

@@ -117,6 +117,11 @@ class Spawner(Protocol):
         closed control_fd and touched nothing, unless its PID 1 proves to be the recorded one
         and is pid (the keeper's child)."""
 
+    def exit_report(self, control_fd: int) -> ExitStatus | None:
+        """How the command of a container that ended while no nsinitd was there exited, as its
+        PID 1 reported it on the control socket the keeper kept (control_fd, closed here); None
+        when it left no report."""
+
     def release(self, state_dir: Path) -> Released:
         """Release what a container that is gone recorded in state_dir (cgroups, links, records);
         nothing while its PID 1 lives. Raises NsRuntimeError naming what would not go."""
@@ -181,6 +186,15 @@ class NsRuntime:
         if c is None:
             sock.close()
         return c
+
+    def exit_report(self, control_fd: int) -> ExitStatus | None:
+        try:
+            sock = socket.socket(fileno=control_fd)
+        except OSError:
+            os.close(control_fd)
+            return None
+        with sock:
+            return nsruntime.exit_report(sock)
 
     def release(self, state_dir: Path) -> Released:
         return nsruntime.cleanup_stale(nsruntime.StateDir(state_dir))

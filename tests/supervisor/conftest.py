@@ -147,6 +147,10 @@ class FakeRuntime:
         os.close(control_fd)
         return None
 
+    def exit_report(self, control_fd: int) -> ExitStatus | None:
+        os.close(control_fd)
+        return None
+
     def release(self, state_dir: Path) -> dict[str, list[str]]:
         return {}
 

@@ -546,3 +546,27 @@ async def test_if_the_keeper_is_killed_nsinitd_still_sees_its_programs_go_and_sh
     d.proc.send_signal(signal.SIGTERM)
     assert await d.finish() == 0
     assert not cgroup.exists() and not cgroup.parent.exists()
+
+
+async def test_exits_while_nsinitd_is_down_are_seen_with_their_real_status_by_the_next_one(
+        cfg: ConfigWriter, nsinitd: Start, host_rootfs: Path) -> None:
+    conf = cfg.write(BOTH.format(rootfs=host_rootfs).replace('autorestart = "always"', 'autorestart = "never"'))
+    first = await nsinitd(conf)
+    box = await first.wait_for("program.running", "box")
+    plain = await first.wait_for("program.running", "plain")
+    command = int(Path(f"/proc/{box['pid']}/task/{box['pid']}/children").read_text().split()[0])
+    await killed(first)
+    os.kill(plain["pid"], signal.SIGKILL)
+    os.kill(command, signal.SIGTERM)  # the box's command: PID 1 reports "killed by SIGTERM", then leaves
+    await until(lambda: not alive(plain["pid"]) and not alive(box["pid"]), "both to end while nsinitd is down")
+    second = await nsinitd(conf)
+    exits = {n: await second.wait_for("program.exited", n) for n in ("box", "plain")}
+    assert {n: (e["pid"], e["exit_code"], e["signal"], e["expected"]) for n, e in exits.items()} == {
+        "box": (box["pid"], 143, "SIGTERM", False), "plain": (plain["pid"], 137, "SIGKILL", False)}
+    destroyed = await second.wait_for("container.destroyed", "box")  # what the box held, released
+    assert "error" not in destroyed["released"] and destroyed["released"]["cgroups"]
+    restarted = await second.wait_for("program.running", "box")  # on-failure
+    assert restarted["pid"] != box["pid"]
+    assert (await status(cfg))["plain"]["state"] == "EXITED"  # autorestart = never
+    second.proc.send_signal(signal.SIGTERM)
+    assert await second.finish() == 0
