@@ -570,3 +570,12 @@ async def test_exits_while_nsinitd_is_down_are_seen_with_their_real_status_by_th
     assert (await status(cfg))["plain"]["state"] == "EXITED"  # autorestart = never
     second.proc.send_signal(signal.SIGTERM)
     assert await second.finish() == 0
+
+
+async def test_a_program_the_keeper_cannot_exec_fails_with_one_line(cfg: ConfigWriter, nsinitd: Start) -> None:
+    conf = cfg.write('[programs.nope]\ncommand = ["/nonexistent/prog"]\nstartretries = 0\n')
+    d = await nsinitd(conf)
+    fatal = await d.wait_for("program.fatal", "nope")
+    assert fatal["reason"] == "exec /nonexistent/prog: No such file or directory (1 times, startretries=0)"
+    d.proc.send_signal(signal.SIGTERM)
+    assert await d.finish() == 0
