@@ -221,7 +221,7 @@ def reattach(state_dir: str | PathLike[str] | StateDir, sock: socket.socket, pid
     proves to be the recorded one (open_live: start time, namespaces, cgroup) and is pid, the one
     the caller was told of."""
     from . import cgroups
-    from .config import parse
+    from .spawn import parse_recorded
 
     sdir = resolve(state_dir)
     live = sdir.open_live()
@@ -233,7 +233,7 @@ def reattach(state_dir: str | PathLike[str] | StateDir, sock: socket.socket, pid
     pidfd = live[1]
     st = sdir.read_state()
     try:
-        config = parse(st.get("config"))
+        config = parse_recorded(st.get("config"))
         cg = cgroups.from_paths(list(st["cgroups"])) if st.get("cgroups") else None
     except (NsRuntimeError, OSError):
         os.close(pidfd)

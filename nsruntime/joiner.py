@@ -16,7 +16,7 @@ import select
 import time
 
 from . import cgroups, channel, init, libc, spawn
-from .config import NAMESPACE_FILES, ContainerConfig, parse
+from .config import NAMESPACE_FILES, ContainerConfig
 from .creator import SETUP_TIMEOUT
 from .errors import SetupError, StateError
 from .lean import recv_fds, suppress
@@ -65,11 +65,7 @@ def load_state_config(sdir: StateDir) -> tuple[ContainerConfig, dict[str, Any]]:
     raw = st.get("config")
     if raw is None:
         raise StateError(f"{sdir.path}: state.json holds no config")
-    if isinstance(raw, dict) and isinstance(raw.get("nsrun"), dict) and isinstance(raw.get("spec"), dict):
-        from .oci import spec as oci_spec  # made from an OCI bundle: by nsrun, or an nsinitd bundle program
-
-        return oci_spec.parse(raw["spec"], str(raw["nsrun"].get("bundle") or "/")).config, st
-    return parse(raw), st
+    return spawn.parse_recorded(raw), st
 
 
 def _answer(sock: socket.socket, deadline: float) -> tuple[channel.Message | None, list[int]]:

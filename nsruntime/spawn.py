@@ -242,6 +242,17 @@ def zygote_clone(data: bytes, fds: list[int], sigfd: int) -> int:
     return pid
 
 
+def parse_recorded(raw: object) -> ContainerConfig:
+    """A config as its creator recorded it (state.json, a zygote request): container.json's keys,
+    or ``{"nsrun": {"bundle": ...}, "spec": {...}}`` for one made from an OCI bundle (by nsrun, or
+    for an nsinitd bundle program)."""
+    if isinstance(raw, dict) and isinstance(raw.get("nsrun"), dict) and isinstance(raw.get("spec"), dict):
+        from .oci import spec as oci_spec
+
+        return oci_spec.parse(raw["spec"], str(raw["nsrun"].get("bundle") or "/")).config
+    return parse(raw)
+
+
 def zygote_child(data: bytes, stdio: tuple[int, int, int], sock: socket.socket) -> None:
     """The setup child the zygote forks where zygote_clone can't make PID 1: decodes the whole
     request and takes setup_child's way (the user namespace's id maps, unshare, fork)."""
@@ -249,7 +260,7 @@ def zygote_child(data: bytes, stdio: tuple[int, int, int], sock: socket.socket) 
         head_bytes, _, body = data.partition(b"\n")
         head = loads(head_bytes)
         req = loads(body)
-        cfg = parse(req["source"])
+        cfg = parse_recorded(req["source"])
         cg = cgroups.from_paths(req["cgroups"]) if req["cgroups"] else None
     except BaseException as e:
         init.main_fail(sock, e)
@@ -260,7 +271,7 @@ def zygote_child(data: bytes, stdio: tuple[int, int, int], sock: socket.socket) 
 def _decode_then_setup(body: bytes, sock: socket.socket, sigfd: int) -> None:
     try:
         req = loads(body)
-        cfg = parse(req["source"])
+        cfg = parse_recorded(req["source"])
     except BaseException as e:
         init.main_fail(sock, e)
     _setup_and_exec(cfg, req["root"], req["command"], req["env"], req["tty"], sock, sigfd)

@@ -579,3 +579,24 @@ async def test_a_program_the_keeper_cannot_exec_fails_with_one_line(cfg: ConfigW
     assert fatal["reason"] == "exec /nonexistent/prog: No such file or directory (1 times, startretries=0)"
     d.proc.send_signal(signal.SIGTERM)
     assert await d.finish() == 0
+
+
+async def test_a_bundle_program_outlives_a_sigkilled_nsinitd_and_is_adopted(
+        cfg: ConfigWriter, nsinitd: Start) -> None:
+    from tests.supervisor.test_bundle_programs import bundle
+
+    img = bundle(cfg.root, ["sh", "-c", "while :; do sleep 0.1; done"])
+    conf = cfg.write(f'[programs.img]\nbundle = "{img}"\nstartsecs = 0.2\n')
+    first = await nsinitd(conf)
+    img1 = await first.wait_for("program.running", "img")
+    start = proc_start_time(img1["pid"])
+    await killed(first)
+
+    assert alive(img1["pid"])  # its PID 1 is the keeper's child, like a container.json program's
+    second = await nsinitd(conf)
+    adopted = await second.wait_for("program.adopted", "img")
+    assert (adopted["pid"], proc_start_time(img1["pid"])) == (img1["pid"], start)
+    assert (await status(cfg))["img"]["state"] == "RUNNING"
+    second.proc.send_signal(signal.SIGTERM)
+    assert await second.finish() == 0
+    assert not alive(img1["pid"])
