@@ -86,7 +86,7 @@ class Mount:
     destination: str
     writable: bool = False
     private: bool = False
-    type: str = "bind"  # bind | tmpfs
+    type: str = "bind"  # bind | tmpfs | cgroup (OCI only: the container's own cgroups at /sys/fs/cgroup)
     optional: bool = False  # skip a bind whose source is missing
     # OCI mounts (nsruntime.oci.spec) say more than container.json can; the defaults are container.json's
     flags: int | None = None  # MS_NOSUID|MS_NODEV|MS_NOEXEC... of the mount; None: nosuid,nodev for a tmpfs
@@ -139,6 +139,9 @@ class Cgroups:
     # the directories of parent are someone else's (a pod's, made by the kubelet's runtime):
     # made when missing, never removed; only the container's own leaf is (OCI cgroupsPath)
     keep_parents: bool = False
+    # parent is a path from each hierarchy's root, not from the runtime's own cgroup (an absolute
+    # OCI cgroupsPath)
+    from_root: bool = False
 
 
 @frozen

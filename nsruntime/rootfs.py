@@ -135,13 +135,67 @@ def _remount_at(root: str, dest: str, flags: int) -> None:
 
 
 def _mount_in_dev(dirfd: int, name: str, source: str | None, fstype: str | None, flags: int,
-              data: str | None = None) -> None:
-    """Mount onto the entry ``name`` of /dev, open as dirfd, never following a symlink there."""
+              data: str | None = None, *, where: str = "/dev") -> None:
+    """Mount onto the entry ``name`` of /dev (or ``where``), open as dirfd, never following a symlink there."""
     fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     try:
-        _mount_fd(fd, f"/dev/{name}", source, fstype, flags, data)
+        _mount_fd(fd, f"{where}/{name}", source, fstype, flags, data)
     finally:
         os.close(fd)
+
+
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _mount_cgroups(root: str, m: Mount, own_ns: bool) -> None:
+    """/sys/fs/cgroup as the container's own cgroups, laid out as the host's are.
+
+    With a cgroup namespace of its own each hierarchy is mounted afresh: the kernel roots it at
+    the namespace's root, the container's cgroup. Without one a fresh mount would show the host's
+    whole tree, so the container's own directories are bound instead (found from
+    /proc/self/cgroup: this process already sits in them). On the hybrid and v1 layouts a tmpfs
+    holds one directory per hierarchy, named as on the host, with the host's links between them
+    (cpu -> cpu,cpuacct).
+    """
+    from .cgroups.detect import detect  # (forked: already loaded by the creator)
+
+    base = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC | (m.flags or 0)
+    ro = 0 if m.writable else libc.MS_RDONLY
+    targets = [h for h in detect(any_root=own_ns).hierarchies if h.version == 2 or h.controllers]
+    if len(targets) == 1 and targets[0].version == 2 and targets[0].mountpoint == _CGROUP_ROOT:
+        h = targets[0]
+        if own_ns:
+            _mount_at(root, m.destination, "dir", "cgroup2", "cgroup2", base | ro)
+        else:
+            _mount_at(root, m.destination, "dir", h.base, None, libc.MS_BIND)
+            _remount_at(root, m.destination, libc.MS_BIND | libc.MS_REMOUNT | base | ro)
+        return
+    _mount_at(root, m.destination, "dir", "tmpfs", "tmpfs", base, "mode=755")
+    dirfd = resolve_in_root(root, m.destination, make=None)
+    try:
+        names = set()
+        for h in targets:
+            parent, name = os.path.split(h.mountpoint)
+            if parent != _CGROUP_ROOT:  # mounted elsewhere on the host: name it by what it carries
+                name = ",".join(sorted(h.controllers)) or "unified"
+            os.mkdir(name, 0o555, dir_fd=dirfd)
+            names.add(name)
+            if own_ns:
+                kind = "cgroup" if h.version == 1 else "cgroup2"
+                _mount_in_dev(dirfd, name, kind, kind, base | ro, ",".join(sorted(h.controllers)) or None,
+                              where=m.destination)
+            else:
+                _mount_in_dev(dirfd, name, h.base, None, libc.MS_BIND, where=m.destination)
+                _mount_in_dev(dirfd, name, None, None, libc.MS_BIND | libc.MS_REMOUNT | base | ro,
+                              where=m.destination)
+        with suppress(OSError), os.scandir(_CGROUP_ROOT) as it:
+            for entry in it:
+                if entry.is_symlink() and os.readlink(entry.path) in names and entry.name not in names:
+                    os.symlink(os.readlink(entry.path), entry.name, dir_fd=dirfd)
+    finally:
+        os.close(dirfd)
+    if ro:
+        _remount_at(root, m.destination, libc.MS_REMOUNT | base | ro)
 
 
 def _bind(root: str, m: Mount) -> None:
@@ -245,6 +299,8 @@ def prepare(cfg: ContainerConfig, rootfs: str) -> None:
             if m.type == "tmpfs":
                 flags = libc.MS_NOSUID | libc.MS_NODEV if m.flags is None else m.flags  # (ro among m.flags)
                 _mount_at(rootfs, m.destination, "dir", "tmpfs", "tmpfs", flags, m.data or "mode=1777")
+            elif m.type == "cgroup":
+                _mount_cgroups(rootfs, m, "NEWCGROUP" in cfg.namespaces)
             else:
                 _bind(rootfs, m)
     except SetupError:

@@ -138,6 +138,15 @@ def _targets(layout: Layout) -> list[Hierarchy]:
     return [h for h in layout.hierarchies if h.version == 2 or h.controllers]
 
 
+def _rooted(cfg: Cgroups, layout: Layout) -> Layout:
+    """The layout seen from where cfg's directories start: each hierarchy's root for a path
+    from the root (cfg.from_root), else the runtime's own cgroup in it."""
+    if not cfg.from_root:
+        return layout
+    return Layout(tuple(Hierarchy(h.version, h.mountpoint, h.controllers, h.mountpoint, h.name)
+                        for h in layout.hierarchies))
+
+
 def _rel(cfg: Cgroups, container_id: str) -> list[str]:
     # (an empty parent: the leaf right below the runtime's own cgroup)
     return [c for c in (*cfg.parent.split("/"), *(cfg.name or container_id).split("/")) if c not in ("", ".")]
@@ -158,6 +167,7 @@ def plan(cfg: Cgroups, container_id: str) -> tuple[Layout, list[str]]:
     else:
         layout = _detect()
         _layout_cache = (now, layout)
+    layout = _rooted(cfg, layout)
     rel = _rel(cfg, container_id)
     parents: list[str] = []
     leaves: list[str] = []
@@ -183,6 +193,7 @@ def setup(cfg: Cgroups, container_id: str, *, layout: Layout | None = None) -> C
         raise SetupError("cgroups", f"container id {container_id!r} is not a cgroup name of [A-Za-z0-9_.:@-]")
     if layout is None:
         layout = _detect()
+    layout = _rooted(cfg, layout)
     targets = _targets(layout)
     if not targets:
         raise SetupError("cgroups: detect", why_no_hierarchy())

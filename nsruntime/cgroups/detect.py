@@ -137,7 +137,10 @@ def _below(own: str, root: str, mountpoint: str) -> str | None:
     return os.path.normpath(mountpoint + "/" + rel.lstrip("/"))
 
 
-def parse(mountinfo: str, proc_cgroup: str) -> Layout:
+def parse(mountinfo: str, proc_cgroup: str, *, any_root: bool = False) -> Layout:
+    """The hierarchies that show this process's cgroup. With any_root (a process in a cgroup
+    namespace of its own, which sees its cgroups as "/" and the host's mounts rooted above that)
+    every mounted hierarchy it is in counts, and base is only its mountpoint."""
     own = parse_proc_cgroup(proc_cgroup)
     seen: set[frozenset[str] | None] = set()
     hierarchies = []
@@ -152,7 +155,7 @@ def parse(mountinfo: str, proc_cgroup: str) -> Layout:
             key = max(matches, key=len)
         if key in seen or key not in own:
             continue  # the same hierarchy mounted twice: the first mount that shows our cgroup wins
-        base = _below(own[key], m.root, m.mountpoint)
+        base = m.mountpoint if any_root else _below(own[key], m.root, m.mountpoint)
         if base is None:
             continue
         seen.add(key)
@@ -165,12 +168,12 @@ def parse(mountinfo: str, proc_cgroup: str) -> Layout:
     return Layout(tuple(hierarchies))
 
 
-def detect(mountinfo_path: str = MOUNTINFO, proc_cgroup_path: str = PROC_CGROUP) -> Layout:
+def detect(mountinfo_path: str = MOUNTINFO, proc_cgroup_path: str = PROC_CGROUP, *, any_root: bool = False) -> Layout:
     with open(mountinfo_path) as f:
         mountinfo = f.read()
     with open(proc_cgroup_path) as f:
         proc_cgroup = f.read()
-    return parse(mountinfo, proc_cgroup)
+    return parse(mountinfo, proc_cgroup, any_root=any_root)
 
 
 def named_netns(netns_dir: str = NETNS_DIR) -> str | None:

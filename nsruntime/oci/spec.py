@@ -433,7 +433,9 @@ def _mounts(path: str, value: object, bundle: str) -> tuple[Mount, ...]:
             out.append(Mount(None, dest, writable=True, private=private, type="tmpfs", flags=flags,
                              data=",".join(data) or None))
         elif kind in ("cgroup", "cgroup2") and dest == "/sys/fs/cgroup":
-            raise _refuse(f"{p}.type", f"{_q(kind)}: a cgroup filesystem in the container is not supported yet")
+            # the container's own cgroups, whichever of the two types is asked: the host's layout decides
+            out.append(Mount(None, dest, writable=not flags & MS_RDONLY, private=private, type="cgroup",
+                             flags=flags & ~MS_RDONLY))
         else:
             raise _refuse(f"{p}.type", f"unsupported mount type {_q(kind)} at {_q(dest)} (bind, tmpfs; proc, sysfs, "
                           "devpts and mqueue only where the runtime mounts them itself)")
@@ -507,6 +509,9 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
         rel = _cgroup_name("linux.cgroupsPath", s)
         parent, _, name = rel.rpartition("/")
         keep = True
+        # absolute: from each hierarchy's root (runc's reading, which podman's /libpod_parent/libpod-ID
+        # and containerd's /default/ID expect); relative: below nsrun's own cgroup
+        fields["from_root"] = s.startswith("/")
     return Cgroups(name=name, parent=parent, keep_parents=keep, **fields)
 
 

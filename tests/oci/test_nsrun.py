@@ -320,3 +320,71 @@ def test_version_features_and_list(bundle: Bundle) -> None:
     bundle.create("a1")
     p = bundle.nsrun("list", "--format", "json")
     assert [(s["id"], s["status"]) for s in json.loads(p.stdout)] == [("a1", "created")]
+
+
+def test_an_absolute_cgroups_path_starts_at_each_hierarchys_root(bundle: Bundle) -> None:
+    bundle.spec["linux"]["cgroupsPath"] = "/nsrun-test-abs/ctr1"  # podman's /libpod_parent/libpod-ID shape
+    bundle.spec["process"]["args"] = ["true"]
+    bundle.write()
+    pid = bundle.create()
+    leaves = json.loads((bundle.root / "c1" / "state.json").read_text())["cgroups"]
+    mountpoints = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                   if line.split(" - ")[1].startswith(("cgroup ", "cgroup2 "))}
+    assert leaves and all(os.path.dirname(os.path.dirname(p)) in mountpoints for p in leaves), leaves
+    bundle.nsrun("kill", "c1", "KILL")
+    bundle.reap(pid)
+    assert bundle.nsrun("delete", "c1").returncode == 0
+    parents = [os.path.dirname(p) for p in leaves]
+    try:
+        assert all(os.path.isdir(p) for p in parents) and not any(os.path.exists(p) for p in leaves)
+    finally:
+        for p in parents:
+            os.rmdir(p)
+
+
+def _host_cgroup_layout() -> tuple[set[str], dict[str, str]]:
+    """The names of /sys/fs/cgroup's hierarchies that carry a controller or are cgroup2, and its links."""
+    names, links = set(), {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, fstype = line.split(), line.split(" - ")[1].split()[0]
+        point, opts = fields[4], line.split(" - ")[1].split()[2]
+        if os.path.dirname(point) != "/sys/fs/cgroup":
+            continue
+        if fstype == "cgroup2" or (fstype == "cgroup" and set(opts.split(",")) - {"rw", "ro", "nosuid", "nodev",
+                                                                              "noexec", "relatime", "xattr"}
+                                   - {o for o in opts.split(",") if o.startswith(("name=", "release_agent"))}):
+            names.add(os.path.basename(point))
+    for entry in os.scandir("/sys/fs/cgroup"):
+        if entry.is_symlink() and os.readlink(entry.path) in names:
+            links[entry.name] = os.readlink(entry.path)
+    return names, links
+
+
+@pytest.mark.parametrize("cgroupns", [False, True], ids=["host-cgroupns", "own-cgroupns"])
+def test_a_cgroup_mount_shows_the_container_its_own_cgroups_read_only(bundle: Bundle, cgroupns: bool) -> None:
+    names, links = _host_cgroup_layout()
+    if "memory" not in names:
+        pytest.skip("this host has no v1 memory hierarchy at /sys/fs/cgroup/memory")
+    spec = bundle.spec
+    spec["mounts"].append({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                           "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]})
+    if cgroupns:
+        spec["linux"]["namespaces"].append({"type": "cgroup"})
+    spec["linux"]["resources"] = {"memory": {"limit": 64 << 20}}
+    spec["process"]["args"] = ["sh", "-c", "ls /sys/fs/cgroup; for l in /sys/fs/cgroup/*; do "
+                               "[ -L $l ] && echo $l '->' $(readlink $l); done; "
+                               "cat /sys/fs/cgroup/memory/memory.limit_in_bytes; "
+                               "wc -l < /sys/fs/cgroup/memory/cgroup.procs; "
+                               "mkdir /sys/fs/cgroup/memory/x 2>/dev/null || echo memory ro; "
+                               "touch /sys/fs/cgroup/y 2>/dev/null || echo tmpfs ro"]
+    bundle.write()
+    p = bundle.nsrun("run", "--bundle", str(bundle.dir), "cgm")
+    assert p.returncode == 0, p.stdout
+    lines = p.stdout.splitlines()
+    listed = set(lines[:len(names) + len(links)])
+    assert listed == names | set(links), lines
+    assert {ln.split(" -> ")[0].removeprefix("/sys/fs/cgroup/"): ln.split(" -> ")[1]
+            for ln in lines if " -> " in ln} == links
+    rest = [ln for ln in lines[len(listed):] if " -> " not in ln]
+    # the container's own memory cgroup (its limit), holding only its own processes: PID 1, sh, wc
+    assert rest == [str(64 << 20), "3", "memory ro", "tmpfs ro"], lines
