@@ -400,6 +400,14 @@ def test_a_detached_task_is_listed_exec_d_into_and_shown_by_ps(ctrd: Containerd)
         assert p.returncode == 7, p.stderr + ctrd.tail()
         marker, exec_pid = p.stdout.split()
         assert marker == "ran" and int(exec_pid) > 1, "in the task's root and pid namespace"
+        p = ctrd.ctr("tasks", "exec", "--fifo-dir", str(ctrd.fifo_dir), "--exec-id", "e2", "bg", "/no/such/command",
+                     check=False)
+        assert (p.returncode, p.stderr) == (1, 'ctr: OCI runtime exec failed: join: process.args: exec '
+                                            '"/no/such/command": executable file not found: no such file or '
+                                            "directory: unknown\n")
+        p = ctrd.ctr("tasks", "exec", "--fifo-dir", str(ctrd.fifo_dir), "--exec-id", "e3", "--user", "1000",
+                     "--cwd", "/tmp", "bg", "sh", "-c", 'echo "$(id -u) $(pwd)"')
+        assert p.stdout == "1000 /tmp\n"
         listed = ctrd.ctr("tasks", "ps", "bg").stdout.splitlines()
         assert listed[0].split() == ["PID", "INFO"]
         pids = {int(r.split()[0]) for r in listed[1:]}
