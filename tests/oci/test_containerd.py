@@ -338,6 +338,8 @@ def ctrd(containerd: Containerd) -> Iterator[Containerd]:
     left = os.listdir(ns_state) if ns_state.exists() else []
     for base in Path("/sys/fs/cgroup").iterdir():
         parent = base / containerd.namespace
+        for d in sorted((p for p in parent.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            d.rmdir()  # a pod's parents, made by nsrun for a nested cgroupsPath
         if parent.is_dir():
             parent.rmdir()
     assert containers == [], "the test removes its containers"
@@ -463,6 +465,35 @@ def test_kill_sends_term_by_default_and_the_signal_asked_for(ctrd: Containerd, t
             ctrd.ctr("tasks", "kill", "--signal", "KILL", cid, check=False)
     for cid in ("k1", "k2", "k3"):
         remove(ctrd, cid)
+
+
+def test_a_pod_app_joins_the_pause_containers_namespaces_by_path(ctrd: Containerd, tmp_path: Path) -> None:
+    """The shape Kubernetes gives a pod through containerd: a read-only pause container, and an
+    app that joins its network, ipc and uts namespaces by path, with its own pid namespace, a
+    single-file /etc/hosts the image lacks and a cgroup nested under the pod's."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("10.1.2.3 pod\n")
+    assert ctrd.run("-d", "--read-only", IMAGE, "pause", "sleep", "1000").returncode == 0
+    pause, _ = tasks(ctrd)["pause"]
+    try:
+        joins = [f"--with-ns={kind}:/proc/{pause}/ns/{ns}" for kind, ns in
+                 (("network", "net"), ("ipc", "ipc"), ("uts", "uts"))]
+        p = ctrd.run("--rm", *joins, "--mount", f"type=bind,src={hosts},dst=/etc/hosts,options=rbind:ro",
+                     "--cgroup", f"/{ctrd.namespace}/pod1/app", IMAGE, "app",
+                     "sh", "-c", "for n in net ipc uts pid; do readlink /proc/self/ns/$n; done; cat /etc/hosts; "
+                     "grep :pids: /proc/self/cgroup | cut -d: -f3; touch /etc/hosts 2>/dev/null || echo ro")
+        assert p.returncode == 0, p.stderr + ctrd.tail()
+        ns = [os.readlink(f"/proc/{pause}/ns/{n}") for n in ("net", "ipc", "uts", "pid")]
+        lines = p.stdout.splitlines()
+        assert lines[:3] == ns[:3], "the pause container's network, ipc and uts namespaces"
+        assert lines[3] not in (ns[3], os.readlink("/proc/self/ns/pid")), "a pid namespace of its own"
+        assert lines[4:] == ["10.1.2.3 pod", f"/{ctrd.namespace}/pod1/app", "ro"]
+        assert not (Path("/sys/fs/cgroup/pids") / ctrd.namespace / "pod1" / "app").exists(), "the leaf is gone"
+        assert (Path("/sys/fs/cgroup/pids") / ctrd.namespace / "pod1").is_dir(), "the pod's parent stays"
+    finally:
+        ctrd.ctr("tasks", "kill", "--signal", "KILL", "pause")
+        assert ctrd.exit_status("pause") == 137
+        remove(ctrd, "pause")
 
 
 def test_run_t_gives_the_command_a_terminal(ctrd: Containerd) -> None:
