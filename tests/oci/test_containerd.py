@@ -10,6 +10,7 @@ stopped, that no mount, cgroup or process of it stayed on the host.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -31,7 +32,7 @@ import pexpect
 import pytest
 
 from nsruntime import libc
-from tests.conftest import REPO, leftovers, make_busybox_rootfs, snapshot
+from tests.conftest import REPO, make_busybox_rootfs
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -271,26 +272,40 @@ class Containerd:
                         f.close()
 
 
-def _shims(address: str) -> list[int]:
-    """Shims of this containerd (their command line names its address): reparented to init, they
-    are not the test run's descendants."""
+def _processes_naming(text: str) -> list[int]:
+    """Processes whose command line holds text (this containerd's shims and nsrun calls name its
+    directory): reparented to init, a shim is not the test run's descendant."""
     found = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
         except OSError:
             continue
-        if cmd and cmd[0].endswith(b"containerd-shim-runc-v2") and address.encode() in cmd:
+        if text.encode() in cmd and int(d) != os.getpid():
             found.append(int(d))
     return found
 
 
+def _mounts_under(top: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [mp for mp in (line.split()[4] for line in f) if mp.startswith(f"{top}/")]
+
+
+def left_by(c: Containerd) -> dict[str, list[str]]:
+    """What of this containerd is still on the host: processes, mounts, cgroups, shim sockets."""
+    left = {"processes": [f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r}"
+                          for pid in _processes_naming(str(c.dir))],
+            "mounts": _mounts_under(c.dir),
+            "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{c.namespace}")]}
+    return {k: v for k, v in left.items() if v}
+
+
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    before = snapshot()
-    had_run_containerd = Path("/run/containerd").exists()
+    had_shim_sockets = SHIM_SOCKETS.exists()
+    had_run_containerd = SHIM_SOCKETS.parent.exists()
     c = Containerd(tmp_path_factory.mktemp("ctrd"), namespace=f"nsrun-test-{os.getpid()}")
     try:
         c.start()
@@ -302,26 +317,20 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
         c.ctr("images", "remove", IMAGE)
     finally:
         c.stop()
-        for pid in _shims(c.address):
-            os.kill(pid, signal.SIGKILL)
-        _unmount_under(c.dir)
-        if not had_run_containerd:
-            for d in (SHIM_SOCKETS, SHIM_SOCKETS.parent):
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
-    left = leftovers(before)
+        left = left_by(c)
+        # whatever happened, leave nothing: kill, unmount, remove (then say what there was)
+        for pid in _processes_naming(str(c.dir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for mp in sorted(_mounts_under(c.dir), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mp], check=False)
+        for d, had in ((SHIM_SOCKETS, had_shim_sockets), (SHIM_SOCKETS.parent, had_run_containerd)):
+            if not had:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only when empty: another containerd's shims may live there
+        if not had_run_containerd and SHIM_SOCKETS.parent.exists():
+            left["/run/containerd"] = [str(p) for p in SHIM_SOCKETS.parent.rglob("*")]
     assert not left, f"containerd left on the host: {left}"
-    if not had_run_containerd:
-        assert not Path("/run/containerd").exists(), os.listdir("/run/containerd")
-
-
-def _unmount_under(top: Path) -> None:
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for mp in sorted((p for p in points if p.startswith(str(top) + "/")), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], check=False)
 
 
 @pytest.fixture
