@@ -505,6 +505,28 @@ def test_a_pod_app_joins_the_pause_containers_namespaces_by_path(ctrd: Container
         remove(ctrd, "pause")
 
 
+def test_when_the_shim_dies_containerds_cleanup_deletes_the_container_through_nsrun(ctrd: Containerd) -> None:
+    """containerd runs `containerd-shim-runc-v2 delete`, which calls `nsrun delete --force ID`
+    from the bundle's directory with no PATH: the container and nsrun's records of it go."""
+    assert ctrd.run("-d", IMAGE, "orphan", "sleep", "1000").returncode == 0
+    pid, _ = tasks(ctrd)["orphan"]
+    bundle = ctrd.dir / "state" / "io.containerd.runtime.v2.task" / ctrd.namespace / "orphan"
+    shim_socket = Path((bundle / "address").read_text().strip().removeprefix("unix://"))
+    pidfd = os.pidfd_open(pid)
+    try:
+        [shim] = [p for p in _processes_naming(str(ctrd.address)) if Path(f"/proc/{p}/cmdline").read_bytes().split(
+            b"\0")[:1] == [SHIM.encode()] and b"orphan" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        os.kill(shim, signal.SIGKILL)
+        assert ctrd.exit_status("orphan") == 128 + signal.SIGKILL
+        assert libc.wait_readable(pidfd, EVENT_TIMEOUT), "the container's PID 1 was killed"
+    finally:
+        os.close(pidfd)
+        shim_socket.unlink(missing_ok=True)  # the dead shim's, which nobody else removes
+    assert not (ctrd.runc_root / ctrd.namespace / "orphan").exists(), "nsrun's records are gone"
+    assert not (Path("/sys/fs/cgroup/pids") / ctrd.namespace / "orphan").exists()
+    ctrd.ctr("containers", "delete", "orphan")
+
+
 def test_run_t_gives_the_command_a_terminal(ctrd: Containerd) -> None:
     child = pexpect.spawn(CTR, ["--address", ctrd.address, "--namespace", ctrd.namespace, "run", "-t", "--rm",
                                 *ctrd.runtime_flags(), IMAGE, "tty1",
