@@ -178,8 +178,9 @@ class Containerd:
 
     def start(self) -> None:
         cfg = self.write_config()
+        # no PATH: the shim finds itself next to containerd, and nsrun must start without one
         self.proc = subprocess.Popen([CONTAINERD, "--config", str(cfg)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={"LC_ALL": "C"})
         booted = threading.Event()
 
         def read_log() -> None:
