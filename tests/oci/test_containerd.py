@@ -528,6 +528,13 @@ def test_when_the_shim_dies_containerds_cleanup_deletes_the_container_through_ns
     ctrd.ctr("containers", "delete", "orphan")
 
 
+def test_a_memory_limit_is_enforced_and_containerd_sees_the_oom_kill(ctrd: Containerd) -> None:
+    p = ctrd.run("--rm", "--memory-limit", str(32 << 20), IMAGE, "oom", "sh", "-c",
+                 "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null; tail /dev/zero")
+    assert p.returncode == 137, p.stderr + ctrd.tail()
+    ctrd.event(lambda e: e["topic"] == "/tasks/oom" and e["body"].get("container_id") == "oom")
+
+
 def test_run_t_gives_the_command_a_terminal(ctrd: Containerd) -> None:
     child = pexpect.spawn(CTR, ["--address", ctrd.address, "--namespace", ctrd.namespace, "run", "-t", "--rm",
                                 *ctrd.runtime_flags(), IMAGE, "tty1",
