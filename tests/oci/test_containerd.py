@@ -529,8 +529,7 @@ def test_when_the_shim_dies_containerds_cleanup_deletes_the_container_through_ns
 
 
 def test_a_memory_limit_is_enforced_and_containerd_sees_the_oom_kill(ctrd: Containerd) -> None:
-    p = ctrd.run("--rm", "--memory-limit", str(32 << 20), IMAGE, "oom", "sh", "-c",
-                 "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null; tail /dev/zero")
+    p = ctrd.run("--rm", "--memory-limit", str(32 << 20), IMAGE, "oom", "tail", "/dev/zero")  # one endless line
     assert p.returncode == 137, p.stderr + ctrd.tail()
     ctrd.event(lambda e: e["topic"] == "/tasks/oom" and e["body"].get("container_id") == "oom")
 
