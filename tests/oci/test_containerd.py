@@ -174,7 +174,8 @@ class Containerd:
         return self.ctr("run", *self.runtime_flags(), *args, timeout=timeout, check=False)
 
     def tail(self, n: int = 30) -> str:
-        return "\ncontainerd's last lines:\n" + "\n".join(self.log[-n:])
+        lines = [line for line in self.log if 'msg="event published"' not in line]
+        return "\ncontainerd's last lines:\n" + "\n".join(lines[-n:])
 
     def start(self) -> None:
         cfg = self.write_config()
@@ -303,6 +304,42 @@ def left_by(c: Containerd) -> dict[str, list[str]]:
     return {k: v for k, v in left.items() if v}
 
 
+def _kill_and_wait(pids: list[int], timeout: float = 10.0) -> None:
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            libc.wait_readable(pidfd, timeout)
+        finally:
+            os.close(pidfd)
+
+
+def _remove_cgroups(namespace: str) -> list[str]:
+    """Remove the namespace's cgroup trees (ctr names cgroups /NAMESPACE/ID), deepest first;
+    returns what could not be removed. The kernel may take a moment to release a cgroup whose
+    last process just exited: each rmdir is retried, bounded."""
+    import time
+
+    stuck = []
+    for top in Path("/sys/fs/cgroup").glob(f"*/{namespace}"):
+        dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        for d in [*dirs, top]:
+            end = time.monotonic() + 5
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except OSError as e:
+                    if time.monotonic() > end:
+                        stuck.append(f"{d}: {e.strerror}")
+                        break
+                    time.sleep(0.05)
+    return stuck
+
+
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
     had_shim_sockets = SHIM_SOCKETS.exists()
@@ -317,14 +354,18 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
         yield c
         c.ctr("images", "remove", IMAGE)
     finally:
+        shim_sockets = [Path(a.read_text().strip().removeprefix("unix://"))
+                        for a in (c.dir / "state").glob("io.containerd.runtime.v2.task/*/*/address")]
         c.stop()
         left = left_by(c)
         # whatever happened, leave nothing: kill, unmount, remove (then say what there was)
-        for pid in _processes_naming(str(c.dir)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_and_wait(_processes_naming(str(c.dir)))  # shims, nsrun calls, PID 1s (their pid namespaces)
         for mp in sorted(_mounts_under(c.dir), key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], check=False)
+        for sock in shim_sockets:
+            sock.unlink(missing_ok=True)  # a killed shim's
+        if stuck := _remove_cgroups(c.namespace):
+            left["cgroups not removable"] = stuck
         for d, had in ((SHIM_SOCKETS, had_shim_sockets), (SHIM_SOCKETS.parent, had_run_containerd)):
             if not had:
                 with contextlib.suppress(OSError):
@@ -346,14 +387,10 @@ def ctrd(containerd: Containerd) -> Iterator[Containerd]:
         containerd.ctr("containers", "delete", cid, check=False)
     ns_state = containerd.runc_root / containerd.namespace
     left = os.listdir(ns_state) if ns_state.exists() else []
-    for base in Path("/sys/fs/cgroup").iterdir():
-        parent = base / containerd.namespace
-        for d in sorted((p for p in parent.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            d.rmdir()  # a pod's parents, made by nsrun for a nested cgroupsPath
-        if parent.is_dir():
-            parent.rmdir()
+    stuck = _remove_cgroups(containerd.namespace)  # /NAMESPACE, and a pod's parents made by nsrun
     assert containers == [], "the test removes its containers"
     assert left == [], f"nsrun's state left in {ns_state}"
+    assert stuck == [], "the containers' cgroups are gone, the parents empty"
 
 
 # ------------------------------------------------------------------ the tests
