@@ -571,6 +571,14 @@ def test_a_memory_limit_is_enforced_and_containerd_sees_the_oom_kill(ctrd: Conta
     ctrd.event(lambda e: e["topic"] == "/tasks/oom" and e["body"].get("container_id") == "oom")
 
 
+def test_run_privileged_gets_every_capability_and_the_hosts_devices(ctrd: Containerd) -> None:
+    p = ctrd.run("--rm", "--privileged", IMAGE, "priv", "sh", "-c",
+                 "grep CapEff /proc/self/status; readlink /dev/ptmx; stat -c '%t:%T' /dev/kmsg")
+    assert p.returncode == 0, p.stderr + ctrd.tail()
+    mine = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapEff"))
+    assert p.stdout.splitlines() == [mine, "pts/ptmx", "1:b"], "the container's own ptmx, the host's kmsg"
+
+
 def test_run_t_gives_the_command_a_terminal(ctrd: Containerd) -> None:
     child = pexpect.spawn(CTR, ["--address", ctrd.address, "--namespace", ctrd.namespace, "run", "-t", "--rm",
                                 *ctrd.runtime_flags(), IMAGE, "tty1",
