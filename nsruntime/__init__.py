@@ -28,11 +28,11 @@ if TYPE_CHECKING:
     from .cgroups.detect import detect as detect_cgroups
     from .config import ContainerConfig
     from .config import load as load_config
-    from .container import Container, describe
+    from .container import Container, describe, exit_report, reattach
     from .creator import Creating, begin_create, cleanup_stale, create
     from .joiner import Joined, join, open_join
     from .libc import set_subreaper
-    from .state import proc_state
+    from .state import StateDir, proc_state
     from .zygote import Zygote
 
 # where each lazily loaded name lives (module, or module:name when exported under another name):
@@ -40,10 +40,10 @@ if TYPE_CHECKING:
 # (machine, config) load no ctypes through this package
 _LAZY = {
     "ContainerConfig": "config", "load_config": "config:load",
-    "Container": "container", "describe": "container",
+    "Container": "container", "describe": "container", "reattach": "container", "exit_report": "container",
     "Creating": "creator", "begin_create": "creator", "cleanup_stale": "creator", "create": "creator",
     "Joined": "joiner", "join": "joiner", "open_join": "joiner",
-    "proc_state": "state",
+    "proc_state": "state", "StateDir": "state",
     "Zygote": "zygote", "set_subreaper": "libc",
     "Hierarchy": "cgroups.detect", "detect_cgroups": "cgroups.detect:detect",
 }  # fmt: skip
@@ -70,6 +70,7 @@ __all__ = [
     "Joined",
     "NsRuntimeError",
     "SetupError",
+    "StateDir",
     "StateError",
     "SyscallError",
     "TeardownError",
@@ -80,10 +81,12 @@ __all__ = [
     "create",
     "describe",
     "detect_cgroups",
+    "exit_report",
     "join",
     "load_config",
     "open_join",
     "proc_state",
+    "reattach",
     "set_subreaper",
     "signal_name",
     "signal_number",

@@ -56,6 +56,12 @@ class Container:
     def __repr__(self) -> str:
         return f"Container(id={self.id!r}, pid={self.pid}, rootfs={self.rootfs!r})"
 
+    @property
+    def control_fd(self) -> int:
+        """The host's end of the control socket, over which PID 1 reports the command's status
+        (Exited): whoever holds a copy keeps that report for a later reader (nsinitd's keeper)."""
+        return self._sock.fileno()
+
     def start(self) -> None:
         if not self._started:
             self._started = True
@@ -79,19 +85,9 @@ class Container:
 
     def _read_exit_msg(self) -> None:
         """Take PID 1's Exited, if it said it (it can't when SIGKILL took it)."""
-        with suppress(OSError, NsRuntimeError):
-            self._sock.setblocking(False)
-            while True:
-                try:
-                    chunk = self._sock.recv(4096)
-                except BlockingIOError:
-                    break
-                if not chunk:
-                    break
-                self._reader.feed(chunk)
-        while (m := self._reader.next()) is not None:
-            if isinstance(m, channel.Exited):
-                self._exit_msg = (m.code, m.signal)
+        said = _last_word(self._sock, self._reader)
+        if said is not None:
+            self._exit_msg = said
 
     def poll(self) -> ExitStatus | None:
         """The exit status once PID 1 has exited (reaping it), else None. Never blocks."""
@@ -187,6 +183,63 @@ class Container:
         self._sock.close()
         self._destroyed = True
         return released
+
+
+def _last_word(sock: socket.socket, reader: channel.Reader) -> tuple[int, int] | None:
+    """Whatever PID 1 sent that is still unread on sock, without blocking: its Exited (code,
+    signal), if it said it."""
+    with suppress(OSError, NsRuntimeError):
+        sock.setblocking(False)
+        while True:
+            try:
+                chunk = sock.recv(4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            reader.feed(chunk)
+    said = None
+    while (m := reader.next()) is not None:
+        if isinstance(m, channel.Exited):
+            said = (m.code, m.signal)
+    return said
+
+
+def exit_report(sock: socket.socket) -> ExitStatus | None:
+    """How the command of a container that is gone ended, as its PID 1 reported it on the control
+    socket (unread till now: the creator that would have read it died first); None when PID 1 left
+    without a word (SIGKILL)."""
+    said = _last_word(sock, channel.Reader("container init"))
+    return ExitStatus(said[0], said[1] or None) if said is not None else None
+
+
+def reattach(state_dir: str | PathLike[str] | StateDir, sock: socket.socket, pid: int) -> Container | None:
+    """The live container recorded in state_dir, made (and started) by another process whose end
+    of the control socket is sock: a Container whose verbs work as on the one create() returned
+    (PID 1 need not be our child: its status comes as its Exited report, or SIGKILL when none
+    came), with the config it was made with (state.json). None, touching nothing, unless PID 1
+    proves to be the recorded one (open_live: start time, namespaces, cgroup) and is pid, the one
+    the caller was told of."""
+    from . import cgroups
+    from .config import parse
+
+    sdir = resolve(state_dir)
+    live = sdir.open_live()
+    if live is None:
+        return None
+    if live[0] != pid:
+        os.close(live[1])
+        return None
+    pidfd = live[1]
+    st = sdir.read_state()
+    try:
+        config = parse(st.get("config"))
+        cg = cgroups.from_paths(list(st["cgroups"])) if st.get("cgroups") else None
+    except (NsRuntimeError, OSError):
+        os.close(pidfd)
+        return None
+    return Container(str(st.get("id", "")), config, str(st.get("rootfs", "")), sdir, pid, pidfd, cg,
+                     list(st.get("links", [])), None, sock, started=True)
 
 
 def describe(state_dir: str | PathLike[str] | StateDir) -> dict[str, Any]:

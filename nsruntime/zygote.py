@@ -52,12 +52,16 @@ class Zygote:
     #: stopped or stuck must fail a create, not hang the caller (an event loop) for good.
     TIMEOUT = 10.0
 
-    def __init__(self, pid: int, sock: socket.socket, proc: subprocess.Popen[bytes] | None = None) -> None:
+    def __init__(self, pid: int, sock: socket.socket, proc: subprocess.Popen[bytes] | None = None,
+                 *, ready: bool | None = None) -> None:
+        """proc: the zygote when it is our child; ready: whether its hello was taken already
+        (default: only when it is not our child). A zygote that another process started for
+        us (nsinitd's keeper) is given as pid and socket, ready=False."""
         self.pid = pid
         sock.settimeout(self.TIMEOUT)
         self._sock = sock
         self._proc = proc
-        self._ready = proc is None
+        self._ready = proc is None if ready is None else ready
 
     @classmethod
     def start(cls) -> Zygote:

@@ -90,8 +90,9 @@ class SupervisorAPI(Protocol):
         """What reload() would change, changing nothing: the same dict. ControlError(failed) when
         the config can't be loaded."""
 
-    def request_shutdown(self) -> None:
-        """Begin the ordered shutdown (as SIGTERM); returns at once."""
+    def request_shutdown(self, reason: str = "requested", *, keep_running: bool = False) -> None:
+        """Begin the ordered shutdown (as SIGTERM); returns at once. keep_running: nsinitd leaves
+        and its programs go on running under the keeper, for the next nsinitd to adopt."""
 
     def stats(self, name: str) -> dict[str, int]:
         """Resource usage of a program, read from its cgroup: any of ``cpu_usage_ns`` (int,

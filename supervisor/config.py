@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 AUTORESTART_CHOICES: tuple[AutoRestart, ...] = ("always", "on-failure", "never")
 WebAuth = Literal["token", "none"]
+OnExit = Literal["stop", "keep"]
 WEB_AUTH_CHOICES: tuple[WebAuth, ...] = ("token", "none")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
@@ -113,6 +114,9 @@ class SupervisorConfig:
     state_dir: Path
     event_log: Path | None = None
     socket_group: int | None = None
+    #: what SIGTERM and SIGINT do to the programs: "stop" them, or "keep" them running (under the
+    #: keeper) for the next nsinitd to adopt
+    on_exit: OnExit = "stop"
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,7 @@ def _group(key: str, v: object) -> int:
 
 # -- tables ---------------------------------------------------------------------------------------
 
-_SUPERVISOR_KEYS = {"socket", "event_log", "log_dir", "state_dir", "socket_group"}
+_SUPERVISOR_KEYS = {"socket", "event_log", "log_dir", "state_dir", "socket_group", "on_exit"}
 _PROGRAM_KEYS = {
     "container", "bundle", "command", "environment", "autostart", "autorestart", "exitcodes", "startsecs",
     "startretries", "backoff", "stopsignal", "stopwaitsecs", "priority", "stdout_maxbytes",
@@ -270,7 +274,16 @@ def _supervisor(t: Mapping[str, Any], base: Path) -> SupervisorConfig:
         state_dir=_path(f"{k}.state_dir", t.get("state_dir", DEFAULT_STATE_DIR), base),
         event_log=_path(f"{k}.event_log", t["event_log"], base) if "event_log" in t else None,
         socket_group=_group(f"{k}.socket_group", t["socket_group"]) if "socket_group" in t else None,
+        on_exit=_on_exit(f"{k}.on_exit", t.get("on_exit", "stop")),
     )
+
+
+def _on_exit(key: str, v: object) -> OnExit:
+    if v == "stop":
+        return "stop"
+    if v == "keep":
+        return "keep"
+    raise ConfigError(key, "expected one of stop, keep")
 
 
 def _listen(key: str, v: object, base: Path) -> tuple[str | None, int | None, Path | None]:

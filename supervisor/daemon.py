@@ -31,22 +31,25 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import trio
 
-from nsruntime import ExitStatus
+from nsruntime import ExitStatus, proc_state
 
 from . import __version__, machine
 from . import config as config_mod
+from . import keeper as keeper_proto
 from .api import ControlError, ProgramStatus
 from .config import Config, ConfigError
 from .events import EventBus, Subscription
+from .kept import GoneChild, KeeperClient, KeeperError, KeptChild, config_digest
 from .options import Options, parse_args
-from .process import Cgroup, Reaper, cgroup2_mount, own_cgroup2, proc_start_time, set_child_subreaper
-from .program import Context, Program
+from .process import Cgroup, Child, Reaper, Released, cgroup2_mount, own_cgroup2, proc_start_time, set_child_subreaper
+from .program import ContainerChild, Context, Program
 from .spawner import NsRuntime, Spawner
 from .states import SIGNALLABLE_STATES, ProcessState
 
@@ -119,6 +122,44 @@ def hold_state_dir(state_dir: Path) -> int:
         raise
 
 
+#: In the state_dir: which layout of it this nsinitd writes and reads (the keeper's protocol).
+LAYOUT_NAME = "layout"
+LAYOUT = f"nsinitd-state {keeper_proto.PROTOCOL}"
+
+
+class StateDirLayout(Exception):
+    """The state_dir was written by another nsinitd version; ``str()`` is the one line printed."""
+
+
+def check_layout(state_dir: Path) -> None:
+    """Refuse a state_dir another nsinitd version wrote (its records would be misread); mark a new
+    one as ours. A state_dir without the mark is an older nsinitd's: taken only when none of the
+    processes its records name still runs (pid and start time), else refused."""
+    mark = state_dir / LAYOUT_NAME
+    try:
+        found = mark.read_text().strip()
+    except FileNotFoundError:
+        found = None
+    if found is not None and found != LAYOUT:
+        raise StateDirLayout(f"state_dir {state_dir} was written by another nsinitd version (layout {found!r}, "
+                             f"this one reads {LAYOUT!r}): stop its programs with that version, or use "
+                             f"another state_dir")
+    if found is None:
+        for pid_file in state_dir.glob("*/pid"):
+            try:
+                pid = int(pid_file.read_text())
+                start = int((pid_file.parent / "start").read_text())
+            except (OSError, ValueError):
+                continue
+            if proc_start_time(pid) == start:
+                raise StateDirLayout(f"state_dir {state_dir} was written by an older nsinitd whose program "
+                                     f"{pid_file.parent.name} (pid {pid}) still runs: stop it with that "
+                                     f"version, or use another state_dir")
+        tmp = state_dir / f".{LAYOUT_NAME}.tmp"
+        tmp.write_text(LAYOUT + "\n")
+        os.replace(tmp, mark)
+
+
 def cgroup_root_name(pid: int, ticks: int) -> str:
     """The cgroup2 directory of the nsinitd with this pid and start time (clock ticks since boot):
     the pair names one process for the life of the machine, whatever pid reuse happens."""
@@ -126,22 +167,24 @@ def cgroup_root_name(pid: int, ticks: int) -> str:
 
 
 def _owner_alive(name: str) -> bool:
-    """Does the nsinitd that made the directory ``name`` (``nsinitd-<pid>-<ticks>``) still live?
-    A process that merely reuses its pid has other start ticks. A name without them (made by an
-    older nsinitd) counts as alive while its pid exists: only a kept directory is at stake."""
-    pid_text, _, ticks_text = name.removeprefix("nsinitd-").partition("-")
+    """Does the nsinitd (or keeper) that made the directory ``name`` (``nsinitd-<pid>-<ticks>``,
+    ``nsinit-keeper-<pid>-<ticks>``) still live? A process that merely reuses its pid has other
+    start ticks. A name without them (made by an older nsinitd) counts as alive while its pid
+    exists: only a kept directory is at stake."""
+    pid_text, _, ticks_text = name.removeprefix("nsinit-keeper-").removeprefix("nsinitd-").partition("-")
     if not pid_text.isdigit() or not (ticks_text.isdigit() or ticks_text == ""):
         return True  # not one of ours: leave it alone
     if not ticks_text:
         return os.path.exists(f"/proc/{pid_text}")
-    return proc_start_time(int(pid_text)) == int(ticks_text)
+    # a zombie is dead, though its start time still reads: this host's init may reap it late
+    return proc_start_time(int(pid_text)) == int(ticks_text) and proc_state(int(pid_text)).split()[0] != "Z"
 
 
 async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
     """Kill and remove what a crashed nsinitd left under ``parent/nsinitd-<pid>-<ticks>`` (its
     plain programs and their children), so a restarted nsinitd runs exactly one instance of each."""
     try:
-        dirs = list(parent.glob("nsinitd-*"))
+        dirs = [*parent.glob("nsinitd-*"), *parent.glob("nsinit-keeper-*")]
     except OSError:
         return
     for d in dirs:
@@ -163,9 +206,11 @@ class Daemon:
 
     def __init__(self, config: Config, *, stream: TextIO | None = None, use_socket: bool = True,
                  spawner: Spawner | None = None, subreaper: bool = True, zygote: Zygote | None = None,
-                 log_format: str = "json") -> None:
+                 log_format: str = "json", keeper: bool = False) -> None:
         """spawner: how containers are made, nsruntime's (NsRuntime) unless given; zygote: one
-        launched early by supervisor.nsinitd, before the heavy imports, for NsRuntime to use."""
+        launched early, for NsRuntime to use (not with keeper: the keeper starts it); keeper: the
+        programs' parent is the state_dir's keeper, so they outlive this nsinitd and the next
+        one adopts them (the real nsinitd), else nsinitd itself (in-process tests)."""
         self.config = config
         self.stream = stream if stream is not None else sys.stdout
         self.use_socket = use_socket
@@ -173,14 +218,18 @@ class Daemon:
         sup = config.supervisor
         self.bus = EventBus(self.stream, sup.event_log, stream_format=log_format)
         self.reaper = Reaper()
+        self.use_keeper = keeper
+        self.keeper: KeeperClient | None = None
+        self._nsruntime: NsRuntime | None = None
         if spawner is None:
-            spawner = NsRuntime(self.reaper, zygote)
+            spawner = self._nsruntime = NsRuntime(self.reaper, zygote)
         self.ctx = Context(self.bus, self.reaper, sup.log_dir, sup.state_dir, spawner)
         self.programs: dict[str, Program] = {}
         self._programs_nursery: trio.Nursery | None = None
         self._root: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self._shutdown_reason = ""
+        self._keep_running = False
         self._startup_scope = trio.CancelScope()
         self._lock = trio.Lock()
         self.ready = trio.Event()
@@ -225,13 +274,20 @@ class Daemon:
                 set_child_subreaper()
             except OSError as e:
                 print(f"nsinitd: warning: {e}", file=sys.stderr)
-        self.ctx.cgroup_root = await self._make_cgroup_root()
+        if self.use_keeper:
+            if not await self._attach_keeper():
+                return EXIT_FAILED
+        else:
+            self.ctx.cgroup_root = await self._make_cgroup_root()
         self.reaper.on_reaped = self._stranger_reaped
         self.reaper.pressure = lambda: self.bus.busiest() > 0.5
         try:
             async with trio.open_nursery() as root:
                 self._root = root
                 await root.start(self._signals)
+                if self.keeper is not None:
+                    await root.start(self.keeper.run)
+                    await self._keeper_zygote()
                 root.start_soon(self.reaper.run)
                 root.start_soon(self._tick)
                 if self.use_socket and not await self._start_server(root):
@@ -249,19 +305,33 @@ class Daemon:
                     for pcfg in self.config.by_priority():
                         await self._add(pcfg)
                     with self._startup_scope:
-                        await self._start_group([p for p in self.config.by_priority() if p.autostart])
+                        adopted = await self._adopt_all() if self.keeper is not None else set()
+                        await self._start_group([p for p in self.config.by_priority()
+                                                 if p.autostart and p.name not in adopted])
                         sd_notify("READY=1")
                         self.ready.set()
                     await self._shutdown.wait()
-                    await self._stop_all()
+                    if self._keep_running and self.keeper is not None:
+                        self._leave_running()
+                    else:
+                        await self._stop_all()
                     programs.cancel_scope.cancel()
+                if self.keeper is not None:  # while its reader still runs: the answer, then its exit
+                    self.ctx.spawner.close()  # the zygote first: the keeper's child, it ends with its socket
+                    if self.ctx.keep_running:
+                        await self.keeper.detach()  # it drains the pipes from now on
+                    else:
+                        await self.keeper.quit(self.reaper)  # it exits with its last child
                 root.cancel_scope.cancel()
         except BaseException:
             self.exit_code = EXIT_FAILED
             raise
         finally:
             self.ctx.spawner.close()
-            self._remove_cgroup_root()
+            if self.keeper is not None:
+                self.keeper.close()  # (after an error: the keeper keeps what runs, for the next nsinitd)
+            else:
+                self._remove_cgroup_root()
             self.bus.emit("supervisor.stopped", exit_code=self.exit_code)
             self.bus.close()
         return self.exit_code
@@ -303,6 +373,142 @@ class Daemon:
                   file=sys.stderr)
             return None
 
+    async def _attach_keeper(self) -> bool:
+        """Find the state_dir's keeper (programs a previous nsinitd left) or start one; refuse a
+        state_dir or keeper of another version. Plain programs' cgroups go under the keeper's."""
+        state_dir = self.config.supervisor.state_dir
+        mount = cgroup2_mount()
+        parent = own_cgroup2(mount) if mount is not None else None
+        try:
+            check_layout(state_dir)
+            self.keeper = KeeperClient.attach(state_dir, parent, self.reaper)
+        except (StateDirLayout, KeeperError) as e:
+            print(f"nsinitd: {e}", file=sys.stderr)
+            return False
+        except OSError as e:
+            print(f"nsinitd: state_dir {state_dir}: {e.strerror or e}", file=sys.stderr)
+            return False
+        self.ctx.keeper = self.keeper
+        self.ctx.cgroup_root = self.keeper.cgroup
+        if parent is not None:
+            await _clean_stale_cgroups(parent, self.reaper)  # a dead keeper's or old nsinitd's
+        return True
+
+    async def _keeper_zygote(self) -> None:
+        """Container PID 1s must be the keeper's children: their zygote is the keeper's child
+        (PID 1 is cloned with CLONE_PARENT). Without one, PID 1s fork from nsinitd and die with it."""
+        if self._nsruntime is None or self.keeper is None or self._nsruntime.zygote is not None:
+            return
+        if not any(p.container is not None for p in self.config.programs.values()):
+            return  # (a reload that adds the first container program asks then)
+        from nsruntime import Zygote
+
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            reply, _ = await self.keeper.call({"op": "zygote"}, [theirs.fileno()])
+        except KeeperError as e:
+            reply = {"ok": False, "error": str(e)}
+        finally:
+            theirs.close()
+        if not reply.get("ok"):
+            mine.close()
+            print(f"nsinitd: warning: no zygote from the keeper ({reply.get('error')}): containers will not "
+                  f"outlive nsinitd", file=sys.stderr)
+            return
+        self._nsruntime.close()
+        self._nsruntime.zygote = Zygote(int(reply["pid"]), mine, ready=False)
+
+    async def _adopt_all(self) -> set[str]:
+        """Take back what the keeper kept: each program proven ours and unchanged is adopted as it
+        runs (or its exit while we were away is seen now); removed and changed ones are adopted
+        only to be stopped (a changed one then starts anew). What fails the proof is left alone,
+        never signalled. Returns the names adopted."""
+        keeper = self.keeper
+        assert keeper is not None and self._programs_nursery is not None
+        reply, _ = await keeper.call({"op": "list"})
+        adopted: set[str] = set()
+        for rec in reply.get("programs", []):
+            name = str(rec["name"])
+            taken, fds = await keeper.call({"op": "take", "name": name})
+            named = dict(zip(taken.get("fds", []), fds, strict=False))
+            why = "not proven ours (start time, cgroup or container records differ)"
+            try:
+                child = self._proven(name, rec, named)
+            except Exception as e:  # a record that can't be read can't be proven: left alone
+                why, child = f"{type(e).__name__}: {e}", None
+            out, err = named.pop("out", -1), named.pop("err", -1)
+            for fd in named.values():
+                os.close(fd)
+            if child is None:
+                for fd in (out, err):
+                    if fd >= 0:
+                        os.close(fd)
+                self.bus.emit("program.not_adopted", name, pid=int(rec["pid"]), reason=why)
+                continue
+            pcfg = self.config.programs.get(name)
+            same = pcfg is not None and config_digest(pcfg) == rec.get("digest")
+            if same:
+                prog = self.programs[name]
+            else:  # removed or changed: a program of its own, just long enough to stop it
+                prog = Program(pcfg or config_mod.ProgramConfig(name, ("(removed)",)), self.ctx)
+                await self._programs_nursery.start(prog.run)
+            startsecs = pcfg.startsecs if pcfg is not None else 0.0
+            started = min(time.time(), float(rec.get("spawned_at") or time.time()) + startsecs)
+            await prog.adopt(child, started, out, err)
+            if same:
+                adopted.add(name)
+            else:
+                with trio.move_on_after(self._stop_bound(prog)):
+                    await prog.finish()
+        return adopted
+
+    def _proven(self, name: str, rec: dict[str, object], fds: dict[str, int]) -> Child | None:
+        """The kept process of record rec as a Child, if it is what was started for ``name``:
+        a plain one has the recorded start time and sits in the program's cgroup; a container's
+        PID 1 has its state records' start time, namespaces and cgroup (StateDir.open_live).
+        Takes the pidfd and control socket out of fds."""
+        keeper = self.keeper
+        assert keeper is not None
+        pid, status = int(str(rec["pid"])), rec.get("status")
+        pidfd, ctl = fds.pop("pidfd", -1), fds.pop("ctl", -1)
+        state_dir = self.ctx.state_dir / name
+        if rec.get("kind") == "container":
+            if pidfd >= 0:
+                os.close(pidfd)  # the runtime opens its own after its own checks
+            if status is not None:  # exited while we were away: the command's status, as PID 1 told it
+                told = self.ctx.spawner.exit_report(ctl) if ctl >= 0 else None
+
+                async def release_container() -> Released:
+                    return self.ctx.spawner.release(state_dir)
+
+                return GoneChild(pid, told or ExitStatus.from_wait_status(int(str(status))), release_container,
+                                 container=True)
+            c = self.ctx.spawner.adopt(state_dir, ctl, pid) if ctl >= 0 else None
+            return ContainerChild(c, self.reaper) if c is not None else None
+        if ctl >= 0:
+            os.close(ctl)
+        cgroup = Cgroup(self.ctx.cgroup_root / name) if self.ctx.cgroup_root is not None else None
+        if status is not None:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+            async def release_plain() -> Released:
+                return {"cgroups": await cgroup.remove(None) if cgroup is not None else []}
+
+            return GoneChild(pid, ExitStatus.from_wait_status(int(str(status))), release_plain, container=False)
+        if pidfd < 0 or proc_start_time(pid) != rec.get("start") or (cgroup is not None and pid not in cgroup.procs()):
+            if pidfd >= 0:
+                os.close(pidfd)
+            return None
+        return KeptChild(keeper, pid, pidfd, cgroup)
+
+    def _leave_running(self) -> None:
+        """shutdown --keep-running (or on_exit = "keep"): leave every program as it is; the
+        program tasks end without touching their processes and the keeper drains their output."""
+        sd_notify("STOPPING=1")
+        self.bus.emit("supervisor.stopping", reason=self._shutdown_reason or "requested")
+        self.ctx.keep_running = True
+
     def _remove_cgroup_root(self) -> None:
         root = self.ctx.cgroup_root
         if root is None:
@@ -327,7 +533,9 @@ class Daemon:
             task_status.started()
             async for signum in receiver:
                 if signum in (signal.SIGTERM, signal.SIGINT):
-                    self.request_shutdown(signal.Signals(signum).name)
+                    keep = self.config.supervisor.on_exit == "keep"
+                    self.request_shutdown(signal.Signals(signum).name + (" (on_exit = keep)" if keep else ""),
+                                          keep_running=keep)
                 elif signum == signal.SIGHUP and self._root is not None:
                     # in its own task: a TERM must not wait behind a reload's stopwaitsecs
                     self._root.start_soon(self._reload_quietly)
@@ -518,6 +726,7 @@ class Daemon:
                 await prog.finish()
                 del self.programs[prog.name]
             self.config = Config(self.config.path, self.config.supervisor, new.programs, self.config.web)
+            await self._keeper_zygote()
             fresh = [new.programs[n] for n in added + changed]
             for pcfg in sorted(fresh, key=lambda p: (p.priority, p.name)):
                 await self._add(pcfg)
@@ -528,9 +737,10 @@ class Daemon:
                     await self.programs[pcfg.name].command(machine.Start())
             return {"added": added, "removed": removed, "changed": changed}
 
-    def request_shutdown(self, reason: str = "requested") -> None:
+    def request_shutdown(self, reason: str = "requested", *, keep_running: bool = False) -> None:
         if not self._shutdown.is_set():
             self._shutdown_reason = reason
+            self._keep_running = keep_running
             self._shutdown.set()
             self._startup_scope.cancel()
 
@@ -539,7 +749,7 @@ class Daemon:
         self.bus.emit(event, program if isinstance(program, str) else None, **fields)
 
 
-def run_main(opts: Options, *, zygote: Zygote | None = None) -> None:
+def run_main(opts: Options) -> None:
     """nsinitd once its command line is read (supervisor.nsinitd); exits with its status."""
     try:
         cfg = config_mod.load(opts.config)
@@ -551,12 +761,12 @@ def run_main(opts: Options, *, zygote: Zygote | None = None) -> None:
         sys.exit(EXIT_OK)
     os.umask(os.umask(0) | 0o002)  # nothing nsinitd makes may be world-writable, whatever umask it got
     log_format = opts.log_format or ("text" if sys.stdout.isatty() else "json")
-    daemon = Daemon(cfg, use_socket=not opts.no_socket, zygote=zygote, log_format=log_format)
+    daemon = Daemon(cfg, use_socket=not opts.no_socket, log_format=log_format, keeper=True)
     sys.exit(trio.run(daemon.run))
 
 
-def main(argv: Sequence[str] | None = None, *, zygote: Zygote | None = None) -> None:
-    run_main(parse_args(sys.argv[1:] if argv is None else argv), zygote=zygote)
+def main(argv: Sequence[str] | None = None) -> None:
+    run_main(parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

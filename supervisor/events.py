@@ -57,6 +57,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "supervisor.stopped": {"exit_code": _INT},
     "program.starting": {"attempt": _INT},
     "program.running": {"pid": _INT},
+    "program.adopted": {"pid": _INT, "started": _NUM},
+    "program.not_adopted": {"pid": _INT, "reason": _STR},
     "program.backoff": {"attempt": _INT, "delay": _NUM},
     "program.exited": {
         "pid": _INT,

@@ -96,6 +96,12 @@ class BackoffElapsed(Event):
 
 
 @dataclass(frozen=True)
+class Adopted(Event):
+    """A previous nsinitd started the process and left it running; this one proved it its own and
+    takes it over as it is: up for good (its startsecs are long past), wanted up."""
+
+
+@dataclass(frozen=True)
 class StopTimeout(Event):
     """stopwaitsecs passed in STOPPING without the process exiting."""
 
@@ -206,6 +212,10 @@ def _retry(st: Status, ev: BackoffElapsed, p: Policy) -> Result:
     return (replace(st, state=S.STARTING), [Emit("program.starting", {"attempt": st.attempt + 1}), Spawn()])
 
 
+def _adopted(st: Status, ev: Adopted, p: Policy) -> Result:
+    return (Status(S.RUNNING, Wanted.UP, 0), [Emit("program.adopted")])
+
+
 def _stopped(st: Status, ev: Exited, p: Policy) -> Result:
     return (replace(st, state=S.STOPPED, wanted=Wanted.DOWN, attempt=0), [Emit("program.stopped")])
 
@@ -216,6 +226,7 @@ def _kill(st: Status, ev: StopTimeout, p: Policy) -> Result:
 
 TRANSITIONS: dict[tuple[S, type[Event]], Rule] = {
     (S.STOPPED, Start): _start,
+    (S.STOPPED, Adopted): _adopted,  # only at nsinitd's start, before anything else happened to it
     (S.EXITED, Start): _start,
     (S.FATAL, Start): _start,
     (S.BACKOFF, Start): _start,  # an explicit start skips the wait and resets the count

@@ -30,6 +30,8 @@ import trio
 
 from nsruntime import ExitStatus, Hierarchy, detect_cgroups, set_subreaper
 
+from .keeper import exec_child
+
 #: What a teardown released, by kind: ``cgroups`` (and, for a container, ``links``, ``files``).
 Released = Mapping[str, Sequence[str]]
 
@@ -254,6 +256,9 @@ class Child(Protocol):
     def reap(self) -> ExitStatus | None:
         """How it ended, once it has (reaping it); None while it runs. Never blocks."""
 
+    async def wait(self) -> None:
+        """Return once reap() can tell how it ended."""
+
     def stats(self) -> Mapping[str, int]:
         """Resource usage from its cgroup(s), where readable: see SupervisorAPI.stats."""
 
@@ -303,6 +308,9 @@ class PlainChild:
             self.pidfd = -1
         return self.exit
 
+    async def wait(self) -> None:
+        await trio.lowlevel.wait_readable(self.pidfd)
+
     def stats(self) -> Mapping[str, int]:
         return self.cgroup.stats() if self.cgroup is not None else {}
 
@@ -315,45 +323,6 @@ class PlainChild:
         except (ProcessLookupError, PermissionError):
             pass
         return {"cgroups": []}
-
-
-def _exec_child(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, int, int],
-                cgroup_fd: int, errw: int, cwd: str | None) -> None:
-    """Runs in the forked child; never returns."""
-    step = "setsid"
-    try:
-        os.setsid()
-        if cgroup_fd >= 0:
-            step = "join cgroup"
-            os.write(cgroup_fd, b"0")
-        step = "stdio"
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target, inheritable=True)
-        step = "signals"
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        for sig in range(1, signal.NSIG):
-            if sig in (signal.SIGKILL, signal.SIGSTOP):
-                continue
-            try:
-                signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
-        step = "close fds"
-        os.closerange(3, errw)
-        os.closerange(errw + 1, 1 << 20)
-        if cwd is not None:
-            step = f"chdir {cwd}"
-            os.chdir(cwd)
-        step = f"exec {argv[0]}"
-        os.execvpe(argv[0], list(argv), dict(env))
-    except BaseException as e:
-        try:
-            err = e.errno if isinstance(e, OSError) and e.errno else 0
-            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            os.write(errw, f"{err}\0{step}: {msg}".encode())
-        finally:
-            os._exit(127)
-    os._exit(127)
 
 
 def spawn_plain(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, int, int],
@@ -376,7 +345,7 @@ def spawn_plain(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, i
         try:
             pid = os.fork()  # EAGAIN here is a SpawnError-like OSError for the caller
             if pid == 0:
-                _exec_child(argv, env, stdio, cgroup_fd, errw, cwd)
+                exec_child(argv, env, stdio, cgroup_fd, errw, cwd)
             reaper.own(pid)
         finally:
             os.close(errw)
@@ -406,8 +375,8 @@ def spawn_plain(argv: Sequence[str], env: Mapping[str, str], stdio: tuple[int, i
 
 
 async def wait_exit(child: Child) -> None:
-    """Return once the child has exited (its pidfd is readable); does not reap."""
-    await trio.lowlevel.wait_readable(child.pidfd)
+    """Return once the child has exited; does not reap."""
+    await child.wait()
 
 
 def proc_start_time(pid: int) -> int | None:

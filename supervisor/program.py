@@ -17,6 +17,7 @@ A container program reaches the runtime only through the context's :class:`~supe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal as _signal
@@ -32,6 +33,8 @@ from nsruntime import ConfigError, ExitStatus, proc_state, signal_name
 from . import machine
 from .config import ProgramConfig
 from .events import EventBus
+from .keeper import enlarge_pipe
+from .kept import GoneChild, KeeperClient, KeeperError, config_digest, spawn_kept
 from .logs import ProgramLogs, pump
 from .process import (
     Cgroup,
@@ -81,6 +84,12 @@ class Context:
     spawn_lock: trio.Lock = field(default_factory=trio.Lock)
     #: how long a SIGKILLed program may take to disappear before it is reported stuck
     kill_wait: float = 5.0
+    #: the parent of every program, outliving nsinitd (supervisor.keeper); None: nsinitd is
+    #: the programs' parent itself and they end with it (the in-process daemon of the tests)
+    keeper: KeeperClient | None = None
+    #: set when nsinitd leaves with its programs running (shutdown --keep-running): a program
+    #: task that ends then lets its process be, for the next nsinitd to adopt
+    keep_running: bool = False
 
 
 class ContainerConfigError(Exception):
@@ -112,6 +121,9 @@ class ContainerChild:
                 return None
             self.reaper.disown(self.pid)
         return self.exit
+
+    async def wait(self) -> None:
+        await trio.lowlevel.wait_readable(self.pidfd)
 
     def stats(self) -> Mapping[str, int]:
         return self.c.stats()
@@ -248,6 +260,22 @@ class Program:
         if self.child is not None:
             self.child.signal(signum)
 
+    async def adopt(self, child: Child, started_at: float, out_r: int, err_r: int) -> None:
+        """Take over a process a previous nsinitd started and the keeper kept: RUNNING with its
+        own pid and start time, its output read from the pipes the keeper held (out_r, err_r, or
+        -1; owned from here). Its exit, even one the keeper saw before we came, goes through the
+        machine as any exit does. Called once, right after the task started."""
+        assert self._nursery is not None
+        async with self.ctx.spawn_lock:
+            self.child = child
+            self.started_at = started_at
+            self._apply(machine.Adopted())
+            self.since = started_at  # RUNNING since then, not since we came back
+        for fd, sink in ((out_r, self.logs.stdout), (err_r, self.logs.stderr)):
+            if fd >= 0:
+                self._nursery.start_soon(pump, fd, sink)
+        self._watch(child)
+
     # -- the task ---------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -263,7 +291,8 @@ class Program:
                 nursery.cancel_scope.deadline = trio.current_time() + 2.0
         finally:
             with trio.CancelScope(shield=True):
-                await self._ensure_dead()
+                if not (self.ctx.keep_running and self.ctx.keeper is not None):
+                    await self._ensure_dead()
                 self.logs.close()
                 self.done.set()
 
@@ -315,11 +344,15 @@ class Program:
             released = {"error": "teardown timed out"}
         except Exception as e:  # the runtime's own errors
             released = {"error": f"{type(e).__name__}: {e}"}
-        if isinstance(child, ContainerChild):
+        if isinstance(child, ContainerChild) or (isinstance(child, GoneChild) and child.container):
             self._emit("container.destroyed", released=released)
         elif "error" in released:
             self._emit("program.teardown_failed", pid=child.pid, error=str(released["error"]))
         remove_pid_files(self.state_dir)
+        if self.ctx.keeper is not None:  # its exit is seen and its leftovers gone: the keeper may let go
+            self.ctx.keeper.forget_pid(child.pid)  # (a container's exit notice, unread: its PID 1 told us)
+            with contextlib.suppress(KeeperError):
+                await self.ctx.keeper.call({"op": "forget", "name": self.name})
 
     def _apply(self, event: machine.Event) -> None:
         old = self.status
@@ -339,6 +372,8 @@ class Program:
             if action.event == "program.running":
                 fields["pid"] = self.pid
                 self.started_at = time.time()
+            elif action.event == "program.adopted":  # started_at is the process's, set by adopt()
+                fields.update(pid=self.pid, started=round(self.started_at, 3))
             elif action.event == "program.stopping":
                 fields.update(pid=self.pid, signal=signal_name(self.cfg.stopsignal))
             elif action.event == "program.fatal":
@@ -420,20 +455,30 @@ class Program:
     async def _spawn_child(self) -> Child:
         assert self._nursery is not None
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        enlarge_pipe(out_r)
         if self.cfg.redirect_stderr:
             err_r, err_w = -1, out_w
         else:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            enlarge_pipe(err_r)
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        keeper = self.ctx.keeper
+        held = [fd for fd in (out_r, err_r) if fd >= 0]
         try:
             self.logs.ensure()
             env = {**self.ctx.base_env, **self.cfg.env}
             if self.cfg.container is not None or self.cfg.bundle is not None:
                 child: Child = await self._spawn_container((devnull, out_w, err_w), self.cfg.env)
+                if keeper is not None and isinstance(child, ContainerChild):
+                    await self._hold(keeper, child, held)
             else:
                 cgroup = Cgroup(self.ctx.cgroup_root / self.name) if self.ctx.cgroup_root else None
                 async with self.ctx.spawn_lock:
-                    child = spawn_plain(self.cfg.command, env, (devnull, out_w, err_w), self.ctx.reaper, cgroup)
+                    if keeper is not None:
+                        child = await spawn_kept(keeper, self.cfg, env, (devnull, out_w, err_w), held,
+                                                 self._log_paths(), cgroup)
+                    else:
+                        child = spawn_plain(self.cfg.command, env, (devnull, out_w, err_w), self.ctx.reaper, cgroup)
                 try:
                     write_pid_files(self.state_dir, child.pid)
                 except OSError:
@@ -450,6 +495,29 @@ class Program:
         if err_r >= 0:
             self._nursery.start_soon(pump, err_r, self.logs.stderr)
         return child
+
+    def _log_paths(self) -> dict[str, str]:
+        """Where the keeper appends a stream's output while no nsinitd reads it."""
+        paths = {"out": str(self.logs.path("stdout"))}
+        if not self.cfg.redirect_stderr:
+            paths["err"] = str(self.logs.path("stderr"))
+        return paths
+
+    async def _hold(self, keeper: KeeperClient, child: ContainerChild, held: list[int]) -> None:
+        """Hand the keeper copies of what nsinitd's death must not close: the pipes' read ends and
+        the control socket (PID 1's report of the command's status). Without them, the container
+        is killed: it could not outlive nsinitd as promised."""
+        names = [*("out", "err")[: len(held)], "ctl"]
+        msg = {"op": "hold", "name": self.name, "pid": child.pid, "digest": config_digest(self.cfg),
+               "logs": self._log_paths(), "fds": names}
+        try:
+            reply, _ = await keeper.call(msg, [*held, child.c.control_fd])
+            if not reply.get("ok"):
+                raise KeeperError(str(reply.get("error")))
+        except KeeperError as e:
+            child.kill()
+            await child.teardown()
+            raise SpawnError(f"keeper: {e}") from None
 
     async def _spawn_container(self, stdio: tuple[int, int, int], env: dict[str, str]) -> Child:
         spawner = self.ctx.spawner

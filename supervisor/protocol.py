@@ -52,6 +52,7 @@ class _Kind(Enum):
     INT = "an integer"
     NAMES = "a list of program names"
     STREAM = 'one of "stdout", "stderr"'
+    BOOL = "true or false"
 
 
 # command -> {argument: (kind, required)}. Everything a client may send is listed here, so a server
@@ -70,7 +71,7 @@ COMMANDS: Final[Mapping[str, Mapping[str, tuple[_Kind, bool]]]] = {
     "reload": {},
     "reread": {},
     "event_log": {},
-    "shutdown": {},
+    "shutdown": {"keep_running": (_Kind.BOOL, False)},
     "version": {},
 }
 STREAMING_COMMANDS: Final = frozenset({"events"})
@@ -321,6 +322,8 @@ def _valid(kind: _Kind, value: Any) -> bool:
         return _is_int(value) and -(2**31) <= value < 2**31
     if kind is _Kind.STREAM:
         return value in ("stdout", "stderr")
+    if kind is _Kind.BOOL:
+        return isinstance(value, bool)
     return isinstance(value, list) and len(value) <= MAX_NAMES and all(_valid_name(v) for v in value)
 
 

@@ -207,8 +207,9 @@ async def _event_log(api: SupervisorAPI, args: Args) -> Json:
 
 
 async def _shutdown(api: SupervisorAPI, args: Args) -> Json:
-    api.request_shutdown()
-    return {"pid": api.pid}
+    keep = bool(args.get("keep_running", False))
+    api.request_shutdown("shutdown --keep-running" if keep else "requested", keep_running=keep)
+    return {"pid": api.pid, "keep_running": keep}
 
 
 async def _version(api: SupervisorAPI, args: Args) -> Json:

@@ -18,6 +18,7 @@ The runtime is reached through the top-level ``nsruntime`` package only; its hea
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ class Created(Protocol):
     @property
     def pidfd(self) -> int:
         """Readable once PID 1 has exited."""
+
+    @property
+    def control_fd(self) -> int:
+        """The host's end of the control socket (PID 1 reports the command's status there); the
+        keeper holds a copy, so a later nsinitd can still hear it."""
 
     def start(self) -> None:
         """Let the command run."""
@@ -105,6 +111,21 @@ class Spawner(Protocol):
     def find_stale(self, state_dir: Path) -> Stale | None:
         """The container left running in state_dir, if any (its PID 1 checked and opened)."""
 
+    def adopt(self, state_dir: Path, control_fd: int, pid: int) -> Created | None:
+        """The container a previous nsinitd made in state_dir and left running, whose control
+        socket the keeper kept (control_fd: taken over, closed with the container); None, having
+        closed control_fd and touched nothing, unless its PID 1 proves to be the recorded one
+        and is pid (the keeper's child)."""
+
+    def exit_report(self, control_fd: int) -> ExitStatus | None:
+        """How the command of a container that ended while no nsinitd was there exited, as its
+        PID 1 reported it on the control socket the keeper kept (control_fd, closed here); None
+        when it left no report."""
+
+    def release(self, state_dir: Path) -> Released:
+        """Release what a container that is gone recorded in state_dir (cgroups, links, records);
+        nothing while its PID 1 lives. Raises NsRuntimeError naming what would not go."""
+
     def begin(self, config: ContainerConfig, rootfs: Path, command: Sequence[str], state_dir: Path, *,
               env: Mapping[str, str], stdio: tuple[int, int, int]) -> Creation:
         """Begin making the container; its PID 1 outlives nsinitd (nsinitd reclaims it when it
@@ -151,6 +172,32 @@ class NsRuntime:
             os.close(pidfd)
             return None
         return Stale(pid, pidfd)
+
+    def adopt(self, state_dir: Path, control_fd: int, pid: int) -> Created | None:
+        try:
+            sock = socket.socket(fileno=control_fd)
+        except OSError:  # not a socket: not what nsinitd gave the keeper
+            os.close(control_fd)
+            return None
+        try:
+            c = nsruntime.reattach(state_dir, sock, pid)
+        except (NsRuntimeError, OSError):
+            c = None
+        if c is None:
+            sock.close()
+        return c
+
+    def exit_report(self, control_fd: int) -> ExitStatus | None:
+        try:
+            sock = socket.socket(fileno=control_fd)
+        except OSError:
+            os.close(control_fd)
+            return None
+        with sock:
+            return nsruntime.exit_report(sock)
+
+    def release(self, state_dir: Path) -> Released:
+        return nsruntime.cleanup_stale(nsruntime.StateDir(state_dir))
 
     def begin(self, config: ContainerConfig, rootfs: Path, command: Sequence[str], state_dir: Path, *,
               env: Mapping[str, str], stdio: tuple[int, int, int]) -> Creation:

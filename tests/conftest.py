@@ -77,7 +77,7 @@ def _our_processes() -> set[str]:
                 out.add(f"{pid} {name}")
                 break
         else:
-            if name.startswith("nsinit-init"):
+            if name.startswith(("nsinit-init", "nsinit-keeper")):  # wherever they were reparented
                 out.add(f"{pid} {name}")
     return out
 

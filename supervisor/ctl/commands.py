@@ -364,7 +364,7 @@ def cmd_shutdown(args: argparse.Namespace, o: Output) -> int:
     timeout = answer_timeout(args)
     with Client(path, timeout) as client:
         try:
-            result = client.call("shutdown")
+            result = client.call("shutdown", **({"keep_running": True} if args.keep_running else {}))
         except RemoteError as e:
             raise CtlError(status_for(e.code), f"shutdown: {e.message}") from None
     pid = result.get("pid") if isinstance(result, dict) else None
@@ -377,7 +377,8 @@ def cmd_shutdown(args: argparse.Namespace, o: Output) -> int:
     if o.json:
         o.dump({"pid": pid, "stopped": bool(args.wait)})
     else:
-        o.line(f"nsinitd (pid {pid}) {'shut down' if args.wait else 'is shutting down'}")
+        kept = ", programs left running" if args.keep_running else ""
+        o.line(f"nsinitd (pid {pid}) {'shut down' if args.wait else 'is shutting down'}{kept}")
     return OK
 
 
@@ -526,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("reread", cmd_reread, "what a reload would change (available, changed, disappeared), changing nothing")
     p = add("shutdown", cmd_shutdown, "stop every program and nsinitd")
     p.add_argument("--wait", action="store_true", help="wait until nsinitd has exited")
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the programs running, for the next nsinitd to adopt (an upgrade)")
     add("version", cmd_version, "versions of nsinitctl and nsinitd")
     return parser
 

@@ -74,6 +74,10 @@ class FakeContainer:
     def kill(self) -> None:
         self._die(ExitStatus(137, signal.SIGKILL))
 
+    @property
+    def control_fd(self) -> int:
+        return self._r
+
     def poll(self) -> ExitStatus | None:
         return self.exit
 
@@ -138,6 +142,17 @@ class FakeRuntime:
 
     def find_stale(self, state_dir: Path) -> Stale | None:
         return None  # a fake container never outlives its test
+
+    def adopt(self, state_dir: Path, control_fd: int, pid: int) -> FakeContainer | None:
+        os.close(control_fd)
+        return None
+
+    def exit_report(self, control_fd: int) -> ExitStatus | None:
+        os.close(control_fd)
+        return None
+
+    def release(self, state_dir: Path) -> dict[str, list[str]]:
+        return {}
 
     def begin(self, config: ContainerConfig, rootfs: Path, command: Sequence[str], state_dir: Path, *,
               env: Mapping[str, str], stdio: tuple[int, int, int]) -> FakeCreation:

@@ -65,6 +65,8 @@ def test_defaults_and_relative_paths(base: Path) -> None:
     a = cfg.programs["a"]
     assert cfg.supervisor.log_dir == base.parent / "logs"
     assert cfg.supervisor.event_log is None and cfg.supervisor.socket_group is None
+    assert cfg.supervisor.on_exit == "stop"
+    assert c.loads('[supervisor]\non_exit = "keep"\n', base).supervisor.on_exit == "keep"
     assert a.container is None and a.autorestart == "on-failure" and a.stdout_backups == 10
     assert a.redirect_stderr is False and a.stdout_maxbytes == 50 * 1024 * 1024
 
@@ -142,6 +144,7 @@ def test_what_names_no_signal_is_refused_with_the_key(value: object, message: st
     [
         ("[programs.web]\nautostart = true\n", "programs.web.command: missing"),
         ('[supervisor]\nsockets = "x"\n', "supervisor.sockets: unknown key"),
+        ('[supervisor]\non_exit = "leave"\n', "supervisor.on_exit: expected one of stop, keep"),
         ('[supervisor]\nsocket_group = "no-such-group-here"\n', "supervisor.socket_group: no such group"),
         ("[supervisor]\nsocket = 3\n", "supervisor.socket: expected a string"),
         ('[programs."we b"]\ncommand = ["x"]\n', "programs.we b: program names"),

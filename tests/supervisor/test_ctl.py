@@ -596,8 +596,11 @@ async def test_reload_shutdown_version(sock: Path, api: Any) -> None:
     assert status == 0
     assert json.loads(out) == {"nsinitctl": "0.1.0", "nsinitd": {"version": "0.1.0", "protocol": 1,
                                                                   "pid": os.getpid()}}
+    assert await nsinitctl("-s", s, "shutdown", "--keep-running") == \
+        (0, f"nsinitd (pid {os.getpid()}) is shutting down, programs left running\n", "")
+    assert (api.shutdown_requested, api.keep_running) == (True, True)
     assert await nsinitctl("-s", s, "shutdown") == (0, f"nsinitd (pid {os.getpid()}) is shutting down\n", "")
-    assert api.shutdown_requested
+    assert (api.shutdown_requested, api.keep_running) == (True, False)
 
 
 # -- the socket, access, usage --------------------------------------------------------------------------

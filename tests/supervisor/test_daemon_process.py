@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -17,16 +16,18 @@ import trio
 
 from supervisor.daemon import cgroup_root_name
 from supervisor.events import validate
-from supervisor.process import cgroup2_mount, own_cgroup2, proc_start_time
+from supervisor.process import cgroup2_mount, proc_start_time
 
 ConfigWriter = Any
 
 
-def _cgroup_root_name(pid: int) -> str:
-    """The cgroup2 directory of the live nsinitd with this pid."""
-    ticks = proc_start_time(pid)
-    assert ticks is not None, f"nsinitd {pid} is gone"
-    return cgroup_root_name(pid, ticks)
+def program_cgroup(pid: int) -> Path | None:
+    """The cgroup2 directory of a live program (under its keeper's: nsinit-keeper-<pid>-<ticks>/NAME)."""
+    mount = cgroup2_mount()
+    if mount is None:
+        return None
+    line = next(x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if x.startswith("0::"))
+    return mount / line[3:].lstrip("/")
 
 
 async def wait_for_output(path: Path, text: str, timeout: float = 10) -> None:
@@ -118,14 +119,12 @@ PROGRAMS = """
 @pytest.mark.slow
 async def test_sigterm_stops_everything_and_exits_0(cfg: ConfigWriter, nsinitd) -> None:  # type: ignore[no-untyped-def]
     d = await nsinitd(cfg.write(PROGRAMS))
-    started = await d.wait_for("supervisor.started")
     web = await d.wait_for("program.running", "web")
     await d.wait_for("program.running", "stubborn")
     await d.wait_for("program.backoff", "crash")
     await wait_for_output(cfg.root / "logs" / "stubborn.out", "ready")
-    mount = cgroup2_mount()
-    cgroot = own_cgroup2(mount) / _cgroup_root_name(started["pid"]) if mount else None
-    grandchildren = [int(p) for p in (cgroot / "web" / "cgroup.procs").read_text().split()] if cgroot else []
+    web_cgroup = program_cgroup(web["pid"])
+    grandchildren = [int(p) for p in (web_cgroup / "cgroup.procs").read_text().split()] if web_cgroup else []
     d.proc.send_signal(signal.SIGTERM)
     assert await d.finish() == 0
     names = [e["event"] for e in d.events]
@@ -136,8 +135,9 @@ async def test_sigterm_stops_everything_and_exits_0(cfg: ConfigWriter, nsinitd) 
     assert any(e["event"] == "program.killing" and e["program"] == "stubborn" for e in d.events)
     for pid in [web["pid"], *grandchildren]:
         assert not Path(f"/proc/{pid}").exists()
-    if cgroot is not None:
-        assert not cgroot.exists()
+    if web_cgroup is not None:  # the program's cgroup, and its keeper's (the keeper is gone too)
+        assert not web_cgroup.exists() and not web_cgroup.parent.exists()
+    assert not (cfg.root / "state" / "keeper.sock").exists()
     log = [json.loads(x) for x in (cfg.root / "events.jsonl").read_text().splitlines()]
     for obj in log:
         validate(obj)
@@ -200,9 +200,21 @@ async def test_as_pid1_it_reaps_every_orphan_and_keeps_going(cfg: ConfigWriter, 
     try:
         started = await d.wait_for("supervisor.started")
         assert started["pid"] == 1
-        await d.wait_for("program.running", "orphaner")
-        await d.wait_for("stranger.reaped", count=3)  # the three orphaned sleeps, reparented to PID 1
+        orphaner = await d.wait_for("program.running", "orphaner")
         nsinitd_host_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        # the orphaner's three orphaned sleeps go to its keeper (the nearest child subreaper), which
+        # reaps them: at last the keeper's only child is the orphaner itself, with no zombie beside it
+        keeper = int(Path(f"/proc/{nsinitd_host_pid}/task/{nsinitd_host_pid}/children").read_text().split()[0])
+        assert Path(f"/proc/{keeper}/comm").read_text() == "nsinit-keeper\n"
+
+        def keepers_children() -> list[str]:
+            pids = Path(f"/proc/{keeper}/task/{keeper}/children").read_text().split()
+            return [Path(f"/proc/{p}/comm").read_text().strip() for p in pids]
+
+        with trio.fail_after(10):
+            while keepers_children() != ["sleep"]:  # (the in-namespace pid of the orphaner differs)
+                await trio.sleep(0.05)
+        assert orphaner["pid"] > 1
         os.kill(nsinitd_host_pid, signal.SIGTERM)
         assert await d.finish() == 0
         assert d.events[-1]["event"] == "supervisor.stopped"
@@ -230,15 +242,6 @@ async def test_a_second_nsinitd_on_a_live_socket_exits_1(cfg: ConfigWriter, nsin
     assert not (cfg.root / "nsinitd.sock").exists()
 
 
-def _set_subreaper(value: int) -> int:
-    """Set PR_SET_CHILD_SUBREAPER on this process; return the previous value."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    old = ctypes.c_int(0)
-    libc.prctl(37, ctypes.byref(old), 0, 0, 0)
-    libc.prctl(36, ctypes.c_ulong(value), 0, 0, 0)
-    return old.value
-
-
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -247,55 +250,8 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.slow
-@pytest.mark.privileged
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-async def test_restart_after_sigkill_leaves_one_instance_of_each(cfg: ConfigWriter, nsinitd,  # type: ignore[no-untyped-def]
-                                                                 host_rootfs: Path) -> None:
-    # what nsinitd's death orphans must go to init (which reaps), not become this test's zombies
-    was = _set_subreaper(0)
-    try:
-        conf = cfg.write(f"""
-            [programs.box]
-            container = "{host_rootfs}"
-            command = ["sleep", "300"]
-            startsecs = 0.2
-            [programs.plain]
-            command = ["sh", "-c", "sleep 300 & exec sleep 300"]
-            startsecs = 0.2
-        """)
-        first = await nsinitd(conf)
-        started = await first.wait_for("supervisor.started")
-        box1 = await first.wait_for("program.running", "box")
-        await first.wait_for("program.running", "plain")
-        mount = cgroup2_mount()
-        old_cg = own_cgroup2(mount) / _cgroup_root_name(started["pid"]) if mount else None
-        old_plain = [int(p) for p in (old_cg / "plain" / "cgroup.procs").read_text().split()] if old_cg else []
-        first.proc.kill()
-        with trio.fail_after(5):
-            await first.proc.wait()
-        assert not _gone(box1["pid"])  # the container outlived its supervisor (die_with_parent=False)
-
-        second = await nsinitd(conf)
-        reclaimed = await second.wait_for("container.reclaimed", "box")
-        assert reclaimed["host_pid"] == box1["pid"] and reclaimed["action"] == "killed"
-        box2 = await second.wait_for("program.running", "box")
-        await second.wait_for("program.running", "plain")
-        assert box2["pid"] != box1["pid"]
-        with trio.fail_after(5):
-            while not all(_gone(p) for p in [box1["pid"], *old_plain]):
-                await trio.sleep(0.05)
-        if old_cg is not None:
-            assert not old_cg.exists()
-        second.proc.send_signal(signal.SIGTERM)
-        assert await second.finish() == 0
-        assert _gone(box2["pid"])
-    finally:
-        _set_subreaper(was)
-
-
 def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive() -> None:
-    from supervisor.daemon import _owner_alive, cgroup_root_name
+    from supervisor.daemon import _owner_alive
 
     owner = subprocess.Popen(["sleep", "30"])
     try:
@@ -311,26 +267,6 @@ def test_a_reused_pid_does_not_keep_a_dead_nsinitds_cgroup_alive() -> None:
         owner.wait()
     assert not _owner_alive(cgroup_root_name(owner.pid, ticks))
     assert _owner_alive("nsinitd-test-1")  # not a name nsinitd makes: never removed
-
-
-def test_the_nsinitd_entry_starts_a_zygote_early_only_for_containers(tmp_path: Path) -> None:
-    from supervisor.nsinitd import Options, _early_zygote
-
-    plain = tmp_path / "plain.toml"
-    plain.write_text('[programs.p]\ncommand = ["true"]\n')
-    boxed = tmp_path / "boxed.toml"
-    boxed.write_text('[programs.p]\ncontainer = "/x"\ncommand = ["true"]\n')
-    assert _early_zygote(Options(str(plain))) is None
-    assert _early_zygote(Options(str(boxed), check=True)) is None
-    assert _early_zygote(Options(str(tmp_path / "missing.toml"))) is None  # the daemon reports it
-    z = _early_zygote(Options(str(boxed)))
-    assert z is not None
-    try:
-        z.wait_ready()
-        assert z.alive()
-    finally:
-        z.close()
-    assert not os.path.exists(f"/proc/{z.pid}")
 
 
 def test_one_parser_reads_the_command_line_plain_spellings_without_argparse() -> None:

@@ -115,6 +115,14 @@ def test_stop_while_stopping_changes_nothing_but_wanted() -> None:
     assert st.state is S.STOPPING and actions == []
 
 
+def test_an_adopted_process_is_running_and_wanted_up_at_once() -> None:
+    st, actions = m.step(m.Status(), m.Adopted(), P)
+    assert st == m.Status(S.RUNNING, Wanted.UP, 0)
+    assert names(actions) == ["program.adopted"]  # no Spawn: the process runs already
+    for state in S:  # only a program nothing has happened to yet adopts
+        assert m.allowed(state, m.Adopted) is (state is S.STOPPED)
+
+
 @pytest.mark.parametrize(
     ("state", "event"),
     [(S.STOPPED, m.Stop()), (S.RUNNING, m.Start()), (S.STOPPED, m.Exited()), (S.RUNNING, m.BackoffElapsed()),

@@ -49,6 +49,7 @@ class FakeAPI:
         self.emitted: list[dict[str, Any]] = []
         self.subscribers: list[tuple[trio.MemorySendChannel[dict[str, Any]], int]] = []
         self.shutdown_requested = False
+        self.keep_running: bool | None = None
         self.fail_start: set[str] = set()
         self.action_delay = 0.0
         self.socket_group: int | None = None
@@ -138,8 +139,9 @@ class FakeAPI:
                                        pid=None)
         return {"added": ["new"], "removed": [], "changed": []}
 
-    def request_shutdown(self) -> None:
+    def request_shutdown(self, reason: str = "requested", *, keep_running: bool = False) -> None:
         self.shutdown_requested = True
+        self.keep_running = keep_running
 
     def emit(self, event: str, **fields: Any) -> None:
         record = {"ts": "2026-11-28T00:00:00.000000Z", "event": event, **fields}
@@ -285,8 +287,12 @@ async def test_actions(sock: Path, api: FakeAPI) -> None:
     reply = await call(sock, "stats")
     assert reply.result["web"]["stats"]["pids"] == 3
     assert reply.result["web"]["status"]["state"] == "RUNNING"
-    assert (await call(sock, "shutdown")).result == {"pid": os.getpid()}
-    assert api.shutdown_requested
+    with pytest.raises(proto.ProtocolError, match="keep_running"):  # refused before it is sent
+        proto.Connection(proto.Role.CLIENT).request("shutdown", keep_running="yes")
+    assert (await call(sock, "shutdown", keep_running=True)).result == {"pid": os.getpid(), "keep_running": True}
+    assert (api.shutdown_requested, api.keep_running) == (True, True)
+    assert (await call(sock, "shutdown")).result == {"pid": os.getpid(), "keep_running": False}
+    assert api.keep_running is False
 
 
 async def test_stats_from_a_daemon_that_cannot_read_usage_are_unsupported(sock: Path, api: FakeAPI) -> None:
