@@ -167,6 +167,10 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
         os.chroot(".")
         os.close(rootfd)
         os.chdir("/")
+        if detach:
+            # the caller (containerd's shim, conmon) hears of a failure only from us: a command that
+            # could never start fails the exec here, in runc's words, instead of exiting 127 unseen
+            spawn._check_command(command[0], env)
         tty_path = None
         fds: list[int] = []
         slave = -1

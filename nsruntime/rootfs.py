@@ -250,8 +250,10 @@ def _make_device(dev: int, d: Device, step: str) -> None:
     mknod is refused in a user namespace: there, as runc does, the host's node of the same path
     is bound onto an empty file instead (it must exist on the host)."""
     *dirs, name = d.path.removeprefix("/dev/").split("/")
-    if not dirs and name in _DEV_NODES:
-        return  # the runtime's own, bound from the host's
+    if not dirs and (name in _DEV_NODES or name == "ptmx"):
+        # the runtime's own: bound from the host's, or (ptmx, as runc) the link to the container's
+        # devpts; containerd's --privileged lists them all, as every node of the host's /dev
+        return
     fd = os.dup(dev)
     try:
         for part in dirs:

@@ -71,11 +71,35 @@ class _Log:
             self._write("debug", msg)
 
 
+class _UsageError(SystemExit):
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         sys.stderr.write(f"nsrun: error: {message}\n")
-        raise SystemExit(EXIT_USAGE)
+        raise _UsageError(message)
+
+
+def _log_flags(argv: list[str]) -> tuple[str | None, str]:
+    """--log and --log-format from the global flags (before the verb), read without the parser:
+    for a usage error, which the parser reports before it has them."""
+    path, fmt = None, "text"
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        name, eq, value = argv[i].partition("=")
+        if name in ("--root", "--log", "--log-format") and not eq:
+            i += 1
+            value = argv[i] if i < len(argv) else ""
+        if name == "--log":
+            path = value or None
+        elif name == "--log-format":
+            fmt = value
+        i += 1
+    return path, fmt if fmt in ("text", "json") else "text"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -163,7 +187,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser().parse_args(argv)
+    except _UsageError as e:
+        # containerd's shim reads create's errors only from --log (stderr goes to the container's IO)
+        path, fmt = _log_flags(argv)
+        _Log(path, fmt, False)._write("error", e.message)
+        raise
     if args.version:
         sys.stdout.write(f"nsrun version {__version__}\nspec: {SPEC_VERSION}\n")
         return 0

@@ -249,6 +249,7 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
     check_console(sp.terminal, True, console_socket)
     _make_dir(rec)
     console = None
+    null = -1
     try:
         if console_socket is not None:
             console = connect_console(console_socket)
@@ -256,13 +257,21 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
         lifecycle = _lifecycle(rec, sp)
         record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
                             "annotations": dict(sp.annotations)}, "spec": sp.config.source}
+        if sp.terminal:
+            # the command's stdio is the pty; PID 1 and the waiting command keep none of ours:
+            # containerd's shim reads create's output until EOF, which a copy held would never give
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, tty=sp.terminal, die_with_parent=False,
-                           raw_config=record, start_fifo=rec.fifo, lifecycle=lifecycle)
+                           raw_config=record, start_fifo=rec.fifo, lifecycle=lifecycle,
+                           stdio=(null, null, null) if null >= 0 else None)
     except BaseException:
         if console is not None:
             console.close()
         _remove_dir(rec)
         raise
+    finally:
+        if null >= 0:
+            os.close(null)
     if console is not None and console_socket is not None:
         master, c.console = c.console, None
         try:

@@ -189,6 +189,17 @@ def test_a_missing_bundle_says_no_such_file_or_directory(bundle: Bundle, tmp_pat
     assert json.loads(log.read_text())["msg"] == f"{tmp_path}/nowhere/config.json: no such file or directory"
 
 
+def test_a_usage_error_reaches_the_json_log_too(bundle: Bundle, tmp_path: Path) -> None:
+    """containerd's shim reads create's errors only from --log: a flag nsrun does not know is
+    said there as well as on stderr, with the usage status."""
+    log = tmp_path / "log.json"
+    p = bundle.nsrun("create", "--bundle", str(bundle.dir), "--no-such-flag", "c1", log=log)
+    assert p.returncode == 2
+    assert p.stdout.endswith("nsrun: error: unrecognized arguments: --no-such-flag\n"), p.stdout
+    entry = json.loads(log.read_text())
+    assert (entry["level"], entry["msg"]) == ("error", "unrecognized arguments: --no-such-flag")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda s: s["process"].update(foo=1), "process.foo: unknown field"),
     (lambda s: s["linux"].update(seccomp={"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/l.sock"}),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import termios
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from nsruntime import libc
 from nsruntime.lean import recv_fds
-from tests.oci.test_nsrun import Bundle
+from tests.oci.test_nsrun import ENV, NSRUN, Bundle
 from tests.oci.test_nsrun_exec import started
 
 pytestmark = pytest.mark.privileged
@@ -253,3 +254,60 @@ def test_run_detach_with_a_terminal_sends_the_master_to_the_console_socket(
         os.close(master)
     assert os.WEXITSTATUS(bundle.reap(pid)) == 6
     assert bundle.nsrun("delete", "d1").returncode == 0
+
+
+def output_to_eof(bundle: Bundle, *args: str) -> tuple[int, str]:
+    """`nsrun ARGS...` with its stdout and stderr on a pipe read until EOF, as containerd's shim
+    (go-runc) reads them: EOF comes only once no process holds the pipe (bounded)."""
+    p = subprocess.Popen([*NSRUN, "--root", str(bundle.root), *args], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        out, _ = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        assert p.stdout is not None
+        p.stdout.close()  # (reading on would wait for the container)
+        raise AssertionError("a process of the container holds nsrun's stdout: its caller never sees EOF") from None
+    return p.returncode, out
+
+
+def test_a_terminal_container_holds_nothing_of_creates_stdio(
+        bundle: Bundle, console_socket: tuple[socket.socket, Path]) -> None:
+    listener, path = console_socket
+    bundle.spec["process"]["terminal"] = True
+    bundle.spec["process"]["args"] = READ_AND_RUN
+    bundle.write()
+    pidfile = bundle.dir / "pid"
+    code, out = output_to_eof(bundle, "create", "--bundle", str(bundle.dir), "--pid-file", str(pidfile),
+                              "--console-socket", str(path), "c1")
+    pid = int(pidfile.read_text()) if pidfile.exists() else 0
+    bundle.pids += [pid] if pid else []  # reaped by the fixture whatever follows
+    assert (code, out) == (0, ""), out
+    _name, master = receive_master(listener)
+    try:
+        assert bundle.nsrun("start", "c1").returncode == 0
+        assert type_and_read(master, b"echo hi >&2; exit 3\n") == "hi\n"
+    finally:
+        os.close(master)
+    status = bundle.reap(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+
+
+def test_a_detached_terminal_exec_holds_nothing_of_execs_stdio(
+        bundle: Bundle, console_socket: tuple[socket.socket, Path]) -> None:
+    listener, path = console_socket
+    started(bundle)
+    pidfile = bundle.dir / "exec.pid"
+    code, out = output_to_eof(bundle, "exec", "--detach", "--tty", "--console-socket", str(path), "--pid-file",
+                              str(pidfile), "c1", *READ_AND_RUN)
+    pid = int(pidfile.read_text()) if pidfile.exists() else 0
+    bundle.pids += [pid] if pid else []
+    assert (code, out) == (0, ""), out
+    _name, master = receive_master(listener)
+    try:
+        assert type_and_read(master, b"exit 4\n") == ""
+    finally:
+        os.close(master)
+    status = bundle.reap(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 4

@@ -96,6 +96,20 @@ def test_exec_detach_writes_the_pid_file_and_the_caller_reaps_the_process(bundle
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
 
 
+def test_a_detached_exec_of_a_missing_command_fails_saying_so_in_the_json_log(bundle: Bundle, tmp_path: Path) -> None:
+    """As runc's: the caller (containerd's shim, conmon) learns it from nsrun, not from a process
+    that would exit 127 with the words on a stderr nobody may read."""
+    pid = started(bundle)
+    pidfile, log = bundle.dir / "exec.pid", tmp_path / "log.json"
+    p = bundle.nsrun("exec", "--detach", "--pid-file", str(pidfile), "c1", "nosuchcommand", log=log)
+    assert (p.returncode, json.loads(log.read_text())["msg"]) == (
+        1, 'join: process.args: exec "nosuchcommand": executable file not found in $PATH: no such file '
+           "or directory")
+    assert not pidfile.exists()
+    pids = json.loads(bundle.nsrun("ps", "--format", "json", "c1").stdout)
+    assert pid in pids and len(pids) == 2, "PID 1 and sleep: nothing was started"
+
+
 def test_ps_lists_the_host_pids_of_the_container(bundle: Bundle) -> None:
     pid = started(bundle)
     p = bundle.nsrun("ps", "--format", "json", "c1")

@@ -40,6 +40,16 @@ def test_a_device_the_spec_does_not_list_stays_denied_by_the_devices_cgroup(bund
     assert p.stdout.splitlines() == ["made", "refused"], p.stdout
 
 
+def test_ptmx_in_devices_keeps_the_containers_own_ptmx(bundle: Bundle) -> None:
+    """`ctr run --privileged` lists every node of the host's /dev, /dev/ptmx among them: the
+    container's ptmx stays the link to its own devpts (as runc's), the others are made."""
+    bundle.spec["linux"]["devices"] = [{"path": "/dev/ptmx", "type": "c", "major": 5, "minor": 2},
+                                       {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200}]
+    p = run(bundle, "readlink /dev/ptmx; stat -c '%t:%T' /dev/net/tun")
+    assert p.returncode == 0, p.stdout
+    assert p.stdout.splitlines() == ["pts/ptmx", "a:c8"]
+
+
 @pytest.mark.parametrize(("device", "message"), [
     ({"path": "/tmp/x", "type": "c", "major": 1, "minor": 3},
      'linux.devices[0].path: "/tmp/x": only below /dev (nodes go in the runtime\'s /dev tmpfs, not in /dev/pts, '
