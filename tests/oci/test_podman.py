@@ -1,0 +1,356 @@
+"""Real podman 4.3 (Debian's, with its conmon) driving nsrun (issue 16).
+
+podman is kept apart from the host's: every call has its own --root, --runroot and --tmpdir, and
+reads only the containers.conf, storage.conf and registries.conf written here (cgroupfs, file
+events, k8s-file logs, no network, nofile/nproc within this machine's hard limits). The image is
+a busybox rootfs imported once per module with `podman import`: no registry, nothing downloaded.
+
+podman passes no --root to its runtime (its `state` call has no flag and no PATH at all), so
+nsrun's records of podman's containers are in nsrun's default root, /run/nsrun; they are checked
+to be gone there after `rm`. The cgroups are /libpod_parent/libpod-ID (podman's cgroupsPath):
+nsrun removes the leaf, podman and nsrun leave the parents (as with runc); the module removes
+the parents it made once it is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from nsruntime import libc
+from nsruntime.consts import MNT_DETACH
+from nsruntime.oci.runtime import DEFAULT_ROOT
+from tests.conftest import make_busybox_rootfs, wait_for
+
+PODMAN = "/usr/bin/podman"
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(PODMAN), reason=f"{PODMAN} is absent (Debian packages podman and conmon)"),
+]
+
+IMAGE = "localhost/nsinit-busybox:test"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# pip installs bin/nsrun next to the interpreter with that interpreter in its #! line; conmon
+# calls the runtime with no PATH, so an absolute path that needs no environment is required
+NSRUN = Path(sys.executable).parent / "nsrun"
+
+
+@dataclass
+class Podman:
+    """podman on a private root, with nsrun as its runtime."""
+
+    base: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, *args: str) -> list[str]:
+        return [PODMAN, "--root", str(self.base / "root"), "--runroot", str(self.base / "runroot"),
+                "--tmpdir", str(self.base / "tmp"), "--runtime", str(NSRUN), *args]
+
+    def __call__(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), input=input, capture_output=True, text=True, env=self.env,
+                              timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+
+    def ok(self, *args: str, input: str | None = None) -> str:
+        p = self(*args, input=input)
+        assert p.returncode == 0, f"podman {' '.join(args)}: exit {p.returncode}: {p.stderr}"
+        return p.stdout
+
+    def container_id(self, name: str) -> str:
+        return self.ok("inspect", "--format", "{{.Id}}", name).strip()
+
+    def status(self, name: str) -> str:
+        return self.ok("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name).strip()
+
+
+def _write_config(base: Path) -> dict[str, str]:
+    """containers.conf, storage.conf and an empty registries.conf under base; the environment
+    that makes podman read only them."""
+    conf = base / "conf"
+    conf.mkdir()
+    (conf / "containers.conf").write_text(f"""\
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+log_driver = "k8s-file"
+netns = "none"
+
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "{base}/events.log"
+runtime = "nsrun"
+runtime_supports_json = ["nsrun"]
+
+[engine.runtimes]
+nsrun = ["{NSRUN}"]
+
+[network]
+network_config_dir = "{base}/networks"
+""")
+    (conf / "storage.conf").write_text(f"""\
+[storage]
+driver = "vfs"
+graphroot = "{base}/root"
+runroot = "{base}/runroot"
+""")
+    (conf / "registries.conf").write_text("")
+    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(base),
+            "CONTAINERS_CONF": str(conf / "containers.conf"), "CONTAINERS_STORAGE_CONF": str(conf / "storage.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(conf / "registries.conf")}
+
+
+def _libpod_cgroups() -> set[Path]:
+    """Every cgroup directory podman's cgroupsPath names (/libpod_parent and below), all hierarchies."""
+    found: set[Path] = set()
+    for hierarchy in CGROUP_ROOT.iterdir():
+        top = hierarchy / "libpod_parent"
+        if top.is_dir():
+            found.add(top)
+            found.update(p for p in top.rglob("*") if p.is_dir())
+    return found
+
+
+def _mounts_under(base: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [m for m in points if m == str(base) or m.startswith(f"{base}/")]
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Processes whose command line holds text (conmon's names the container and podman's root)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            out.append(f"{d} {cmd[:200]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def podman_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    if not NSRUN.exists():
+        pytest.skip(f"{NSRUN} is absent: install the project into this interpreter's venv (pip install -e .)")
+    base = tmp_path_factory.mktemp("podman")
+    pm = Podman(base, _write_config(base))
+    rootfs = make_busybox_rootfs(base / "rootfs")
+    (rootfs / "container.json").unlink()
+    with tarfile.open(base / "busybox.tar", "w") as tar:
+        tar.add(rootfs, arcname=".")
+    cgroups_before = _libpod_cgroups()
+    pm.ok("import", str(base / "busybox.tar"), IMAGE)
+    # a first container makes the cgroup parents (/libpod_parent, podman's conmon cgroup) that
+    # stay until the module ends, so that no test is blamed for them
+    pm.ok("run", "--rm", "--network", "none", IMAGE, "true")
+    try:
+        yield pm
+    finally:
+        pm("rm", "--all", "--force", "--time", "0")
+        pm("rmi", "--all", "--force")
+        for m in reversed(_mounts_under(base)):  # what podman left mounted (nothing, when all went well)
+            libc.umount2(m, MNT_DETACH)
+        left = {"mounts": _mounts_under(base), "processes": _processes_naming(str(base / "root")),
+                "cgroups": sorted(str(p) for p in _libpod_cgroups() - cgroups_before if "libpod-" in p.name)}
+        for d in sorted(_libpod_cgroups() - cgroups_before, key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError as e:
+                left["cgroups"].append(f"{d}: {e.strerror}")
+        shutil.rmtree(base, ignore_errors=True)
+        assert not any(left.values()), f"podman with nsrun left things on the host: {left}"
+
+
+@pytest.fixture
+def podman(podman_module: Podman) -> Iterator[Podman]:
+    """The module's podman; every container a test made is removed after it (podman rm -f)."""
+    yield podman_module
+    p = podman_module("rm", "--all", "--force", "--time", "0")
+    assert p.returncode == 0, p.stderr
+
+
+def run_in_pty(argv: list[str], env: dict[str, str], lines: list[bytes], expect: bytes) -> tuple[bytes, int]:
+    """Run argv with a new pty as its controlling terminal, type each line once the shell's prompt
+    shows, read until expect is seen and the process has hung up; (what the terminal showed, exit status)."""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: nothing but exec
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    shown = b""
+
+    def read_until(token: bytes, timeout: float = 30) -> bool:
+        nonlocal shown
+        while token not in shown:
+            if not libc.wait_readable(master, timeout):
+                return False
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: every holder of the slave is gone
+                return False
+            if not data:
+                return False
+            shown += data
+        return True
+
+    try:
+        assert read_until(b"# "), f"no shell prompt: {shown!r}"
+        for line in lines:
+            os.write(master, line + b"\r")
+        assert read_until(expect), f"{expect!r} never shown: {shown!r}"
+        read_until(b"\0never\0")  # to the hang-up
+        pidfd = os.pidfd_open(pid)
+        try:
+            assert libc.wait_readable(pidfd, 30), "podman did not exit"
+        finally:
+            os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(master)
+    return shown, os.waitstatus_to_exitcode(status)
+
+
+# ---------------------------------------------------------------- run
+
+
+def test_run_rm_prints_what_the_command_writes_and_leaves_no_container(podman: Podman) -> None:
+    p = podman("run", "--rm", "--network", "none", IMAGE, "echo", "hi")
+    assert (p.returncode, p.stdout) == (0, "hi\n"), p.stderr
+    assert podman.ok("ps", "--all", "--quiet") == ""
+
+
+def test_the_exit_status_of_the_command_is_podmans(podman: Podman) -> None:
+    p = podman("run", "--rm", "--network", "none", IMAGE, "sh", "-c", "echo out; exit 3")
+    assert (p.returncode, p.stdout) == (3, "out\n"), p.stderr
+
+
+def test_a_missing_command_is_127_and_a_file_that_is_not_executable_126(podman: Podman) -> None:
+    p = podman("run", "--rm", "--network", "none", IMAGE, "no-such-command")
+    assert p.returncode == 127, p.stderr
+    assert 'exec "no-such-command"' in p.stderr and "no such file or directory" in p.stderr
+    p = podman("run", "--rm", "--network", "none", IMAGE, "/etc/passwd")
+    assert p.returncode == 126, p.stderr
+    assert "permission denied" in p.stderr
+
+
+def test_the_container_has_what_podmans_spec_asks(podman: Podman) -> None:
+    script = ("ulimit -n; ulimit -u; hostname; echo $(cat /etc/hostname); grep -c nsinit-probe /etc/hosts; "
+              "test -f /run/.containerenv && echo containerenv; echo shm > /dev/shm/f && cat /dev/shm/f; "
+              "cat /sys/fs/cgroup/pids/pids.max; touch /sys/fs/cgroup/pids/x 2>/dev/null || echo cgroup-ro; "
+              "grep ^Seccomp: /proc/self/status")
+    p = podman("run", "--rm", "--network", "none", "--hostname", "nsinit-probe", IMAGE, "sh", "-c", script)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n") == ["20000", "32768", "nsinit-probe", "nsinit-probe", "1", "containerenv", "shm",
+                                    "2048", "cgroup-ro", "Seccomp:\t2", ""]
+
+
+# ---------------------------------------------------------------- run -d and exec
+
+
+def test_exec_into_a_detached_container(podman: Podman) -> None:
+    podman.ok("run", "-d", "--network", "none", "--name", "box", IMAGE, "sleep", "1000")
+    assert podman.status("box") == "running 0"
+    assert podman.ok("exec", "box", "echo", "from exec") == "from exec\n"
+    assert podman.ok("exec", "-i", "box", "cat", input="piped\nin\n") == "piped\nin\n"
+    out = podman.ok("exec", "--user", "1000", "--workdir", "/tmp", "-e", "FOO=bar", "box", "sh", "-c",
+                    'id -u; pwd; echo "$FOO"')
+    assert out == "1000\n/tmp\nbar\n"
+    assert podman("exec", "box", "sh", "-c", "exit 7").returncode == 7
+    assert podman("exec", "box", "no-such-command").returncode == 127
+    assert podman.status("box") == "running 0", "the container outlives its exec'd processes"
+
+
+# ---------------------------------------------------------------- terminals
+
+
+def test_run_it_gives_the_command_a_terminal_of_the_container(podman: Podman) -> None:
+    shown, status = run_in_pty(podman.argv("run", "-it", "--rm", "--network", "none", IMAGE, "sh"), podman.env,
+                               [b"tty; echo $((6*7))", b"exit 5"], b"42\r\n")
+    assert status == 5
+    assert b"tty; echo $((6*7))\r\n/dev/pts/0\r\n42\r\n" in shown, "echoed by the line discipline, then answered"
+
+
+def test_exec_it_gives_the_process_a_terminal_of_the_container(podman: Podman) -> None:
+    podman.ok("run", "-d", "--network", "none", "--name", "box", IMAGE, "sleep", "1000")
+    shown, status = run_in_pty(podman.argv("exec", "-it", "box", "sh"), podman.env,
+                               [b"tty; echo $((6*7))", b"exit 4"], b"42\r\n")
+    assert status == 4
+    assert b"tty; echo $((6*7))\r\n/dev/pts/0\r\n42\r\n" in shown
+    assert podman.status("box") == "running 0"
+
+
+# ---------------------------------------------------------------- pause, stop, rm
+
+
+def test_pause_freezes_every_process_and_unpause_lets_them_go_on(podman: Podman) -> None:
+    podman.ok("run", "-d", "--network", "none", "--name", "box", IMAGE, "sh", "-c",
+              "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; done")
+    cid = podman.container_id("box")
+    count = podman.base / "root" / "vfs-containers" / cid / "userdata" / "shm" / "count"  # podman's /dev/shm
+
+    def counted() -> int:
+        try:
+            return int(count.read_text() or "0")
+        except (FileNotFoundError, ValueError):  # not yet there, or caught between truncate and write
+            return 0
+
+    wait_for(counted, what="the loop to count")
+    podman.ok("pause", "box")
+    assert podman.status("box") == "paused 0"
+    freezer = CGROUP_ROOT / "freezer" / "libpod_parent" / f"libpod-{cid}" / "freezer.state"
+    assert freezer.read_text() == "FROZEN\n"
+    frozen_at = counted()
+    podman.ok("inspect", "box")  # a whole podman call later, the loop has not moved
+    assert counted() == frozen_at
+    podman.ok("unpause", "box")
+    assert podman.status("box") == "running 0"
+    wait_for(lambda: counted() > frozen_at, what="the loop to count on after unpause")
+
+
+def test_stop_t_kills_what_ignores_term_after_the_grace_time_and_rm_removes_it(podman: Podman) -> None:
+    podman.ok("run", "-d", "--network", "none", "--name", "box", IMAGE, "sh", "-c",
+              "trap '' TERM; echo ready > /dev/shm/ready; while :; do sleep 1; done")
+    cid = podman.container_id("box")
+    wait_for((podman.base / "root" / "vfs-containers" / cid / "userdata" / "shm" / "ready").exists,
+             what="the trap to be set")
+    podman.ok("stop", "-t", "2", "box")
+    assert podman.status("box") == "exited 137", "TERM ignored: KILL after 2 s"
+    podman.ok("rm", "box")
+    assert podman.ok("ps", "--all", "--quiet") == ""
+
+
+def test_rm_leaves_nothing_of_the_container_on_the_host(podman: Podman) -> None:
+    podman.ok("run", "-d", "--network", "none", "--name", "box", IMAGE, "sleep", "1000")
+    cid = podman.container_id("box")
+    assert (Path(DEFAULT_ROOT) / cid).is_dir(), "nsrun's records of podman's container are in its default root"
+    assert any(p.name == f"libpod-{cid}" for p in _libpod_cgroups())
+    podman.ok("rm", "--force", "--time", "0", "box")
+    assert not (Path(DEFAULT_ROOT) / cid).exists()
+    assert [p for p in _libpod_cgroups() if cid in p.name] == []
+    assert [m for m in _mounts_under(podman.base) if cid in m] == []
+    wait_for(lambda: not _processes_naming(cid), what="conmon to exit")
+
+
+# ---------------------------------------------------------------- info
+
+
+def test_podman_info_reads_the_runtimes_version(podman: Podman) -> None:
+    info = json.loads(podman.ok("info", "--format", "json"))
+    runtime = info["host"]["ociRuntime"]
+    assert runtime["path"] == str(NSRUN)
+    assert runtime["version"].splitlines()[0].startswith("nsrun version ")
