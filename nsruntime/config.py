@@ -92,6 +92,7 @@ class Mount:
     flags: int | None = None  # MS_NOSUID|MS_NODEV|MS_NOEXEC... of the mount; None: nosuid,nodev for a tmpfs
     data: str | None = None  # a tmpfs's options ("size=64m,mode=755"); None: mode=1777
     recursive: bool = True  # a bind takes the mounts below its source along (rbind)
+    copy_up: bool = False  # a tmpfs starts as a copy of the directory it covers (OCI "tmpcopyup", runc's)
 
 
 @frozen

@@ -83,7 +83,7 @@ _CLEAR_FLAGS = {"rw": MS_RDONLY, "suid": MS_NOSUID, "dev": MS_NODEV, "exec": MS_
                 "nostrictatime": MS_STRICTATIME, "nolazytime": MS_LAZYTIME, "symfollow": MS_NOSYMFOLLOW,
                 "defaults": 0}
 _PROPAGATION = {"private": True, "rprivate": True, "slave": False, "rslave": False}  # -> Mount.private
-MOUNT_OPTIONS = sorted([*_SET_FLAGS, *_CLEAR_FLAGS, *_PROPAGATION, "bind", "rbind"])
+MOUNT_OPTIONS = sorted([*_SET_FLAGS, *_CLEAR_FLAGS, *_PROPAGATION, "bind", "rbind", "tmpcopyup"])
 
 # (destination, type) the runtime always mounts itself
 PROVIDED_MOUNTS = {("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "tmpfs"), ("/dev/pts", "devpts"),
@@ -409,8 +409,13 @@ def _mounts(path: str, value: object, bundle: str) -> tuple[Mount, ...]:
         private = False
         bind = kind == "bind"
         recursive = False
+        copy_up = False
         for j, o in enumerate(opts):
-            if o in _SET_FLAGS:
+            if o == "tmpcopyup":  # runc's extension, in podman's --read-only and --tmpfs mounts
+                if kind != "tmpfs" or "bind" in opts or "rbind" in opts:
+                    raise ConfigError(f"{p}.options[{j}]", f"{_q(o)} only applies to a tmpfs")
+                copy_up = True
+            elif o in _SET_FLAGS:
                 flags |= _SET_FLAGS[o]
             elif o in _CLEAR_FLAGS:
                 flags &= ~_CLEAR_FLAGS[o]
@@ -431,7 +436,7 @@ def _mounts(path: str, value: object, bundle: str) -> tuple[Mount, ...]:
                              flags=flags & ~MS_RDONLY, recursive=recursive))
         elif kind == "tmpfs":
             out.append(Mount(None, dest, writable=True, private=private, type="tmpfs", flags=flags,
-                             data=",".join(data) or None))
+                             data=",".join(data) or None, copy_up=copy_up))
         elif kind in ("cgroup", "cgroup2") and dest == "/sys/fs/cgroup":
             # the container's own cgroups, whichever of the two types is asked: the host's layout decides
             out.append(Mount(None, dest, writable=not flags & MS_RDONLY, private=private, type="cgroup",
