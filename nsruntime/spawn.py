@@ -88,7 +88,12 @@ def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
             # in a user namespace the cgroup files may no longer be ours to write: all of it now
             cg.join_self(v2=userns)
         _join_namespaces(cfg.joins)
+        fifo: str | int | None = start_fifo
         if flags & libc.CLONE_NEWUSER:
+            if start_fifo is not None:
+                # while still the host's root: as root of the new user namespace (an unprivileged id
+                # on the host) the FIFO in the runtime's root-only state directory is out of reach
+                fifo = os.open(start_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             rootfs.make_mount_points(cfg, root)
             libc.unshare(libc.CLONE_NEWUSER)
             channel.send(sock, channel.Userns(os.getpid()))
@@ -100,7 +105,7 @@ def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
         libc.unshare(flags & ~(libc.CLONE_NEWUSER | libc.CLONE_NEWCGROUP))  # PID 1 takes NEWCGROUP itself
         pid1 = os.fork() if userns else _fork_inside(cg)
         if pid1 == 0:
-            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, start_fifo)
+            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, fifo)
         channel.send(sock, channel.Pid(pid1))
         os._exit(0)
     except BaseException as e:
@@ -243,12 +248,14 @@ def _fork_inside(cg: CgroupSet | None) -> int:
 
 
 def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
-          sock: socket.socket, sigfd: int, die_with_parent: bool, start_fifo: str | None) -> None:
+          sock: socket.socket, sigfd: int, die_with_parent: bool, start_fifo: str | int | None) -> None:
     _be_init(sock, sigfd, die_with_parent, cfg.clone_flags,
-             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, start_fifo))
+             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, start_fifo),
+             start_fifo if isinstance(start_fifo, int) else -1)
 
 
-def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int, setup: Callable[[], None]) -> None:
+def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int, setup: Callable[[], None],
+             commands_fd: int = -1) -> None:
     """PID 1, in the container's namespaces and cgroups; never returns.
 
     It forks the command's process at once, and that process sets the container up (the root,
@@ -276,24 +283,27 @@ def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int,
     if cmd == 0:
         setup()
         os._exit(EXIT_RUNTIME_FAILED)  # (setup never returns)
+    if commands_fd >= 0:
+        os.close(commands_fd)  # the start FIFO is the command's to hold: its death must leave no reader
     init.serve(sock, sigfd, cmd, die_with_parent, bool(flags & libc.CLONE_NEWPID))
 
 
 def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
-                    sock: socket.socket, sigfd: int, start_fifo: str | None = None) -> None:
+                    sock: socket.socket, sigfd: int, start_fifo: str | int | None = None) -> None:
     """The command's process, forked by PID 1: the container's setup, then the command; never returns.
 
     With start_fifo (a FIFO in the host's state dir, opened here before the root is switched
-    away from it) the command waits for a byte there instead of Start on the socket: the start
-    then comes from any process, long after the creator has gone (`nsrun start`).
+    away from it, or already open for reading when a user namespace would put it out of reach)
+    the command waits for a byte there instead of Start on the socket: the start then comes from
+    any process, long after the creator has gone (`nsrun start`).
     """
     creator = channel.Reader("creator")
     try:
         # wait for the host side (network) to be done with our namespaces (Start may come with it)
         if not isinstance(channel.receive(sock, creator), channel.Go):
             os._exit(EXIT_RUNTIME_FAILED)
-        fifo = -1
-        if start_fifo is not None:
+        fifo = start_fifo if isinstance(start_fifo, int) else -1
+        if isinstance(start_fifo, str):
             # a reader that is open makes the starter's non-blocking open succeed; with none (we
             # died) it fails with ENXIO: the starter learns at once that nobody waits
             fifo = os.open(start_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

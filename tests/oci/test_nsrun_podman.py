@@ -4,9 +4,14 @@ per test, on a bundle driven as conmon drives it. tests/oci/test_podman.py runs 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from nsruntime import libc
 from tests.oci.test_nsrun import Bundle
 
 pytestmark = pytest.mark.privileged
@@ -51,3 +56,42 @@ def test_tmpcopyup_is_refused_on_anything_but_a_tmpfs(bundle: Bundle) -> None:
     bundle.write()
     p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
     assert (p.returncode, p.stdout) == (1, 'nsrun: mounts[6].options[1]: "tmpcopyup" only applies to a tmpfs\n')
+
+
+@pytest.fixture
+def open_bundle(tmp_path: Path) -> Iterator[Bundle]:
+    """A bundle whose rootfs an unprivileged host id can reach (pytest's own tmp dir is 0700),
+    as podman makes its rootfs for --uidmap."""
+    libc.set_subreaper()
+    top = Path(tempfile.mkdtemp(prefix="nsrun-userns-", dir="/tmp"))
+    try:
+        top.chmod(0o711)
+        b = Bundle(top)
+        b.root = tmp_path / "state"  # the records stay root's only
+        yield b
+        for cid in os.listdir(b.root) if b.root.exists() else []:
+            b.nsrun("delete", "--force", cid)
+        for pid in list(b.pids):
+            b.reap(pid)
+    finally:
+        shutil.rmtree(top)
+
+
+def test_a_container_with_a_user_namespace_is_created_then_started(open_bundle: Bundle) -> None:
+    """podman --uidmap: the command's process waits for start as root of its user namespace (an
+    unprivileged id on the host), yet start.fifo lies in nsrun's root-only state directory."""
+    bundle = open_bundle
+    bundle.spec["linux"]["namespaces"].append({"type": "user"})
+    bundle.spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    bundle.spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    bundle.spec["process"]["args"] = ["sh", "-c", "cat /proc/self/uid_map > /tmp/marker"]
+    os.chmod(bundle.rootfs / "tmp", 0o1777)
+    bundle.write()
+    cid = f"userns-{os.getpid()}"  # its cgroup nsrun/ID: apart from other test runs' c1
+    pid = bundle.create(cid)
+    assert bundle.state(cid)["status"] == "created"
+    assert bundle.nsrun("start", cid).returncode == 0
+    status = bundle.reap(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert (bundle.rootfs / "tmp" / "marker").read_text().split() == ["0", "100000", "65536"]
+    assert bundle.nsrun("delete", cid).returncode == 0
