@@ -259,6 +259,22 @@ def test_the_container_has_what_podmans_spec_asks(podman: Podman) -> None:
                                     "2048", "cgroup-ro", "Seccomp:\t2", ""]
 
 
+def test_read_only_keeps_the_image_and_podmans_tmpfs_mounts_start_as_copies(podman: Podman) -> None:
+    """--read-only and --tmpfs mounts carry runc's tmpcopyup: the tmpfs starts with the image's files."""
+    script = "touch /x 2>/dev/null || echo root-ro; cat /etc/passwd | head -1; echo w > /etc/w && cat /etc/w; " \
+             "echo t > /tmp/t && cat /tmp/t; grep -c ' /etc tmpfs ' /proc/mounts"
+    p = podman("run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/etc:size=1m", IMAGE, "sh", "-c",
+               script)
+    assert (p.returncode, p.stdout) == (0, "root-ro\nroot:x:0:0:root:/root:/bin/sh\nw\nt\n1\n"), p.stderr
+
+
+def test_uidmap_runs_the_container_in_a_user_namespace(podman: Podman) -> None:
+    p = podman("run", "--rm", "--network", "none", "--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
+               IMAGE, "sh", "-c", "id -u; cat /proc/self/uid_map")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["0", "0", "100000", "65536"]
+
+
 # ---------------------------------------------------------------- run -d and exec
 
 
