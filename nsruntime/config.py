@@ -199,6 +199,9 @@ class ContainerConfig:
     rlimits: tuple[Rlimit, ...] = ()
     sysctl: tuple[tuple[str, str], ...] = ()  # (kernel.msgmax, "4096"): written inside, before the masks
     oom_score_adj: int | None = None
+    # the propagation of the container's mounts from the host: "rprivate" (none) or "rslave" (the
+    # host's mount events reach the container, never the other way: OCI rootfsPropagation)
+    root_propagation: str = "rprivate"
     # namespaces joined by path instead of made (NEWIPC, NEWUTS); a network namespace is a Network("netns")
     namespace_joins: tuple[tuple[str, str], ...] = ()
     # the decoded container.json this was parsed from: recorded in state.json for joins and cleanup

@@ -1,7 +1,7 @@
 """The container's filesystem: runs in the container's PID 1, inside its new mount namespace.
 
-Order matters and is the kernel's, not ours: propagation private first (or every mount below
-reaches the host), the rootfs bound onto itself (pivot_root wants a mount point), /proc, /sys,
+Order matters and is the kernel's, not ours: propagation private (or slave) first (or every
+mount below reaches the host), the rootfs bound onto itself (pivot_root wants a mount point), /proc, /sys,
 /dev, then the config's mounts (on top of those three, not hidden below them), then pivot_root,
 then masks and read-only remounts from inside (/container.json among them).
 
@@ -349,9 +349,11 @@ def prepare(cfg: ContainerConfig, rootfs: str) -> None:
     /proc, /sys and /dev before the config's mounts: a mount below one of them (/proc/sys/kernel,
     /dev/fuse) lands on top of it instead of on the rootfs's directory underneath, hidden.
     """
-    step = "make / private"
+    step = "make / private" if cfg.root_propagation == "rprivate" else "make / slave"
     try:
-        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        # a slave receives the host's mount events and sends none: either way nothing reaches the host
+        libc.mount(None, "/", None, libc.MS_REC | (libc.MS_SLAVE if cfg.root_propagation == "rslave" else
+                                                   libc.MS_PRIVATE))
         step = "bind rootfs"
         libc.mount(rootfs, rootfs, None, libc.MS_BIND | libc.MS_REC)
         step = "mount /proc"

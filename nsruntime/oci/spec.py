@@ -83,6 +83,9 @@ _CLEAR_FLAGS = {"rw": MS_RDONLY, "suid": MS_NOSUID, "dev": MS_NODEV, "exec": MS_
                 "nostrictatime": MS_STRICTATIME, "nolazytime": MS_LAZYTIME, "symfollow": MS_NOSYMFOLLOW,
                 "defaults": 0}
 _PROPAGATION = {"private": True, "rprivate": True, "slave": False, "rslave": False}  # -> Mount.private
+# linux.rootfsPropagation -> ContainerConfig.root_propagation: always recursive, so that no mount
+# below the root stays shared with the host (runc would apply a plain "slave" to / alone)
+_ROOT_PROPAGATION = {"private": "rprivate", "rprivate": "rprivate", "slave": "rslave", "rslave": "rslave"}
 MOUNT_OPTIONS = sorted([*_SET_FLAGS, *_CLEAR_FLAGS, *_PROPAGATION, "bind", "rbind", "tmpcopyup"])
 
 # (destination, type) the runtime always mounts itself
@@ -181,9 +184,9 @@ def parse(data: object, bundle: str) -> Spec:
     if not _empty(linux.get("mountLabel")):
         raise _refuse("linux.mountLabel", "SELinux is not supported")
     prop = linux.get("rootfsPropagation")
-    if not _empty(prop) and prop not in ("private", "rprivate"):
-        raise _refuse("linux.rootfsPropagation", f"{_q(str(prop))}: only private and rprivate (the root is always "
-                      "made recursively private)")
+    if not _empty(prop) and prop not in _ROOT_PROPAGATION:
+        raise _refuse("linux.rootfsPropagation", f"{_q(str(prop))}: not supported (private, rprivate, slave or "
+                      "rslave: the container's mounts never reach the host)")
     namespaces, joins, netns = _namespaces("linux.namespaces", linux.get("namespaces") or [])
     uid_maps = _idmaps("linux.uidMappings", linux.get("uidMappings") or [])
     gid_maps = _idmaps("linux.gidMappings", linux.get("gidMappings") or [])
@@ -227,6 +230,7 @@ def parse(data: object, bundle: str) -> Spec:
         rlimits=proc["rlimits"],
         sysctl=sysctl,
         oom_score_adj=proc["oom"],
+        root_propagation=_ROOT_PROPAGATION[str(prop)] if not _empty(prop) else "rprivate",
         namespace_joins=joins,
         seccomp=seccomp_filter,
         source=data,

@@ -3,6 +3,7 @@ per test, on a bundle driven as conmon drives it. tests/oci/test_podman.py runs 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from nsruntime import libc
+from nsruntime.consts import MNT_DETACH, MS_BIND, MS_SHARED
 from tests.oci.test_nsrun import Bundle
 
 pytestmark = pytest.mark.privileged
@@ -95,3 +97,53 @@ def test_a_container_with_a_user_namespace_is_created_then_started(open_bundle: 
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert (bundle.rootfs / "tmp" / "marker").read_text().split() == ["0", "100000", "65536"]
     assert bundle.nsrun("delete", cid).returncode == 0
+
+
+@pytest.fixture
+def shared_dir(tmp_path: Path) -> Iterator[Path]:
+    """A host directory that is a shared mount (its own peer group): what the host mounts below it
+    reaches every slave copy of it."""
+    src = tmp_path / "shared"
+    (src / "sub").mkdir(parents=True)
+    libc.mount(str(src), str(src), None, MS_BIND)
+    try:
+        libc.mount(None, str(src), None, MS_SHARED)
+        yield src
+    finally:
+        with contextlib.suppress(OSError):
+            libc.umount2(str(src / "sub"), MNT_DETACH)
+        libc.umount2(str(src), MNT_DETACH)
+
+
+def test_rslave_root_propagation_lets_the_hosts_later_mounts_reach_an_rslave_bind(bundle: Bundle,
+                                                                                    shared_dir: Path) -> None:
+    """podman's --mount ...,bind-propagation=rslave sets rootfsPropagation rslave: the host's
+    mounts below the bind's source, even those made after create, show in the container; the
+    container's own mounts never reach the host."""
+    bundle.spec["linux"]["rootfsPropagation"] = "rslave"
+    bundle.spec["mounts"].append({"destination": "/data", "type": "bind", "source": str(shared_dir),
+                                  "options": ["rbind", "rslave"]})
+    bundle.spec["process"]["args"] = ["sh", "-c", "grep -c ' /data/sub tmpfs ' /proc/mounts > /tmp/marker; "
+                                      "mount -t tmpfs own /data/own"]
+    caps = ["CAP_SYS_ADMIN"]
+    bundle.spec["process"]["capabilities"] = {"bounding": caps, "effective": caps, "permitted": caps}
+    (shared_dir / "own").mkdir()
+    bundle.write()
+    cid = f"rslave-{os.getpid()}"
+    pid = bundle.create(cid)
+    libc.mount("tmpfs", str(shared_dir / "sub"), "tmpfs", 0, "size=1m")  # on the host, after create
+    assert bundle.nsrun("start", cid).returncode == 0
+    status = bundle.reap(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert bundle.marker() and (bundle.rootfs / "tmp" / "marker").read_text() == "1\n"
+    assert not os.path.ismount(shared_dir / "own"), "the container's mount stayed in the container"
+    assert bundle.nsrun("delete", cid).returncode == 0
+
+
+@pytest.mark.parametrize("propagation", ["shared", "rshared", "unbindable"])
+def test_a_root_propagation_that_would_reach_the_host_is_refused(bundle: Bundle, propagation: str) -> None:
+    bundle.spec["linux"]["rootfsPropagation"] = propagation
+    bundle.write()
+    p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
+    assert (p.returncode, p.stdout) == (1, f'nsrun: linux.rootfsPropagation: "{propagation}": not supported (private, '
+                                           'rprivate, slave or rslave: the container\'s mounts never reach the host)\n')
