@@ -129,6 +129,11 @@ class Cgroups:
     parent: str = "nsinit"
     memory: int | None = None
     memory_swap: int | None = None
+    # OCI only (podman's --memory-reservation, --memory-swappiness, --oom-kill-disable, --cpuset-mems)
+    memory_reservation: int | None = None  # a soft limit: v1 memory.soft_limit_in_bytes, v2 memory.low
+    memory_swappiness: int | None = None  # v1 only
+    oom_kill_disable: bool | None = None  # v1 only (True; None: the kernel's OOM killer as usual)
+    cpuset_mems: str | None = None
     cpu_shares: int | None = None
     cpu_quota: int | None = None
     cpu_period: int | None = None

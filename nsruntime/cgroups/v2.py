@@ -77,6 +77,10 @@ class V2Dir(CgroupDir):
             write(self.file("pids.max"), "max" if cfg.pids_limit < 0 else cfg.pids_limit, "cgroups: pids_limit")
         if "io" in self.limits and cfg.blkio_weight is not None:
             write(self.file("io.weight"), f"default {blkio_to_io_weight(cfg.blkio_weight)}", "cgroups: blkio_weight")
+        if "memory" in self.limits and cfg.memory_reservation is not None:
+            write(self.file("memory.low"), cfg.memory_reservation, "cgroups: memory_reservation")
+        if "cpuset" in self.limits and cfg.cpuset_mems is not None:
+            write(self.file("cpuset.mems"), cfg.cpuset_mems, "cgroups: cpuset_mems")
 
     def kill_all(self) -> bool:
         try:

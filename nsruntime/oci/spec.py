@@ -459,10 +459,15 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
     mem = _obj(f"{path}.memory", d.get("memory") or {}, {"limit", "reservation", "swap", "kernel", "kernelTCP",
                                                           "swappiness", "disableOOMKiller", "useHierarchy",
                                                           "checkBeforeUpdate"})
-    _only_empty(mem, f"{path}.memory", ("reservation", "kernel", "kernelTCP", "swappiness", "useHierarchy",
-                                        "checkBeforeUpdate"))
-    if mem.get("disableOOMKiller"):
-        raise _refuse(f"{path}.memory.disableOOMKiller")
+    _only_empty(mem, f"{path}.memory", ("kernel", "kernelTCP", "useHierarchy", "checkBeforeUpdate"))
+    if mem.get("reservation") is not None:
+        reservation = _int(f"{path}.memory.reservation", mem["reservation"], -1, MAX_MEMORY)
+        if reservation >= 0:
+            fields["memory_reservation"] = reservation
+    if mem.get("swappiness") is not None:
+        fields["memory_swappiness"] = _int(f"{path}.memory.swappiness", mem["swappiness"], 0, 100)
+    if mem.get("disableOOMKiller") is not None and _bool(f"{path}.memory.disableOOMKiller", mem["disableOOMKiller"]):
+        fields["oom_kill_disable"] = True
     if mem.get("limit") is not None and mem["limit"] != -1:
         fields["memory"] = _memory(f"{path}.memory.limit", mem["limit"])
     if mem.get("swap") is not None:
@@ -472,7 +477,7 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
         fields["memory_swap"] = swap
     cpu = _obj(f"{path}.cpu", d.get("cpu") or {}, {"shares", "quota", "burst", "period", "realtimeRuntime",
                                                     "realtimePeriod", "cpus", "mems", "idle"})
-    _only_empty(cpu, f"{path}.cpu", ("burst", "realtimeRuntime", "realtimePeriod", "mems"))
+    _only_empty(cpu, f"{path}.cpu", ("burst", "realtimeRuntime", "realtimePeriod"))
     if cpu.get("idle"):
         raise _refuse(f"{path}.cpu.idle")
     if cpu.get("shares"):
@@ -486,6 +491,11 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
         if not _is_cpu_list(s):
             raise ConfigError(f"{path}.cpu.cpus", f'{_q(s)} is not a cpu list like "0-1,3"')
         fields["cpuset_cpus"] = s
+    if not _empty(cpu.get("mems")):
+        s = _str(f"{path}.cpu.mems", cpu["mems"])
+        if not _is_cpu_list(s):
+            raise ConfigError(f"{path}.cpu.mems", f'{_q(s)} is not a node list like "0-1,3"')
+        fields["cpuset_mems"] = s
     pids = _obj(f"{path}.pids", d.get("pids") or {}, {"limit"})
     if pids.get("limit") is not None:
         n = _int(f"{path}.pids.limit", pids["limit"], -1, MAX_PIDS)

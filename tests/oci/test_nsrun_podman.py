@@ -12,9 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from nsruntime import libc
+from nsruntime import cgroups, libc
+from nsruntime.cgroups.v2 import V2Dir
+from nsruntime.config import MAX_MEMORY, Cgroups
 from nsruntime.consts import MNT_DETACH, MS_BIND, MS_SHARED
+from nsruntime.errors import SetupError
 from tests.oci.test_nsrun import Bundle
+from tests.runtime.test_cgroups import _fake_v2
 
 pytestmark = pytest.mark.privileged
 
@@ -147,3 +151,55 @@ def test_a_root_propagation_that_would_reach_the_host_is_refused(bundle: Bundle,
     p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
     assert (p.returncode, p.stdout) == (1, f'nsrun: linux.rootfsPropagation: "{propagation}": not supported (private, '
                                            'rprivate, slave or rslave: the container\'s mounts never reach the host)\n')
+
+
+def test_podmans_memory_reservation_swappiness_oom_killer_and_cpuset_mems_reach_the_cgroups(bundle: Bundle) -> None:
+    """--memory-reservation, --memory-swappiness, --oom-kill-disable and --cpuset-mems."""
+    cid = f"res-{os.getpid()}"
+    bundle.spec["linux"]["resources"] = {
+        "memory": {"limit": 64 << 20, "reservation": 32 << 20, "swappiness": 10, "disableOOMKiller": True},
+        "cpu": {"mems": "0"}}
+    bundle.write()
+    bundle.create(cid)
+    memory = Path(f"/sys/fs/cgroup/memory{_own_cgroup('memory')}/nsrun/{cid}")
+    assert (memory / "memory.soft_limit_in_bytes").read_text() == f"{32 << 20}\n"
+    assert (memory / "memory.swappiness").read_text() == "10\n"
+    assert (memory / "memory.oom_control").read_text().splitlines()[0] == "oom_kill_disable 1"
+    assert Path(f"/sys/fs/cgroup/cpuset{_own_cgroup('cpuset')}/nsrun/{cid}/cpuset.mems").read_text() == "0\n"
+
+
+def _own_cgroup(controller: str) -> str:
+    """This process's cgroup in the v1 hierarchy of controller ('' at the root): nsrun's parent."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _n, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return "" if path == "/" else path
+    raise AssertionError(f"no v1 {controller} hierarchy")
+
+
+@pytest.mark.parametrize(("memory", "message"), [
+    ({"swappiness": 101}, "linux.resources.memory.swappiness: 101 out of range (0..100)\n"),
+    ({"reservation": -2}, f"linux.resources.memory.reservation: -2 out of range (-1..{MAX_MEMORY})\n"),
+])
+def test_podmans_memory_settings_out_of_range_are_refused(bundle: Bundle, memory: dict[str, int],
+                                                          message: str) -> None:
+    bundle.spec["linux"]["resources"] = {"memory": memory}
+    bundle.write()
+    p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
+    assert (p.returncode, p.stdout) == (1, f"nsrun: {message}")
+
+
+def test_on_cgroup_v2_a_reservation_is_memory_low_and_the_v1_only_settings_are_refused(tmp_path: Path) -> None:
+    layout, leaf = _fake_v2(tmp_path)
+    for name in ("memory.low", "cpuset.mems"):
+        (leaf / name).write_text("")
+    cfg = Cgroups(memory_reservation=32 << 20, cpuset_mems="0")
+    plan = cgroups._plan(cfg, layout)
+    assert plan == {layout.unified: {"memory", "cpuset"}}
+    V2Dir(str(leaf), frozenset(plan[layout.unified])).apply(cfg)  # type: ignore[index]
+    assert ((leaf / "memory.low").read_text(), (leaf / "cpuset.mems").read_text()) == (str(32 << 20), "0")
+    for field in ({"memory_swappiness": 10}, {"oom_kill_disable": True}):
+        name = next(iter(field))
+        with pytest.raises(SetupError) as e:
+            cgroups._plan(Cgroups(**field), layout)  # type: ignore[arg-type]
+        assert str(e.value) == f"cgroups: {name}: cgroup v2 has no such setting (the memory controller here is v2's)"
