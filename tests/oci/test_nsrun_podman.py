@@ -201,5 +201,5 @@ def test_on_cgroup_v2_a_reservation_is_memory_low_and_the_v1_only_settings_are_r
     for field in ({"memory_swappiness": 10}, {"oom_kill_disable": True}):
         name = next(iter(field))
         with pytest.raises(SetupError) as e:
-            cgroups._plan(Cgroups(**field), layout)  # type: ignore[arg-type]
+            cgroups._plan(Cgroups(**field), layout)
         assert str(e.value) == f"cgroups: {name}: cgroup v2 has no such setting (the memory controller here is v2's)"

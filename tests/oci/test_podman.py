@@ -41,6 +41,7 @@ pytestmark = [
 
 IMAGE = "localhost/nsinit-busybox:test"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+RUN_CONTAINERS = Path("/run/containers")
 # pip installs bin/nsrun next to the interpreter with that interpreter in its #! line; conmon
 # calls the runtime with no PATH, so an absolute path that needs no environment is required
 NSRUN = Path(sys.executable).parent / "nsrun"
@@ -155,6 +156,9 @@ def podman_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     with tarfile.open(base / "busybox.tar", "w") as tar:
         tar.add(rootfs, arcname=".")
     cgroups_before = _libpod_cgroups()
+    # podman's network code makes /run/containers/networks whatever the network (its run directory
+    # is not configurable in 4.3): removed at the end when the module made it and it stayed empty
+    run_dirs = [d for d in (RUN_CONTAINERS, RUN_CONTAINERS / "networks") if not d.exists()]
     pm.ok("import", str(base / "busybox.tar"), IMAGE)
     # a first container makes the cgroup parents (/libpod_parent, podman's conmon cgroup) that
     # stay until the module ends, so that no test is blamed for them
@@ -173,6 +177,13 @@ def podman_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
                 d.rmdir()
             except OSError as e:
                 left["cgroups"].append(f"{d}: {e.strerror}")
+        for d in reversed(run_dirs):
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                left.setdefault("run", []).append(f"{d}: {e.strerror}")
         shutil.rmtree(base, ignore_errors=True)
         assert not any(left.values()), f"podman with nsrun left things on the host: {left}"
 
