@@ -134,6 +134,8 @@ class Cgroups:
     memory_swappiness: int | None = None  # v1 only
     oom_kill_disable: bool | None = None  # v1 only (True; None: the kernel's OOM killer as usual)
     cpuset_mems: str | None = None
+    # (read_bps | write_bps | read_iops | write_iops, major, minor, rate) per device; None: none
+    blkio_throttle: tuple[tuple[str, int, int, int], ...] | None = None
     cpu_shares: int | None = None
     cpu_quota: int | None = None
     cpu_period: int | None = None

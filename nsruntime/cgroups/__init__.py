@@ -54,6 +54,7 @@ FIELD_CONTROLLERS: dict[str, tuple[str, str]] = {
     "memory_swappiness": ("memory", ""),
     "oom_kill_disable": ("memory", ""),
     "cpuset_mems": ("cpuset", "cpuset"),
+    "blkio_throttle": ("blkio", "io"),
 }
 _ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:@-"
 

@@ -92,6 +92,9 @@ class V1Dir(CgroupDir):
                 write(self.file("memory.oom_control"), 1, "cgroups: oom_kill_disable")
         if "cpuset" in self.limits and cfg.cpuset_mems is not None:
             write(self.file("cpuset.mems"), cfg.cpuset_mems, "cgroups: cpuset_mems")
+        if "blkio" in self.limits:
+            for kind, major, minor, rate in cfg.blkio_throttle or ():
+                write(self.file(f"blkio.throttle.{kind}_device"), f"{major}:{minor} {rate}", "cgroups: blkio_throttle")
 
     def _limits(self, cfg: Cgroups) -> None:
         from cgroupspy import controllers

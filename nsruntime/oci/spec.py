@@ -507,9 +507,20 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
     blkio = _obj(f"{path}.blockIO", d.get("blockIO") or {}, {"weight", "leafWeight", "weightDevice",
                                                              "throttleReadBpsDevice", "throttleWriteBpsDevice",
                                                              "throttleReadIOPSDevice", "throttleWriteIOPSDevice"})
-    _only_empty(blkio, f"{path}.blockIO", ("leafWeight", "weightDevice", "throttleReadBpsDevice",
-                                           "throttleWriteBpsDevice", "throttleReadIOPSDevice",
-                                           "throttleWriteIOPSDevice"))
+    _only_empty(blkio, f"{path}.blockIO", ("leafWeight", "weightDevice"))
+    throttle = []
+    for key, kind in (("throttleReadBpsDevice", "read_bps"), ("throttleWriteBpsDevice", "write_bps"),
+                      ("throttleReadIOPSDevice", "read_iops"), ("throttleWriteIOPSDevice", "write_iops")):
+        for i, item in enumerate(_list(f"{path}.blockIO.{key}", blkio.get(key) or [])):
+            p = f"{path}.blockIO.{key}[{i}]"
+            dev = _obj(p, item, {"major", "minor", "rate"})
+            for k in ("major", "minor", "rate"):
+                if k not in dev:
+                    raise ConfigError(f"{p}.{k}", "missing")
+            throttle.append((kind, _int(f"{p}.major", dev["major"], 0, 4095), _int(f"{p}.minor", dev["minor"], 0,
+                             2**20 - 1), _int(f"{p}.rate", dev["rate"], 0, 2**64 - 1)))
+    if throttle:
+        fields["blkio_throttle"] = tuple(throttle)
     if blkio.get("weight"):
         fields["blkio_weight"] = _int(f"{path}.blockIO.weight", blkio["weight"], 10, 1000)
     rules = list(_devices(f"{path}.devices", d.get("devices") or []))

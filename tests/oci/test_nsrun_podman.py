@@ -203,3 +203,42 @@ def test_on_cgroup_v2_a_reservation_is_memory_low_and_the_v1_only_settings_are_r
         with pytest.raises(SetupError) as e:
             cgroups._plan(Cgroups(**field), layout)
         assert str(e.value) == f"cgroups: {name}: cgroup v2 has no such setting (the memory controller here is v2's)"
+
+
+def _a_disk() -> tuple[int, int]:
+    """A whole disk's major and minor (throttles take disks, not partitions)."""
+    for name in sorted(os.listdir("/sys/block")):
+        with contextlib.suppress(OSError):
+            major, minor = (Path("/sys/block") / name / "dev").read_text().split(":")
+            return int(major), int(minor)
+    pytest.skip("no block device in /sys/block")
+
+
+def test_podmans_device_read_and_write_limits_reach_the_blkio_throttles(bundle: Bundle) -> None:
+    """--device-read-bps, --device-write-bps, --device-read-iops, --device-write-iops."""
+    major, minor = _a_disk()
+    cid = f"blk-{os.getpid()}"
+    bundle.spec["linux"]["resources"] = {"blockIO": {
+        "throttleReadBpsDevice": [{"major": major, "minor": minor, "rate": 1 << 20}],
+        "throttleWriteBpsDevice": [{"major": major, "minor": minor, "rate": 2 << 20}],
+        "throttleReadIOPSDevice": [{"major": major, "minor": minor, "rate": 300}],
+        "throttleWriteIOPSDevice": [{"major": major, "minor": minor, "rate": 400}]}}
+    bundle.write()
+    bundle.create(cid)
+    blkio = Path(f"/sys/fs/cgroup/blkio{_own_cgroup('blkio')}/nsrun/{cid}")
+    got = {kind: (blkio / f"blkio.throttle.{kind}_device").read_text()
+           for kind in ("read_bps", "write_bps", "read_iops", "write_iops")}
+    assert got == {"read_bps": f"{major}:{minor} {1 << 20}\n", "write_bps": f"{major}:{minor} {2 << 20}\n",
+                   "read_iops": f"{major}:{minor} 300\n", "write_iops": f"{major}:{minor} 400\n"}
+
+
+def test_a_throttle_on_a_device_the_kernel_does_not_know_is_refused_naming_the_file(bundle: Bundle) -> None:
+    bundle.spec["linux"]["resources"] = {"blockIO": {
+        "throttleReadBpsDevice": [{"major": 4095, "minor": 4095, "rate": 1 << 20}]}}
+    bundle.write()
+    cid = f"blk-{os.getpid()}"
+    p = bundle.nsrun("create", "--bundle", str(bundle.dir), cid)
+    assert p.returncode == 1
+    want = f"nsrun: cgroups: blkio_throttle: write '4095:4095 {1 << 20}' to /sys/fs/cgroup/blkio"
+    assert p.stdout.startswith(want), p.stdout
+    assert not (bundle.root / cid).exists()
