@@ -189,15 +189,17 @@ def test_podmans_memory_settings_out_of_range_are_refused(bundle: Bundle, memory
     assert (p.returncode, p.stdout) == (1, f"nsrun: {message}")
 
 
-def test_on_cgroup_v2_a_reservation_is_memory_low_and_the_v1_only_settings_are_refused(tmp_path: Path) -> None:
+def test_on_cgroup_v2_reservation_mems_and_throttles_go_to_their_files_v1_only_ones_are_refused(
+        tmp_path: Path) -> None:
     layout, leaf = _fake_v2(tmp_path)
-    for name in ("memory.low", "cpuset.mems"):
+    for name in ("memory.low", "cpuset.mems", "io.max"):
         (leaf / name).write_text("")
-    cfg = Cgroups(memory_reservation=32 << 20, cpuset_mems="0")
+    cfg = Cgroups(memory_reservation=32 << 20, cpuset_mems="0", blkio_throttle=(("write_iops", 8, 0, 300),))
     plan = cgroups._plan(cfg, layout)
-    assert plan == {layout.unified: {"memory", "cpuset"}}
+    assert plan == {layout.unified: {"memory", "cpuset", "io"}}
     V2Dir(str(leaf), frozenset(plan[layout.unified])).apply(cfg)  # type: ignore[index]
-    assert ((leaf / "memory.low").read_text(), (leaf / "cpuset.mems").read_text()) == (str(32 << 20), "0")
+    got = {name: (leaf / name).read_text() for name in ("memory.low", "cpuset.mems", "io.max")}
+    assert got == {"memory.low": str(32 << 20), "cpuset.mems": "0", "io.max": "8:0 wiops=300"}
     for field in ({"memory_swappiness": 10}, {"oom_kill_disable": True}):
         name = next(iter(field))
         with pytest.raises(SetupError) as e:
