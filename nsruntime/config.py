@@ -209,6 +209,8 @@ class ContainerConfig:
     # the propagation of the container's mounts from the host: "rprivate" (none) or "rslave" (the
     # host's mount events reach the container, never the other way: OCI rootfsPropagation)
     root_propagation: str = "rprivate"
+    # personality(2) set right before execve (OCI linux.personality: PER_LINUX 0, PER_LINUX32 8)
+    personality: int | None = None
     # namespaces joined by path instead of made (NEWIPC, NEWUTS); a network namespace is a Network("netns")
     namespace_joins: tuple[tuple[str, str], ...] = ()
     # the decoded container.json this was parsed from: recorded in state.json for joins and cleanup

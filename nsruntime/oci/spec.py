@@ -180,7 +180,7 @@ def parse(data: object, bundle: str) -> Spec:
         seccomp_filter = seccomp.compile(linux["seccomp"], "linux.seccomp")
     _only_empty(linux, "linux", ("devices",), "device nodes are not made yet (the runtime's /dev has null, zero, "
                 "full, random, urandom, tty, ptmx)")
-    _only_empty(linux, "linux", ("intelRdt", "personality", "timeOffsets", "memoryPolicy", "netDevices"))
+    _only_empty(linux, "linux", ("intelRdt", "timeOffsets", "memoryPolicy", "netDevices"))
     if not _empty(linux.get("mountLabel")):
         raise _refuse("linux.mountLabel", "SELinux is not supported")
     prop = linux.get("rootfsPropagation")
@@ -231,6 +231,8 @@ def parse(data: object, bundle: str) -> Spec:
         sysctl=sysctl,
         oom_score_adj=proc["oom"],
         root_propagation=_ROOT_PROPAGATION[str(prop)] if not _empty(prop) else "rprivate",
+        personality=_personality("linux.personality", linux["personality"]) if not _empty(linux.get("personality"))
+        else None,
         namespace_joins=joins,
         seccomp=seccomp_filter,
         source=data,
@@ -381,6 +383,21 @@ def _namespaces(path: str, value: object) -> tuple[tuple[str, ...], tuple[tuple[
         raise ConfigError(path, "a mount namespace of the container's own is required (type mount, no path)")
     order = list(NAMESPACE_FLAGS)  # container.json's order: user first
     return tuple(sorted(made, key=order.index)), tuple(joins), netns
+
+
+_PERSONALITY_DOMAINS = {"LINUX": 0x0000, "LINUX32": 0x0008}  # PER_LINUX, PER_LINUX32 (linux/personality.h)
+
+
+def _personality(path: str, value: object) -> int:
+    """podman's --personality: the domain only, as runc takes it."""
+    d = _obj(path, value, {"domain", "flags"})
+    _only_empty(d, path, ("flags",))
+    if "domain" not in d:
+        raise ConfigError(f"{path}.domain", "missing")
+    domain = _str(f"{path}.domain", d["domain"])
+    if domain not in _PERSONALITY_DOMAINS:
+        raise ConfigError(f"{path}.domain", f"{_q(domain)} is not LINUX or LINUX32")
+    return _PERSONALITY_DOMAINS[domain]
 
 
 def _idmaps(path: str, value: object) -> tuple[IdMap, ...]:

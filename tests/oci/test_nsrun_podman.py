@@ -244,3 +244,25 @@ def test_a_throttle_on_a_device_the_kernel_does_not_know_is_refused_naming_the_f
     want = f"nsrun: cgroups: blkio_throttle: write '4095:4095 {1 << 20}' to /sys/fs/cgroup/blkio"
     assert p.stdout.startswith(want), p.stdout
     assert not (bundle.root / cid).exists()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="LINUX32 on x86_64 says i686")
+def test_podmans_personality_linux32_makes_the_command_see_a_32_bit_machine(bundle: Bundle) -> None:
+    """--personality LINUX32: linux.personality's domain, set right before the command's execve."""
+    bundle.spec["linux"]["personality"] = {"domain": "LINUX32"}
+    bundle.spec["process"]["args"] = ["uname", "-m"]
+    bundle.write()
+    p = bundle.nsrun("run", "--bundle", str(bundle.dir), f"pers-{os.getpid()}")
+    assert (p.returncode, p.stdout) == (0, "i686\n")
+
+
+@pytest.mark.parametrize(("personality", "message"), [
+    ({"domain": "LINUX64"}, 'linux.personality.domain: "LINUX64" is not LINUX or LINUX32'),
+    ({"domain": "LINUX", "flags": ["ADDR_NO_RANDOMIZE"]}, "linux.personality.flags: not supported"),
+])
+def test_a_personality_nsrun_cannot_honour_is_refused(bundle: Bundle, personality: dict[str, object],
+                                                      message: str) -> None:
+    bundle.spec["linux"]["personality"] = personality
+    bundle.write()
+    p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
+    assert (p.returncode, p.stdout) == (1, f"nsrun: {message}\n")
