@@ -127,6 +127,20 @@ def _mounts_under(base: Path) -> list[str]:
     return [m for m in points if m == str(base) or m.startswith(f"{base}/")]
 
 
+def _wait_gone(text: str, timeout: float = 30) -> None:
+    """Until every process whose command line holds text has exited (each waited on through a
+    pidfd): conmon and the `podman container cleanup` it starts outlive `podman rm` a moment."""
+    for entry in _processes_naming(text):
+        try:
+            pidfd = os.pidfd_open(int(entry.split()[0]))
+        except ProcessLookupError:
+            continue
+        try:
+            assert libc.wait_readable(pidfd, timeout), f"still there after {timeout} s: {entry}"
+        finally:
+            os.close(pidfd)
+
+
 def _processes_naming(text: str) -> list[str]:
     """Processes whose command line holds text (conmon's names the container and podman's root)."""
     out = []
@@ -168,6 +182,7 @@ def podman_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     finally:
         pm("rm", "--all", "--force", "--time", "0")
         pm("rmi", "--all", "--force")
+        _wait_gone(str(base / "root"))
         for m in reversed(_mounts_under(base)):  # what podman left mounted (nothing, when all went well)
             libc.umount2(m, MNT_DETACH)
         left = {"mounts": _mounts_under(base), "processes": _processes_naming(str(base / "root")),
@@ -194,6 +209,7 @@ def podman(podman_module: Podman) -> Iterator[Podman]:
     yield podman_module
     p = podman_module("rm", "--all", "--force", "--time", "0")
     assert p.returncode == 0, p.stderr
+    _wait_gone(str(podman_module.base / "root"))
 
 
 def run_in_pty(argv: list[str], env: dict[str, str], lines: list[bytes], expect: bytes,
@@ -382,7 +398,8 @@ def test_rm_leaves_nothing_of_the_container_on_the_host(podman: Podman) -> None:
     assert not (Path(DEFAULT_ROOT) / cid).exists()
     assert [p for p in _libpod_cgroups() if cid in p.name] == []
     assert [m for m in _mounts_under(podman.base) if cid in m] == []
-    wait_for(lambda: not _processes_naming(cid), what="conmon to exit")
+    _wait_gone(cid)
+    assert _processes_naming(cid) == []
 
 
 # ---------------------------------------------------------------- pods
