@@ -220,6 +220,12 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
         os.mkfifo(rec.fifo, 0o600)
         record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
                             "annotations": dict(sp.annotations)}, "spec": sp.config.source}
+        # PID 1 is forked from here and keeps our command line, the host's bundle and log paths
+        # (podman top, /proc/1/cmdline inside): this process is about to exit, so it takes PID 1's
+        from ..zygote import PID1_TITLE, retitle
+
+        with suppress(OSError, ValueError, IndexError):
+            retitle(PID1_TITLE)
         c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, tty=sp.terminal, die_with_parent=False,
                            raw_config=record, start_fifo=rec.fifo)
     except BaseException:

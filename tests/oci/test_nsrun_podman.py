@@ -266,3 +266,15 @@ def test_a_personality_nsrun_cannot_honour_is_refused(bundle: Bundle, personalit
     bundle.write()
     p = bundle.nsrun("create", "--bundle", str(bundle.dir), "c1")
     assert (p.returncode, p.stdout) == (1, f"nsrun: {message}\n")
+
+
+def test_pid1_of_a_created_container_shows_no_host_paths_in_its_command_line(bundle: Bundle) -> None:
+    """PID 1 is forked from `nsrun create`, whose command line names the bundle and log paths of
+    the host: podman top and /proc/1/cmdline inside show nsinit-init instead."""
+    bundle.spec["process"]["args"] = ["sh", "-c", "cat /proc/1/cmdline > /tmp/marker"]
+    bundle.write()
+    pid = bundle.create(f"title-{os.getpid()}")
+    assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"nsinit-init\0"
+    assert bundle.nsrun("start", f"title-{os.getpid()}").returncode == 0
+    bundle.reap(pid)
+    assert (bundle.rootfs / "tmp" / "marker").read_bytes() == b"nsinit-init\0"
