@@ -306,6 +306,19 @@ def test_uidmap_runs_the_container_in_a_user_namespace(podman: Podman) -> None:
     assert p.stdout.split() == ["0", "0", "100000", "65536"]
 
 
+def test_init_creates_the_container_and_start_runs_its_command(podman: Podman) -> None:
+    """podman init stops after the runtime's create: nothing of the command runs until start."""
+    podman.ok("create", "--network", "none", "--name", "box", IMAGE, "sh", "-c", "echo started; exit 4")
+    podman.ok("init", "box")
+    assert podman.status("box") == "initialized 0"
+    cid = podman.container_id("box")
+    state = subprocess.run([str(NSRUN), "state", cid], capture_output=True, text=True, timeout=30, env={})
+    assert json.loads(state.stdout)["status"] == "created", state.stderr  # as podman asks it: no flag, no PATH
+    p = podman("start", "--attach", "box")
+    assert (p.returncode, p.stdout) == (4, "started\n"), p.stderr
+    assert podman.status("box") == "exited 4"
+
+
 # ---------------------------------------------------------------- run -d and exec
 
 
