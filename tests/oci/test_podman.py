@@ -18,6 +18,7 @@ import json
 import os
 import pty
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -321,6 +322,25 @@ def test_init_creates_the_container_and_start_runs_its_command(podman: Podman) -
     p = podman("start", "--attach", "box")
     assert (p.returncode, p.stdout) == (4, "started\n"), p.stderr
     assert podman.status("box") == "exited 4"
+
+
+def test_a_signal_to_an_attached_podman_run_reaches_the_command(podman: Podman) -> None:
+    """podman's signal proxy: SIGUSR1 to podman becomes `nsrun kill ID 10`, which PID 1 forwards."""
+    script = "trap 'echo got-usr1; exit 9' USR1; echo ready; while :; do sleep 0.1; done"
+    proc = subprocess.Popen(podman.argv("run", "--rm", "--network", "none", IMAGE, "sh", "-c", script),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=podman.env)
+    try:
+        assert proc.stdout is not None
+        assert libc.wait_readable(proc.stdout.fileno(), 30), "the container never said ready"
+        assert proc.stdout.readline() == "ready\n"  # the trap is set
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert (proc.returncode, out) == (9, "got-usr1\n"), err
 
 
 # ---------------------------------------------------------------- run -d and exec
