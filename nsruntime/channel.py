@@ -13,6 +13,8 @@ Who says what, in order (creator = the host side, creator.py; see spawn.py for t
     creator     ─► Mapped          the maps are written
     setup child ─► Pid(pid)        PID 1 exists (the zygote, or nobody when clone3 made it here)
     creator     ─► Go              the host side (network) is done with the namespaces
+    command's   ─► Prestart        namespaces and mounts made, root not yet switched   (hooks only)
+    creator     ─► Prestarted(s)   the runtime's hooks ran; s: the state for the container's own
     creator     ─► Start           exec the command (may come right after Go)
     command's   ─► Ready           the root is in place (+ the pty master with a terminal)
     PID 1       ─► Exited(c, s)    the command is gone: exit code c, killing signal s (0: none)
@@ -52,6 +54,20 @@ class Ready:
 
 
 @frozen
+class Prestart:
+    """The command's process to the creator: the namespaces and mounts exist, the root is not yet
+    switched; the runtime's hooks (OCI prestart, createRuntime) run now. Said only with hooks."""
+
+
+@frozen
+class Prestarted:
+    """Creator to the command's process: the runtime's hooks ran; state is the container's state
+    (one line of JSON) for the hooks the container runs itself."""
+
+    state: str
+
+
+@frozen
 class Userns:
     """The setup child to the creator: its user namespace exists; pid is whose maps to write."""
 
@@ -80,11 +96,13 @@ class Error:
     text: str
 
 
-Message = Go | Start | Mapped | Ready | Userns | Pid | Exited | Error
+Message = Go | Start | Mapped | Ready | Prestart | Prestarted | Userns | Pid | Exited | Error
 
-_WORDS: dict[type[Message], str] = {Go: "go", Start: "start", Mapped: "mapped", Ready: "ready", Userns: "userns",
-                                    Pid: "pid", Exited: "exited", Error: "error"}
-_BARE: dict[str, Message] = {"go": Go(), "start": Start(), "mapped": Mapped(), "ready": Ready()}
+_WORDS: dict[type[Message], str] = {Go: "go", Start: "start", Mapped: "mapped", Ready: "ready", Prestart: "prestart",
+                                    Prestarted: "prestarted", Userns: "userns", Pid: "pid", Exited: "exited",
+                                    Error: "error"}
+_BARE: dict[str, Message] = {"go": Go(), "start": Start(), "mapped": Mapped(), "ready": Ready(),
+                             "prestart": Prestart()}
 
 #: A line longer than this is garbage, not a message (an error text is one line, well below it).
 MAX_LINE = 64 * 1024
@@ -100,6 +118,8 @@ def render(*messages: Message) -> bytes:
             line = f"exited {m.code} {m.signal}"
         elif isinstance(m, Error):
             line = "error " + m.text.replace("\n", " ")
+        elif isinstance(m, Prestarted):
+            line = "prestarted " + m.state.replace("\n", " ")
         else:
             line = _WORDS[type(m)]
         out.append(line + "\n")
@@ -114,6 +134,8 @@ def parse(line: str) -> Message:
         return bare
     if word == "error" and rest:
         return Error(rest)
+    if word == "prestarted" and rest:
+        return Prestarted(rest)
     args = rest.split(" ")
     if word in ("pid", "userns") and len(args) == 1 and args[0].isdigit():
         return Pid(int(args[0])) if word == "pid" else Userns(int(args[0]))

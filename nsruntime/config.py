@@ -124,6 +124,19 @@ class DeviceRule:
 
 
 @frozen
+class Device:
+    """A node the runtime makes in the container's /dev (OCI linux.devices)."""
+
+    path: str  # below /dev
+    type: str  # c (or u) | b | p
+    major: int
+    minor: int
+    mode: int  # permission bits
+    uid: int
+    gid: int
+
+
+@frozen
 class Cgroups:
     name: str | None = None
     parent: str = "nsinit"
@@ -206,6 +219,8 @@ class ContainerConfig:
     rlimits: tuple[Rlimit, ...] = ()
     sysctl: tuple[tuple[str, str], ...] = ()  # (kernel.msgmax, "4096"): written inside, before the masks
     oom_score_adj: int | None = None
+    devices: tuple[Device, ...] = ()  # nodes made in /dev besides the runtime's own
+    preserve_fds: int = 0  # the caller's fds 3..3+N-1 go on to the command (OCI --preserve-fds)
     # the propagation of the container's mounts from the host: "rprivate" (none) or "rslave" (the
     # host's mount events reach the container, never the other way: OCI rootfsPropagation)
     root_propagation: str = "rprivate"

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
     from .cgroups.base import CgroupSet
+    from .spawn import Lifecycle
     from .zygote import Zygote
 else:  # the C modules: signal.py and socket.py build enums at import (see lean.py)
     import _signal as signal
@@ -75,6 +76,7 @@ def create(
     wait_lock: bool = True,
     pid_file: str | None = None,
     start_fifo: str | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> Container:
     """Make the container and its PID 1, waiting to start ``command``.
 
@@ -87,7 +89,7 @@ def create(
     """
     making = begin_create(cfg, rootfs_dir, command, state_dir, env=env, stdio=stdio, tty=tty,
                           die_with_parent=die_with_parent, raw_config=raw_config, zygote=zygote, start=start,
-                          wait_lock=wait_lock, pid_file=pid_file, start_fifo=start_fifo)
+                          wait_lock=wait_lock, pid_file=pid_file, start_fifo=start_fifo, lifecycle=lifecycle)
     while True:
         left = making.deadline - time.monotonic()
         if left <= 0:
@@ -114,6 +116,7 @@ def begin_create(
     wait_lock: bool = True,
     pid_file: str | None = None,
     start_fifo: str | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> Creating:
     """create()'s first half: cgroups made, PID 1 on its way; the caller drives the rest.
 
@@ -136,9 +139,16 @@ def begin_create(
     command is started instead of Start (see spawn._setup_and_exec): Container.start() is then
     not the way, and die_with_parent=False lets the container outlive its creator. Not with a
     zygote.
+
+    lifecycle: the OCI hooks' calls (spawn.Lifecycle): the creator runs lifecycle.runtime when
+    the command's process says Prestart (its namespaces and mounts made, its root not yet
+    switched) and answers Prestarted; a failure there aborts the create. Not with a zygote nor
+    start=True.
     """
     if start_fifo is not None and (zygote is not None or start):
         raise NsRuntimeError("start_fifo: not with a zygote nor start=True")
+    if lifecycle is not None and (zygote is not None or start):
+        raise NsRuntimeError("lifecycle: not with a zygote nor start=True")
     if not command:
         raise NsRuntimeError("command: empty")
     root = os.path.realpath(rootfs_dir)
@@ -166,7 +176,7 @@ def begin_create(
             raise StateError(f"{sdir.path}: a container is already running here (pid {live[0]})")
         cleanup_stale(sdir)
         layout, planned = cgroups.plan(cfg.cgroups, cid)
-        making = Creating(cfg, root, sdir, cid, raw_config, lock, start and not use_tty, pid_file)
+        making = Creating(cfg, root, sdir, cid, raw_config, lock, start and not use_tty, pid_file, lifecycle)
         # recorded before anything exists: whoever finds it stale releases what was made
         making._record(planned)
     except BaseException:
@@ -190,7 +200,8 @@ class Creating:
     """
 
     def __init__(self, cfg: ContainerConfig, root: str, sdir: StateDir, cid: str, raw_config: Any,
-                 lock: Any, start: bool = False, pid_file: str | None = None) -> None:
+                 lock: Any, start: bool = False, pid_file: str | None = None,
+                 lifecycle: Lifecycle | None = None) -> None:
         self.cfg = cfg
         self.root = root
         self.sdir = sdir
@@ -209,6 +220,7 @@ class Creating:
         self._over = False
         self._start = start
         self._pid_file = pid_file
+        self._lifecycle = lifecycle
         self._identity: dict[str, Any] = {}
 
     @property
@@ -236,12 +248,12 @@ class Creating:
             full_env.update(env)
         if zygote is None and not cfg.clone_flags & libc.CLONE_NEWUSER:
             self.pid = spawn.clone_pid1(cfg, self.root, command, full_env, stdio, use_tty, cg, self._child_sock,
-                                   self._sock, die_with_parent, start_fifo)
+                                   self._sock, die_with_parent, start_fifo, self._lifecycle)
         if self.pid == 0 and zygote is None:
             self._child = os.fork()
             if self._child == 0:
                 spawn.setup_child(cfg, self.root, command, full_env, stdio, use_tty, cg, self._child_sock, self._sock,
-                             die_with_parent, start_fifo)
+                             die_with_parent, start_fifo, self._lifecycle)
         elif self.pid == 0:
             assert zygote is not None
             zygote.spawn(spawn.zygote_header(cfg, cg, die_with_parent),
@@ -315,6 +327,12 @@ class Creating:
                 self._go()
                 return None
             raise channel.expected("container setup", "pid", m)
+        if isinstance(m, channel.Prestart) and self._lifecycle is not None:
+            state = self._lifecycle.runtime(self.pid)  # (a failure: step() aborts, PID 1 and all)
+            # the hooks took their time; the container's own (createContainer) may take theirs
+            self.deadline = time.monotonic() + SETUP_TIMEOUT + self._lifecycle.setup_time
+            channel.send(self._sock, channel.Prestarted(state))
+            return None
         if not isinstance(m, channel.Ready):
             raise channel.expected("container init", "ready", m)
         st = start_time(self.pid)

@@ -135,7 +135,9 @@ def exec_command(cfg: ContainerConfig, argv: list[str], env: dict[str, str], tty
             os.chdir(cfg.working_dir)
         except OSError as e:
             raise NsRuntimeError(f"working_dir: {cfg.working_dir}: {e.strerror}") from None
-        libc.close_range(3)
+        for fd in range(3, 3 + cfg.preserve_fds):  # the caller's, passed on as they are numbered
+            os.set_inheritable(fd, True)
+        libc.close_range(3 + cfg.preserve_fds)
         if cfg.seccomp is not None and cfg.no_new_privileges:
             cfg.seccomp.load()  # last: the filter sees the command's calls (and execve), not ours
     except (NsRuntimeError, OSError) as e:

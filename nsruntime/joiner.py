@@ -65,6 +65,10 @@ def load_state_config(sdir: StateDir) -> tuple[ContainerConfig, dict[str, Any]]:
     raw = st.get("config")
     if raw is None:
         raise StateError(f"{sdir.path}: state.json holds no config")
+    if isinstance(raw, dict) and isinstance(raw.get("nsrun"), dict) and isinstance(raw.get("spec"), dict):
+        from .oci import spec as oci_spec  # made from an OCI bundle: by nsrun, or an nsinitd bundle program
+
+        return oci_spec.parse(raw["spec"], str(raw["nsrun"].get("bundle") or "/")).config, st
     return parse(raw), st
 
 
@@ -139,7 +143,7 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
                 parent_end: socket.socket, detach: bool) -> None:
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        sock, sigfd = spawn.child_prologue(stdio, sock, parent_end, keep=[pidfd])
+        sock, sigfd = spawn.child_prologue(stdio, sock, parent_end, keep=[pidfd, *spawn.preserved(cfg)])
         spawn._process_limits(cfg)  # rlimits, OOM score (OCI only): while the host's stdlib is in reach
         if cg is not None:
             cg.join_self()  # before setns and fork: the command counts against the pids limit
@@ -149,7 +153,8 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
                 k == name for k, _p in cfg.namespace_joins)
             if name not in cfg.namespaces and not joined:
                 continue
-            path = f"/proc/{pid}/ns/{nsfile}"
+            # the pid namespace of PID 1's children: PID 1's own, or one joined by path (OCI)
+            path = f"/proc/{pid}/ns/{'pid_for_children' if nsfile == 'pid' else nsfile}"
             if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{nsfile}").st_ino:
                 continue
             nsfds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), path))
@@ -181,7 +186,7 @@ def _join_child(cfg: ContainerConfig, pid: int, pidfd: int, command: list[str], 
                 os.close(fds[0])
             init.exec_command(cfg, command, env, tty_path)
         channel.send(sock, channel.Pid(cmd), fds=fds)
-        for fd in [*fds, slave]:
+        for fd in [*fds, slave, *spawn.preserved(cfg)]:
             if fd >= 0:
                 os.close(fd)
     except BaseException as e:

@@ -18,7 +18,7 @@ import os
 import stat
 
 from . import libc
-from .config import ContainerConfig, Mount
+from .config import ContainerConfig, Device, Mount
 from .errors import SetupError, SyscallError
 from .lean import suppress
 
@@ -287,7 +287,7 @@ def _bind(root: str, m: Mount) -> None:
         _remount_at(root, m.destination, libc.MS_BIND | libc.MS_REMOUNT | rec | flags)
 
 
-def _setup_dev(root: str, tty: bool) -> None:
+def _setup_dev(root: str, tty: bool, devices: tuple[Device, ...] = ()) -> None:
     """A fresh tmpfs on /dev, filled through an fd of it: every node, directory and link is made
     with *at() calls relative to that fd, never by a path a symlink in the rootfs could redirect."""
     nosuid = libc.MS_NOSUID
@@ -309,8 +309,45 @@ def _setup_dev(root: str, tty: bool) -> None:
         for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                              ("stderr", "/proc/self/fd/2")):
             os.symlink(target, name, dir_fd=dev)
+        for i, d in enumerate(devices):
+            _make_device(dev, d, f"linux.devices[{i}] ({d.path})")
     finally:
         os.close(dev)
+
+
+def _make_device(dev: int, d: Device, step: str) -> None:
+    """d's node in /dev (open as dev), its directories made on the way, never through a symlink.
+
+    mknod is refused in a user namespace: there, as runc does, the host's node of the same path
+    is bound onto an empty file instead (it must exist on the host)."""
+    *dirs, name = d.path.removeprefix("/dev/").split("/")
+    if not dirs and name in _DEV_NODES:
+        return  # the runtime's own, bound from the host's
+    fd = os.dup(dev)
+    try:
+        for part in dirs:
+            with suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        kind = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}[d.type]
+        try:
+            os.mknod(name, kind | d.mode, os.makedev(d.major, d.minor), dir_fd=fd)
+        except PermissionError:
+            if not os.path.exists(d.path):
+                raise SetupError(step, f"mknod: permission denied (a user namespace?), and no {d.path} on the host "
+                                 "to bind") from None
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=fd))
+            _mount_in_dev(fd, name, d.path, None, libc.MS_BIND, where=os.path.dirname(d.path))
+            return
+        os.chmod(name, d.mode, dir_fd=fd)  # as asked, whatever the umask took away
+        os.chown(name, d.uid, d.gid, dir_fd=fd, follow_symlinks=False)
+    except OSError as e:
+        raise _step(step, e) from None
+    finally:
+        os.close(fd)
 
 
 _SPECIAL = ("/proc", "/sys", "/dev")
@@ -366,7 +403,7 @@ def prepare(cfg: ContainerConfig, rootfs: str) -> None:
             _mount_at(rootfs, "/sys", "dir", "/sys", None, libc.MS_BIND | libc.MS_REC)
             _remount_at(rootfs, "/sys", libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_REC)
         step = "mount /dev"
-        _setup_dev(rootfs, cfg.tty)
+        _setup_dev(rootfs, cfg.tty, cfg.devices)
         for i, m in enumerate(cfg.mounts):
             step = f"mounts[{i}] ({m.destination})"
             if m.type == "tmpfs":

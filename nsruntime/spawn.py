@@ -33,10 +33,27 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable, Sequence
-    from typing import Any
+    from typing import Any, Protocol
 
     from .cgroups.base import CgroupSet
     from .config import ContainerConfig
+
+    class Lifecycle(Protocol):
+        """What runs at the OCI lifecycle's points (nsruntime.oci.hooks.SpecHooks gives it).
+
+        runtime: on the host side (the creator), once the container's namespaces and mounts exist
+        and before its root is switched, with PID 1's host pid; returns the state (one line of
+        JSON) handed to the two others. creating: in the command's process, in the container's
+        namespaces, before the switch of root. starting: there too, after the start and before
+        execve, in the container's root. Each raises NsRuntimeError to fail its step.
+        """
+
+        reply_fifo: str | None  # a FIFO on the host: where `starting`'s failure is told to the starter
+        setup_time: float  # seconds `creating` may take beyond the setup's own bound
+
+        def runtime(self, pid: int) -> str: ...
+        def creating(self, state: str) -> None: ...
+        def starting(self, state: str) -> None: ...
 else:  # the C module: socket.py builds enums at import (see lean.py)
     import _socket as socket
 
@@ -49,6 +66,11 @@ def _keep_only_fds(keep: Sequence[int]) -> None:
             libc.close_range(prev + 1, fd - 1)
         prev = max(prev, fd)
     libc.close_range(prev + 1)
+
+
+def preserved(cfg: ContainerConfig) -> range:
+    """The caller's descriptors that go on to the command (OCI --preserve-fds): 3 and up."""
+    return range(3, 3 + cfg.preserve_fds)
 
 
 def child_prologue(stdio: tuple[int, int, int] | None, sock: socket.socket,
@@ -78,22 +100,19 @@ def child_prologue(stdio: tuple[int, int, int] | None, sock: socket.socket,
 
 def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
                  stdio: tuple[int, int, int] | None, use_tty: bool, cg: CgroupSet | None, sock: socket.socket,
-                 parent_end: socket.socket | None, die_with_parent: bool, start_fifo: str | None = None) -> None:
+                 parent_end: socket.socket | None, die_with_parent: bool, start_fifo: str | None = None,
+                 lifecycle: Lifecycle | None = None) -> None:
     """In the forked setup child: namespaces, then fork PID 1. Never returns."""
     try:
-        sock, sigfd = child_prologue(stdio, sock, parent_end)
+        sock, sigfd = child_prologue(stdio, sock, parent_end, keep=preserved(cfg))
+        fifos = _open_fifos(start_fifo, lifecycle)  # while host root: a user namespace's root may not
         flags = cfg.clone_flags
         userns = bool(flags & libc.CLONE_NEWUSER)
         if cg is not None:
             # in a user namespace the cgroup files may no longer be ours to write: all of it now
             cg.join_self(v2=userns)
         _join_namespaces(cfg.joins)
-        fifo: str | int | None = start_fifo
         if flags & libc.CLONE_NEWUSER:
-            if start_fifo is not None:
-                # while still the host's root: as root of the new user namespace (an unprivileged id
-                # on the host) the FIFO in the runtime's root-only state directory is out of reach
-                fifo = os.open(start_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             rootfs.make_mount_points(cfg, root)
             libc.unshare(libc.CLONE_NEWUSER)
             channel.send(sock, channel.Userns(os.getpid()))
@@ -105,11 +124,24 @@ def setup_child(cfg: ContainerConfig, root: str, command: list[str], env: dict[s
         libc.unshare(flags & ~(libc.CLONE_NEWUSER | libc.CLONE_NEWCGROUP))  # PID 1 takes NEWCGROUP itself
         pid1 = os.fork() if userns else _fork_inside(cg)
         if pid1 == 0:
-            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, fifo)
+            _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, fifos, lifecycle)
         channel.send(sock, channel.Pid(pid1))
         os._exit(0)
     except BaseException as e:
         init.main_fail(sock, e)
+
+
+def _open_fifos(start_fifo: str | None, lifecycle: Lifecycle | None) -> tuple[int, int]:
+    """The start FIFO's reading end and the reply FIFO (read-write: see _starting), -1 for none;
+    opened by the host's root before any user namespace, passed down to the command's process.
+
+    A reader that is open makes the starter's non-blocking open succeed; with none (the command's
+    process died) it fails with ENXIO: the starter learns at once that nobody waits."""
+    fifo = os.open(start_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if start_fifo is not None else -1
+    reply = -1
+    if lifecycle is not None and lifecycle.reply_fifo is not None:
+        reply = os.open(lifecycle.reply_fifo, os.O_RDWR | os.O_CLOEXEC)
+    return fifo, reply
 
 
 def _join_namespaces(joins: Sequence[tuple[str, int]]) -> None:
@@ -133,7 +165,8 @@ def _clone_into(flags: int, v2_dir: str | None) -> int:
 
 def clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str],
                 stdio: tuple[int, int, int] | None, use_tty: bool, cg: CgroupSet | None, sock: socket.socket,
-                parent_end: socket.socket, die_with_parent: bool, start_fifo: str | None = None) -> int:
+                parent_end: socket.socket, die_with_parent: bool, start_fifo: str | None = None,
+                lifecycle: Lifecycle | None = None) -> int:
     """PID 1 straight from the caller: clone3 makes it in its new namespaces and in the cgroup2
     directory at once, so no setup child is needed. Returns its pid; 0 when the kernel can't
     (no clone3, no CLONE_INTO_CGROUP): then the caller takes the setup child's way.
@@ -146,13 +179,14 @@ def clone_pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[st
         return 0
     if pid == 0:
         try:
-            sock, sigfd = child_prologue(stdio, sock, parent_end)
+            sock, sigfd = child_prologue(stdio, sock, parent_end, keep=preserved(cfg))
+            fifos = _open_fifos(start_fifo, lifecycle)
             if cg is not None:
                 cg.join_self(v2=False)  # the v1 hierarchies (a lone thread moves itself without RCU wait)
             _join_namespaces(cfg.joins)
         except BaseException as e:
             init.main_fail(sock, e)
-        _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, start_fifo)
+        _pid1(cfg, root, command, env, use_tty, sock, sigfd, die_with_parent, fifos, lifecycle)
     return pid
 
 
@@ -248,14 +282,15 @@ def _fork_inside(cg: CgroupSet | None) -> int:
 
 
 def _pid1(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
-          sock: socket.socket, sigfd: int, die_with_parent: bool, start_fifo: str | int | None) -> None:
+          sock: socket.socket, sigfd: int, die_with_parent: bool, fifos: tuple[int, int],
+          lifecycle: Lifecycle | None = None) -> None:
     _be_init(sock, sigfd, die_with_parent, cfg.clone_flags,
-             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, start_fifo),
-             start_fifo if isinstance(start_fifo, int) else -1)
+             lambda: _setup_and_exec(cfg, root, command, env, use_tty, sock, sigfd, fifos, lifecycle),
+             [*preserved(cfg), *(fd for fd in fifos if fd >= 0)])
 
 
 def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int, setup: Callable[[], None],
-             commands_fd: int = -1) -> None:
+             passed: Sequence[int] = ()) -> None:
     """PID 1, in the container's namespaces and cgroups; never returns.
 
     It forks the command's process at once, and that process sets the container up (the root,
@@ -283,32 +318,37 @@ def _be_init(sock: socket.socket, sigfd: int, die_with_parent: bool, flags: int,
     if cmd == 0:
         setup()
         os._exit(EXIT_RUNTIME_FAILED)  # (setup never returns)
-    if commands_fd >= 0:
-        os.close(commands_fd)  # the start FIFO is the command's to hold: its death must leave no reader
+    for fd in passed:  # the command's, not PID 1's: a pipe's or FIFO's end held here would outlive it
+        if fd not in (sock.fileno(), sigfd):
+            with suppress(OSError):
+                os.close(fd)
     init.serve(sock, sigfd, cmd, die_with_parent, bool(flags & libc.CLONE_NEWPID))
 
 
 def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: dict[str, str], use_tty: bool,
-                    sock: socket.socket, sigfd: int, start_fifo: str | int | None = None) -> None:
+                    sock: socket.socket, sigfd: int, fifos: tuple[int, int] = (-1, -1),
+                    lifecycle: Lifecycle | None = None) -> None:
     """The command's process, forked by PID 1: the container's setup, then the command; never returns.
 
-    With start_fifo (a FIFO in the host's state dir, opened here before the root is switched
-    away from it, or already open for reading when a user namespace would put it out of reach)
-    the command waits for a byte there instead of Start on the socket: the start then comes from
-    any process, long after the creator has gone (`nsrun start`).
+    With a start FIFO (fifos[0]: the reading end of a FIFO in the host's state dir, see
+    _open_fifos) the command waits for a byte there instead of Start on the socket: the start
+    then comes from any process, long after the creator has gone (`nsrun start`).
+
+    With a lifecycle (OCI hooks), once the mounts are made and before the root is switched, it
+    says Prestart and waits for Prestarted (the creator runs the runtime's hooks meanwhile),
+    then runs lifecycle.creating; after the start, lifecycle.starting. Without one, none of it.
     """
     creator = channel.Reader("creator")
     try:
         # wait for the host side (network) to be done with our namespaces (Start may come with it)
         if not isinstance(channel.receive(sock, creator), channel.Go):
             os._exit(EXIT_RUNTIME_FAILED)
-        fifo = start_fifo if isinstance(start_fifo, int) else -1
-        if isinstance(start_fifo, str):
-            # a reader that is open makes the starter's non-blocking open succeed; with none (we
-            # died) it fails with ENXIO: the starter learns at once that nobody waits
-            fifo = os.open(start_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fifo, reply = fifos
         _process_limits(cfg)
         rootfs.prepare(cfg, root)
+        state = ""
+        if lifecycle is not None:
+            state = _prestart(sock, creator, lifecycle)
         rootfs.switch_root(cfg, root)
         if cfg.hostname and "NEWUTS" in cfg.namespaces:
             socket.sethostname(cfg.hostname)
@@ -331,11 +371,35 @@ def _setup_and_exec(cfg: ContainerConfig, root: str, command: list[str], env: di
             _wait_for_start(fifo, sigfd)
         elif not isinstance(channel.receive(sock, creator), channel.Start):
             os._exit(EXIT_RUNTIME_FAILED)  # the creator went away (or changed its mind) before start
+        if lifecycle is not None:
+            _starting(lifecycle, state, reply)
     except BaseException as e:
         init.main_fail(sock, e)
     os.close(sigfd)
     sock.close()
     init.exec_command(cfg, command, env, tty_path)
+
+
+def _prestart(sock: socket.socket, creator: channel.Reader, lifecycle: Lifecycle) -> str:
+    """The runtime's hooks (run by the creator while we wait), then the container's own; the state."""
+    channel.send(sock, channel.Prestart())
+    m = channel.receive(sock, creator)
+    if not isinstance(m, channel.Prestarted):
+        os._exit(EXIT_RUNTIME_FAILED)  # the creator gave up (its hooks failed): it is taking us down
+    lifecycle.creating(m.state)
+    return m.state
+
+
+def _starting(lifecycle: Lifecycle, state: str, reply: int) -> None:
+    """The hooks of the start, before execve. A failure is written to the reply FIFO, whose reader
+    (the starter) then reads it; success is the FIFO's end of file when execve closes it (CLOEXEC)."""
+    try:
+        lifecycle.starting(state)
+    except BaseException as e:
+        if reply >= 0:
+            with suppress(OSError):
+                os.write(reply, str(e).replace("\n", " ").encode(errors="replace")[:4000])
+        raise
 
 
 def _process_limits(cfg: ContainerConfig) -> None:

@@ -24,13 +24,16 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from nsruntime import ConfigError as ContainerConfigError
 from nsruntime import load_config as load_container_config
 from nsruntime import signal_number
 
 from .machine import AutoRestart, Policy
+
+if TYPE_CHECKING:
+    from nsruntime.oci.spec import Spec as OciSpec
 
 AUTORESTART_CHOICES: tuple[AutoRestart, ...] = ("always", "on-failure", "never")
 WebAuth = Literal["token", "none"]
@@ -73,6 +76,7 @@ class ProgramConfig:
     name: str
     command: tuple[str, ...]
     container: Path | None = None
+    bundle: Path | None = None  # an OCI bundle (config.json and its root) instead of a container.json directory
     environment: tuple[tuple[str, str], ...] = ()
     autostart: bool = True
     autorestart: AutoRestart = "on-failure"
@@ -241,7 +245,7 @@ def _group(key: str, v: object) -> int:
 
 _SUPERVISOR_KEYS = {"socket", "event_log", "log_dir", "state_dir", "socket_group"}
 _PROGRAM_KEYS = {
-    "container", "command", "environment", "autostart", "autorestart", "exitcodes", "startsecs",
+    "container", "bundle", "command", "environment", "autostart", "autorestart", "exitcodes", "startsecs",
     "startretries", "backoff", "stopsignal", "stopwaitsecs", "priority", "stdout_maxbytes",
     "stdout_backups", "redirect_stderr",
 }
@@ -347,18 +351,28 @@ def _web(t: Mapping[str, Any], base: Path) -> WebConfig:
 def _program(name: str, t: Mapping[str, Any], base: Path) -> ProgramConfig:
     k = f"programs.{name}"
     _no_unknown(k, t, _PROGRAM_KEYS)
-    if "command" not in t:
-        raise ConfigError(f"{k}.command", "missing (an array of strings: the program and its arguments)")
-    cmd = t["command"]
-    if not isinstance(cmd, list) or not cmd:
-        raise ConfigError(f"{k}.command", "expected a non-empty array of strings")
-    command = tuple(_str(f"{k}.command[{i}]", a, nonempty=(i == 0)) for i, a in enumerate(cmd))
-
     container: Path | None = None
     if "container" in t:
         container = _path(f"{k}.container", t["container"], base)
         if not (container / "container.json").is_file():
             raise ConfigError(f"{k}.container", f"{container}: no container.json there")
+    bundle: Path | None = None
+    bundle_args: tuple[str, ...] = ()
+    if "bundle" in t:
+        if container is not None:
+            raise ConfigError(f"{k}.bundle", "a program runs a container or a bundle, not both")
+        bundle = _path(f"{k}.bundle", t["bundle"], base)
+        bundle_args = load_bundle(f"{k}.bundle", bundle).args
+
+    if "command" not in t and bundle is not None:
+        command = bundle_args  # the bundle's own process.args
+    elif "command" not in t:
+        raise ConfigError(f"{k}.command", "missing (an array of strings: the program and its arguments)")
+    else:
+        cmd = t["command"]
+        if not isinstance(cmd, list) or not cmd:
+            raise ConfigError(f"{k}.command", "expected a non-empty array of strings")
+        command = tuple(_str(f"{k}.command[{i}]", a, nonempty=(i == 0)) for i, a in enumerate(cmd))
 
     env: list[tuple[str, str]] = []
     for ek, ev in _table(f"{k}.environment", t.get("environment", {})).items():
@@ -389,6 +403,7 @@ def _program(name: str, t: Mapping[str, Any], base: Path) -> ProgramConfig:
         name=name,
         command=command,
         container=container,
+        bundle=bundle,
         environment=tuple(env),
         autostart=_bool(f"{k}.autostart", t.get("autostart", True)),
         autorestart=autorestart,
@@ -421,26 +436,54 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     return Config(path=path, supervisor=sup, programs=progs, web=web)
 
 
+def load_bundle(key: str, bundle: Path) -> OciSpec:
+    """The OCI bundle's spec, as nsinitd can run it; ConfigError naming key and the file's field.
+
+    nsinitd gives a program no terminal (it captures its output) and runs no OCI hooks (nsrun's
+    lifecycle does): a bundle asking for either is refused rather than run without."""
+    from nsruntime.oci import spec as oci_spec
+
+    if not (bundle / "config.json").is_file():
+        raise ConfigError(key, f"{bundle}: no config.json there")
+    try:
+        sp = oci_spec.load(str(bundle))
+    except ContainerConfigError as e:
+        raise ConfigError(key, f"{bundle / 'config.json'}: {e}" if e.path != str(bundle / "config.json")
+                          else str(e)) from None
+    if sp.terminal:
+        raise ConfigError(key, f"{bundle / 'config.json'}: process.terminal: nsinitd captures a program's output, "
+                               "it gives no terminal")
+    if any(sp.hooks.values()):
+        raise ConfigError(key, f"{bundle / 'config.json'}: hooks: not run by nsinitd (nsrun runs them)")
+    return sp
+
+
 def _check_containers(sup: SupervisorConfig, progs: Mapping[str, ProgramConfig]) -> None:
     """What can only be seen across programs, or inside their container.json: a container that
     could never start, two containers in one cgroup, and a state_dir a container could write."""
-    containers = [p for p in progs.values() if p.container is not None]
+    containers = [p for p in progs.values() if p.container is not None or p.bundle is not None]
     if not containers:
         return
     state_dir = os.path.realpath(sup.state_dir)
     cgroups: dict[tuple[str, str], str] = {}
     for p in containers:
-        assert p.container is not None
-        key = f"programs.{p.name}.container"
-        rootfs = os.path.realpath(p.container)
+        if p.bundle is not None:
+            key = f"programs.{p.name}.bundle"
+            sp = load_bundle(key, p.bundle)
+            cc, root = sp.config, Path(sp.rootfs)
+        else:
+            assert p.container is not None
+            key = f"programs.{p.name}.container"
+            root = p.container
+            file = p.container / "container.json"
+            try:
+                cc = load_container_config(file)
+            except ContainerConfigError as e:  # the file's own problems name it; a field's doesn't
+                raise ConfigError(key, str(e) if e.path == str(file) else f"{file}: {e}") from None
+        rootfs = os.path.realpath(root)
         if os.path.commonpath([state_dir, rootfs]) == rootfs:
             raise ConfigError("supervisor.state_dir", f"{sup.state_dir} is inside programs.{p.name}'s rootfs "
-                                                      f"{p.container}: a container could forge nsinitd's records there")
-        file = p.container / "container.json"
-        try:
-            cc = load_container_config(file)
-        except ContainerConfigError as e:  # the file's own problems name it; a field's doesn't
-            raise ConfigError(key, str(e) if e.path == str(file) else f"{file}: {e}") from None
+                                                      f"{root}: a container could forge nsinitd's records there")
         if cc.cgroups.name is not None:  # unset: a name of its own, derived from the container
             fixed = (cc.cgroups.parent, cc.cgroups.name)
             if fixed in cgroups:

@@ -462,7 +462,7 @@ class Daemon:
 
     def exec_target(self, name: str) -> Path:
         prog = self._get(name)
-        if prog.cfg.container is None:
+        if prog.cfg.container is None and prog.cfg.bundle is None:
             raise ControlError("not_a_container", f"{name} is a plain process, not a container")
         if prog.child is None or prog.state not in (ProcessState.STARTING, ProcessState.RUNNING):
             raise ControlError("bad_state", f"{name} is not running ({prog.state.value})")

@@ -428,7 +428,7 @@ class Program:
         try:
             self.logs.ensure()
             env = {**self.ctx.base_env, **self.cfg.env}
-            if self.cfg.container is not None:
+            if self.cfg.container is not None or self.cfg.bundle is not None:
                 child: Child = await self._spawn_container((devnull, out_w, err_w), self.cfg.env)
             else:
                 cgroup = Cgroup(self.ctx.cgroup_root / self.name) if self.ctx.cgroup_root else None
@@ -452,15 +452,30 @@ class Program:
         return child
 
     async def _spawn_container(self, stdio: tuple[int, int, int], env: dict[str, str]) -> Child:
-        assert self.cfg.container is not None
         spawner = self.ctx.spawner
         try:  # checked when nsinitd read its config too, but the file may have changed since
-            cfg = spawner.load(self.cfg.container / "container.json")
+            if self.cfg.bundle is not None:  # an OCI bundle: its config.json and its root
+                from .config import ConfigError as SupervisorConfigError
+                from .config import load_bundle
+
+                try:
+                    sp = load_bundle(f"programs.{self.name}.bundle", self.cfg.bundle)
+                except SupervisorConfigError as e:
+                    raise ContainerConfigError(str(e)) from None
+                from nsruntime.lean import replace
+
+                # recorded in nsrun's shape, so that a join (nsinitctl exec) reads it as config.json
+                source = {"nsrun": {"bundle": str(self.cfg.bundle)}, "spec": sp.config.source}
+                cfg = replace(sp.config, source=source)
+                rootfs = Path(sp.rootfs)
+            else:
+                assert self.cfg.container is not None
+                cfg, rootfs = spawner.load(self.cfg.container / "container.json"), self.cfg.container
         except ConfigError as e:
             raise ContainerConfigError(f"{type(e).__name__}: {e}") from None
         await self._reclaim_stale()
         async with self.ctx.spawn_lock:
-            making = spawner.begin(cfg, self.cfg.container, self.cfg.command, self.state_dir, env=env, stdio=stdio)
+            making = spawner.begin(cfg, rootfs, self.cfg.command, self.state_dir, env=env, stdio=stdio)
         c = await _finish_create(making)
         self.ctx.reaper.own(c.pid)
         child = ContainerChild(c, self.ctx.reaper)
@@ -471,7 +486,7 @@ class Program:
             c.destroy()
             self.ctx.reaper.disown(c.pid)
             raise
-        self._emit("container.created", host_pid=c.pid, container=str(self.cfg.container),
+        self._emit("container.created", host_pid=c.pid, container=str(self.cfg.container or self.cfg.bundle),
                    namespaces=list(cfg.namespaces))
         return child
 

@@ -154,8 +154,12 @@ class NsRuntime:
 
     def begin(self, config: ContainerConfig, rootfs: Path, command: Sequence[str], state_dir: Path, *,
               env: Mapping[str, str], stdio: tuple[int, int, int]) -> Creation:
+        # the zygote's container process parses container.json from its request; a config read
+        # from an OCI bundle (recorded in nsrun's shape: never container.json's keys) forks from here
+        oci = isinstance(config.source, dict) and "nsrun" in config.source
         return nsruntime.begin_create(config, rootfs, command, state_dir, env=dict(env), stdio=stdio,
-                                      die_with_parent=False, zygote=self._live_zygote(), wait_lock=False)
+                                      die_with_parent=False, zygote=None if oci else self._live_zygote(),
+                                      wait_lock=False)
 
     def _live_zygote(self) -> nsruntime.Zygote | None:
         """A live zygote, started on first use; None if it can't start (PID 1 is then forked from

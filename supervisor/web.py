@@ -22,7 +22,10 @@ What it promises, and how:
   subscription, bounded like the control socket's: a reader that falls ``event_buffer`` behind is
   dropped, and one whose socket takes no bytes for ``send_timeout`` is disconnected. Each
   connection is its own trio task; the daemon's emit never blocks on any of them. At most
-  ``max_connections`` are open at once: one more is answered 503 and closed at once.
+  ``max_connections`` are open at once: one more is answered 503 and closed at once. GET answers
+  are computed one at a time (:meth:`WebApp.render_in_turn`): a flood of them waits parked
+  instead of making every turn of the loop longer, so the control socket and /healthz keep
+  answering within milliseconds.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import IO, Any, Final, cast
 from urllib.parse import parse_qs
 
 import trio
@@ -57,9 +60,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from nsruntime import signal_name
+
 from .api import ControlError, ProgramStatus, SupervisorAPI
 from .config import ConfigError, WebConfig, check_token_file, parse_signal
-from .ctl.eventlog import EventFilter, Follower
+from .ctl.errors import CtlError
+from .ctl.eventlog import EventFilter, Follower, parse_since
 from .server import CALLS, _bind, _remove_files
 from .states import ProcessState
 
@@ -80,7 +86,10 @@ ALL_PICKS: Final[Mapping[str, frozenset[str]]] = {
     "start": frozenset({"STOPPED", "EXITED", "FATAL", "BACKOFF"}),
     "stop": _ACTIVE,
     "restart": frozenset({"STOPPED", "EXITED", "FATAL", "BACKOFF", *_ACTIVE}),
+    "signal": frozenset({"RUNNING"}),
 }
+#: the signals the page offers (any other name or number can be POSTed)
+PAGE_SIGNALS: Final = ("HUP", "INT", "QUIT", "TERM", "KILL", "USR1", "USR2")
 MAX_BODY = 16 * 1024
 LOG_TAIL_BYTES = 64 * 1024
 
@@ -96,6 +105,9 @@ class WebLimits:
     keep_alive_timeout: float = 5.0  # an idle keep-alive connection
     refusal_events_per_second: float = 10.0
     backlog: int = 1024
+    # GET answers computed at once (the page, /status.json, /metrics ...); more wait their turn
+    # parked, costing the loop nothing, instead of each lengthening every turn of it
+    renders_at_once: int = 1
 
 
 async def serve(
@@ -139,6 +151,20 @@ _LOGGER = logging.getLogger("nsinitd.web")
 _ACCEPT_RETRY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
+class _TCPServer(TCPServer):
+    """hypercorn's per-connection server, letting a connection go as soon as its client has
+    closed it. hypercorn's own keeps an idle connection's task (and so its slot among
+    ``max_connections``) until ``keep_alive_timeout`` even after the client's EOF: a flood of
+    connect-and-close (port scans, TCP health checks) would then hold every slot and /healthz
+    would be answered 503."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # the read side has ended: a request in progress still gets its answer (its stream holds
+        # the connection); an idle connection has nothing left to wait for
+        await self.idle_task.stop()
+
+
 async def _accept_loop(app: ASGIFramework, hconfig: HypercornConfig, sock: socket.socket, max_connections: int,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """hypercorn's per-connection server for each accepted connection, at most ``max_connections``
@@ -158,7 +184,7 @@ async def _accept_loop(app: ASGIFramework, hconfig: HypercornConfig, sock: socke
         nonlocal open_now
         try:
             # TCPServer's annotation says SSLStream; it takes a plain SocketStream as well (no TLS here)
-            await TCPServer(wrapper, hconfig, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+            await _TCPServer(wrapper, hconfig, context, ConnectionState({}), stream)  # type: ignore[arg-type]
         finally:
             open_now -= 1
 
@@ -215,15 +241,16 @@ async def _listen(web: WebConfig, backlog: int) -> tuple[socket.socket, Callable
 class _RateLimit:
     """A token bucket: at most ``rate`` reports a second, the rest counted as suppressed."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
+        self.clock = clock
         self.tokens = rate
-        self.stamp = time.monotonic()
+        self.stamp = clock()
         self.suppressed = 0
 
     def take(self) -> int | None:
         """The count suppressed since the last report, or None to suppress this one."""
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens < 1:
@@ -257,6 +284,7 @@ class WebApp:
         self.last_oom: dict[str, bool] = {}  # the last exit was an OOM kill, by program
         self._refusals = _RateLimit(limits.refusal_events_per_second)
         self.hosts = _allowed_hosts(web)
+        self.rendering = trio.Semaphore(limits.renders_at_once)
         self.routes = Starlette(routes=[
             Route("/", self.page, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -283,7 +311,35 @@ class WebApp:
             if scope["method"] == "GET" and len(parts) == 5 and parts[1] == "program" and parts[3] == "log":
                 await self.follow_log(parts[2], parts[4], scope, receive, send)
                 return
+            if scope["method"] in ("GET", "HEAD") and scope["path"] != "/healthz":
+                await self.render_in_turn(scope, receive, send)
+                return
         await self.routes(scope, receive, send)
+
+    async def render_in_turn(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A GET answered once its turn comes: at most ``renders_at_once`` are computed at a time.
+        A flood of them then keeps nsinitd's loop turning fast (the control socket and /healthz,
+        which skips the queue, answer within milliseconds) instead of every turn running all of
+        them. The turn ends when the answer is computed, before it is sent: a client that doesn't
+        read can't hold it. POSTs don't wait here: an action may wait for a program (a stop for
+        ``stopwaitsecs``), and without the token they are refused at once."""
+        turn_over = False
+
+        def end_turn() -> None:
+            nonlocal turn_over
+            if not turn_over:
+                turn_over = True
+                self.rendering.release()
+
+        async def send_after_turn(message: Message) -> None:
+            end_turn()
+            await send(message)
+
+        await self.rendering.acquire()
+        try:
+            await self.routes(scope, receive, send_after_turn)
+        finally:
+            end_turn()
 
     def report(self, scope: Scope, reason: str) -> None:
         suppressed = self._refusals.take()
@@ -345,15 +401,22 @@ class WebApp:
     # -- actions ---------------------------------------------------------------------------------
 
     async def action_all(self, request: Request) -> Response:
-        """``start``, ``stop`` or ``restart`` of every program nsinitctl's ``all`` would pick, one
-        after the other (stop in reverse name order); each program's answer in ``results``."""
+        """``start``, ``stop``, ``restart`` or ``signal`` of every program nsinitctl's ``all``
+        would pick, one after the other (stop in reverse name order); each program's answer in
+        ``results`` (for a signal ``{"name", "signal"}``, as ``nsinitctl signal --json`` prints)."""
         action = request.path_params["action"]
-        _, from_page, refused = await self.guarded(request)
+        form, from_page, refused = await self.guarded(request)
         if refused is not None:
             return refused
         if action not in ALL_PICKS:
             return _answer(from_page, 404, "bad_request",
                            f"no such action for all: {action} (one of {', '.join(ALL_PICKS)})")
+        args: dict[str, Any] = {}
+        if action == "signal":
+            try:
+                args["signum"] = _signal_field(request, form)
+            except ConfigError as e:
+                return _answer(from_page, 400, "bad_request", str(e))
         names = [s.name for s in self.api.status() if s.state in ALL_PICKS[action]]
         if action == "stop":
             names.reverse()
@@ -361,7 +424,9 @@ class WebApp:
         errors: list[str] = []
         for name in names:
             try:
-                results.append(await CALLS[action](self.api, {"name": name}))
+                result = await CALLS[action](self.api, {**args, "name": name})
+                results.append({"name": name, "signal": signal_name(args["signum"])} if action == "signal"
+                               else result)
             except ControlError as e:
                 results.append({"name": name, "error": {"code": e.code, "message": e.message}})
                 errors.append(f"{name}: {e.message}")
@@ -394,7 +459,7 @@ class WebApp:
         args: dict[str, Any] = {"name": name}
         try:
             if action == "signal":
-                args["signum"] = parse_signal("signal", form.get("signal", request.query_params.get("signal", "")))
+                args["signum"] = _signal_field(request, form)
             result = await CALLS[action](self.api, args)
         except ConfigError as e:
             return _answer(from_page, 400, "bad_request", str(e))
@@ -429,15 +494,33 @@ class WebApp:
 
     async def events(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Server-sent events: each event object as one ``data:`` line, filtered like
-        ``nsinitctl events`` (``?program=NAME`` and ``?event=PATTERN``, both repeatable)."""
+        ``nsinitctl events`` (``?program=NAME`` and ``?event=PATTERN``, both repeatable, and
+        ``?since=TIME``: first the event log's events from then on, then the live ones)."""
         query = parse_qs(scope.get("query_string", b"").decode("utf-8", "replace"))
-        wanted = EventFilter(programs=frozenset(query.get("program", [])), patterns=tuple(query.get("event", [])))
+        since: float | None = None
+        log = self.api.event_log
+        if "since" in query:
+            try:
+                since = parse_since(query["since"][-1])
+            except CtlError as e:  # nsinitctl's words for its --since, which is our since
+                error: str | None = e.message.removeprefix("--")
+            else:
+                error = None if log is not None else "since: nsinitd keeps no event log ([supervisor] event_log)"
+            if error is not None:
+                await PlainTextResponse(f"{error}\n", status_code=400)(scope, receive, send)
+                return
+        wanted = EventFilter(programs=frozenset(query.get("program", [])), patterns=tuple(query.get("event", [])),
+                             since=since)
         with self.api.subscribe(self.limits.event_buffer) as channel:
+            # The log's first ``logged`` bytes are the events before the subscription, the rest
+            # come through it: taken in the same step of the loop, nothing can be emitted between.
+            logged = _size_of(log) if since is not None and log is not None else 0
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
                 headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store")]
                 if await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers}) \
-                        and await self._send(send, _chunk(b": nsinitd events\n\n")):
+                        and await self._send(send, _chunk(b": nsinitd events\n\n")) \
+                        and (not logged or await self._replay(send, cast(Path, log), logged, wanted)):
                     async for ev in channel:
                         last = ev.get("event") == "subscriber.dropped"
                         if (last or wanted(ev)) and not await self._send(send, _chunk(_sse(ev))):
@@ -494,12 +577,54 @@ class WebApp:
         finally:
             follower.close()
 
+    async def _replay(self, send: Send, log: Path, size: int, wanted: EventFilter) -> bool:
+        """The events ``wanted`` among the first ``size`` bytes of the event log, read a piece
+        at a time in a thread; False when the reader was let go."""
+        pending = b""
+
+        def next_piece(f: IO[bytes]) -> bytes | None:
+            """The wanted events of the next piece, as server-sent events; None at the end."""
+            nonlocal size, pending
+            data = f.read(min(size, LOG_TAIL_BYTES)) if size > 0 else b""
+            if not data:
+                return None
+            size -= len(data)
+            *lines, pending = (pending + data).split(b"\n")
+            return b"".join(_sse(ev) for ev in map(_event_of, lines) if ev is not None and wanted(ev))
+
+        with open(log, "rb") as f:
+            while (piece := await trio.to_thread.run_sync(next_piece, f)) is not None:
+                if piece and not await self._send(send, _chunk(piece)):
+                    return False
+        return True
+
     async def _send(self, send: Send, message: Message) -> bool:
         """False when the reader's socket took nothing for send_timeout (it is then let go)."""
         with trio.move_on_after(self.limits.send_timeout):
             await send(message)
             return True
         return False
+
+
+def _signal_field(request: Request, form: Mapping[str, str]) -> int:
+    """The ``signal`` of a form, else of the query (``HUP``, ``SIGHUP``, ``1``); ConfigError naming it."""
+    return parse_signal("signal", form.get("signal", request.query_params.get("signal", "")))
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _event_of(line: bytes) -> dict[str, Any] | None:
+    """An event log line's object; None for what isn't one (a line cut short by a full disk)."""
+    try:
+        ev = json.loads(line)
+    except ValueError:
+        return None
+    return ev if isinstance(ev, dict) else None
 
 
 def _chunk(data: bytes) -> Message:
@@ -674,7 +799,7 @@ tr.FATAL td.state,tr.BACKOFF td.state,tr.EXITED td.state{color:#b00;font-weight:
 button{margin:.1em}
 .err{color:#b00}
 pre{background:#f6f6f6;padding:.5em;overflow-x:auto;max-height:30em}
-@media (max-width:600px){th.opt,td.opt{display:none}}
+@media (max-width:600px){th.opt,td.opt{display:none}td.actions{white-space:normal}th,td{padding:.35em .3em}}
 </style>
 """
 
@@ -689,6 +814,7 @@ _SCRIPT = """<script>
   var busy = false, again = false;
   var form = document.getElementById("programs"), msg = document.getElementById("msg");
   var field = form && form.querySelector("input[name=token]");
+  var signal = form && form.querySelector("select[name=signal]");
   if (field) {
     field.value = sessionStorage.getItem("nsinit-token") || "";
     field.addEventListener("input", function () { sessionStorage.setItem("nsinit-token", field.value); });
@@ -697,10 +823,11 @@ _SCRIPT = """<script>
     var button = ev.submitter;
     if (!button || !button.getAttribute("formaction")) return;
     ev.preventDefault();
-    var headers = {"Accept": "application/json"};
+    var headers = {"Accept": "application/json"}, url = button.getAttribute("formaction");
     if (field && field.value) headers["Authorization"] = "Bearer " + field.value;
+    if (signal && url.slice(-7) === "/signal") url += "?signal=" + encodeURIComponent(signal.value);
     msg.textContent = "";
-    fetch(button.getAttribute("formaction"), {method: "POST", headers: headers, cache: "no-store"})
+    fetch(url, {method: "POST", headers: headers, cache: "no-store"})
       .then(function (r) { return r.json(); })
       .then(function (answer) { if (!answer.ok) msg.textContent = answer.error.message; refresh(); })
       .catch(function (e) { msg.textContent = "request failed: " + e; });
@@ -739,7 +866,7 @@ _SCRIPT = """<script>
   }
   var source = new EventSource("/events?event=program.*");
   source.onmessage = refresh;
-  source.onopen = refresh;
+  source.onopen = function () { if (form) form.setAttribute("data-live", "yes"); refresh(); };
 })();
 </script>"""
 
@@ -766,23 +893,25 @@ def _row(r: Row, now: float, with_name_link: bool = True) -> str:
     uptime = f"{int(up) // 3600}:{int(up) % 3600 // 60:02d}:{int(up) % 60:02d}" if s.state == "RUNNING" else ""
     cpu = "" if r.cpu_seconds is None else f"{r.cpu_seconds:.2f} s"
     mem = "" if r.memory_bytes is None else _size(r.memory_bytes)
-    buttons = "".join(f'<button formaction="/program/{e(s.name)}/{a}">{a}</button>'
-                      for a in ("start", "stop", "restart"))
+    buttons = "".join(f'<button formaction="/program/{e(s.name)}/{a}">{a}</button>' for a in ACTIONS)
     return (f'<tr id="p-{e(s.name)}" class="{e(s.state)}"><td>{name}</td><td class=state>{e(s.state)}</td>'
             f'<td class="pid opt">{s.pid or ""}</td><td class="uptime opt">{uptime}</td>'
             f'<td class="restarts opt">{s.restarts}</td><td class="exit opt">{e(last_exit(s, r.oom_killed))}</td>'
             f'<td class="cpu opt num">{cpu}</td><td class="mem opt num">{mem}</td>'
-            f"<td>{buttons}</td></tr>")
+            f"<td class=actions>{buttons}</td></tr>")
 
 
 def _table(rows: Iterable[Row], with_token: bool, now: float, back: str = "") -> str:
-    token = ('<p><label>token <input type=password name=token autocomplete=current-password></label></p>'
+    token = ('<label>token <input type=password name=token autocomplete=current-password></label> '
              if with_token else "")
+    # the signal a "signal" button sends (the form's field, with scripts on or off)
+    signals = "".join(f"<option>{name}</option>" for name in PAGE_SIGNALS)
+    fields = f"<p>{token}<label>signal <select name=signal>{signals}</select></label></p>"
     back_field = f'<input type=hidden name=back value="{back}">' if back else ""
     every = "" if back else ("<p>all programs: " + "".join(
         f'<button formaction="/all/{a}">{a} all</button>' for a in ALL_PICKS) + "</p>")
     body = "".join(_row(r, now, not back) for r in rows)
-    return (f'<form id=programs method=post>{token}{every}<p id=msg class=err role=alert></p>{back_field}'
+    return (f'<form id=programs method=post>{fields}{every}<p id=msg class=err role=alert></p>{back_field}'
             '<div class=wrap><table><thead><tr><th>program</th><th>state</th>'
             '<th class=opt>pid</th><th class=opt>uptime</th><th class=opt>restarts</th><th class=opt>last exit</th>'
             '<th class=opt>cpu</th><th class=opt>memory</th>'

@@ -103,13 +103,19 @@ class V1Dir(CgroupDir):
         node = Node(os.fsencode(self.path))
         if "memory" in self.limits:
             mem = controllers.MemoryController(node)
-            if cfg.memory is not None:
-                self._set(mem, "limit_in_bytes", cfg.memory, "memory", "memory.limit_in_bytes")
             swap = cfg.memory_swap
             if swap is None and cfg.memory is not None:
                 # docker's default: as much swap as memory, or a memory limit only moves pages to swap
                 swap = 2 * cfg.memory if os.path.exists(self.file("memory.memsw.limit_in_bytes")) else None
-            if swap is not None:
+            # the kernel keeps memory <= memory+swap at every write: a live container's (update)
+            # limits that grow take memsw first, those that shrink take memory first
+            memsw_now = read_int(self.file("memory.memsw.limit_in_bytes"))
+            swap_first = swap is not None and memsw_now is not None and memsw_now < (cfg.memory or 0)
+            if swap_first and swap is not None:
+                self._set(mem, "memsw_limit_in_bytes", swap, "memory_swap", "memory.memsw.limit_in_bytes")
+            if cfg.memory is not None:
+                self._set(mem, "limit_in_bytes", cfg.memory, "memory", "memory.limit_in_bytes")
+            if swap is not None and not swap_first:
                 self._set(mem, "memsw_limit_in_bytes", swap, "memory_swap", "memory.memsw.limit_in_bytes")
         if "cpu" in self.limits:
             cpu = controllers.CpuController(node)

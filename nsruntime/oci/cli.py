@@ -61,6 +61,11 @@ class _Log:
         sys.stderr.write(f"nsrun: {msg}\n")
         self._write("error", msg)
 
+    def warning(self, msg: str) -> None:
+        """What failed without failing the verb (a poststart or poststop hook)."""
+        sys.stderr.write(f"nsrun: warning: {msg}\n")
+        self._write("warning", msg)
+
     def debug(self, msg: str) -> None:
         if self.debug_on:
             self._write("debug", msg)
@@ -96,9 +101,11 @@ def parser() -> argparse.ArgumentParser:
                                                 "goes there (SCM_RIGHTS)")
         v.add_argument("--no-pivot", action="store_true", help="switch root with MS_MOVE + chroot")
         v.add_argument("--no-new-keyring", action="store_true", help="accepted: nsrun never makes a session keyring")
-        v.add_argument("--preserve-fds", type=int, default=0, help="(only 0 is supported)")
+        v.add_argument("--preserve-fds", type=int, default=0, metavar="N",
+                       help="pass our fds 3..3+N-1 on to the command")
         if name == "run":
-            v.add_argument("--detach", "-d", action="store_true", help="(not supported)")
+            v.add_argument("--detach", "-d", action="store_true",
+                           help="exit once it runs; the caller (a subreaper) reaps PID 1")
         v.add_argument("id")
     verb("start", "run the command of a created container").add_argument("id")
     verb("state", "print the container's OCI state as JSON").add_argument("id")
@@ -118,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--cwd", help="its working directory, in the container")
     v.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="add to its environment")
     v.add_argument("--user", "-u", metavar="UID[:GID]", help="its user (numbers)")
+    v.add_argument("--preserve-fds", type=int, default=0, metavar="N", help="pass our fds 3..3+N-1 on to it")
+    v.add_argument("--cap", "-c", action="append", default=[], metavar="CAP",
+                   help="add a capability (bounding, effective, permitted; ambient with an inheritable set)")
+    v.add_argument("--additional-gids", "-g", action="append", default=[], type=int, metavar="GID",
+                   help="add a supplementary group")
+    v.add_argument("--no-new-privs", action="store_true", help="set no_new_privs")
+    v.add_argument("--apparmor", metavar="PROFILE", help="confine it (refused where AppArmor is absent)")
     v.add_argument("id")
     v.add_argument("args", nargs=argparse.REMAINDER, help="the command (instead of --process)")
     v = verb("ps", "the container's processes (json: an array of host pids)")
@@ -128,6 +142,20 @@ def parser() -> argparse.ArgumentParser:
     v = verb("list", "list the containers")
     v.add_argument("--format", "-f", choices=("table", "json"), default="table")
     v.add_argument("--quiet", "-q", action="store_true", help="ids only")
+    v = verb("update", "change the live container's cgroup limits")
+    v.add_argument("--resources", "-r", metavar="F", help="an OCI LinuxResources JSON file, - for stdin")
+    for flag, what in (("--memory", "memory limit (bytes, or with k, m, g)"),
+                       ("--memory-swap", "memory + swap limit (bytes, or with k, m, g; -1: none)"),
+                       ("--cpu-share", "cpu.shares"), ("--cpu-quota", "CFS quota (µs)"),
+                       ("--cpu-period", "CFS period (µs)"),
+                       ("--cpuset-cpus", "the cpus allowed (0-1,3)"), ("--pids-limit", "the most processes"),
+                       ("--blkio-weight", "block io weight (10-1000)")):
+        v.add_argument(flag, help=what)
+    v.add_argument("id")
+    v = verb("events", "the container's stats and oom events as JSON lines, until it is gone")
+    v.add_argument("--stats", action="store_true", help="print one stats event and exit")
+    v.add_argument("--interval", default="5s", help="between stats events (5s, 500ms, 1m; default 5s)")
+    v.add_argument("id")
     verb("features", "print the runtime-spec features document")
     v = verb("spec", "write a default config.json (root: ./rootfs)")
     v.add_argument("--bundle", "-b", default=".")
@@ -158,20 +186,17 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
     root = args.root
     log.debug(f"{args.verb} {getattr(args, 'id', '')}".strip())
     if args.verb in ("create", "run"):
-        if args.preserve_fds:
-            raise NsRuntimeError("--preserve-fds: not supported yet (only 0)")
         if args.no_pivot:
             raise NsRuntimeError("--no-pivot: not supported yet")
-        if args.verb == "run" and args.console_socket:
-            raise NsRuntimeError(runtime.NEEDLESS_CONSOLE_SOCKET)  # run stays in the foreground
-        if args.verb == "run" and args.detach:
-            raise NsRuntimeError("run --detach: not supported (use create and start)")
         if args.verb == "create":
-            runtime.create(root, args.id, args.bundle, pid_file=args.pid_file, console_socket=args.console_socket)
+            runtime.create(root, args.id, args.bundle, pid_file=args.pid_file, console_socket=args.console_socket,
+                           preserve_fds=args.preserve_fds)
             return 0
-        return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file)
+        return runtime.run(root, args.id, args.bundle, pid_file=args.pid_file, detach=args.detach,
+                           console_socket=args.console_socket, warn=log.warning, preserve_fds=args.preserve_fds)
     if args.verb == "start":
-        runtime.start(root, args.id)
+        for w in runtime.start(root, args.id):
+            log.warning(w)
     elif args.verb == "state":
         sys.stdout.write(dumps(runtime.Record(root, args.id).state()) + "\n")
     elif args.verb == "kill":
@@ -180,11 +205,15 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
             raise NsRuntimeError(f"kill: unknown signal {args.signal!r}")
         runtime.kill(root, args.id, signum, all_processes=args.all)
     elif args.verb == "delete":
-        runtime.delete(root, args.id, force=args.force)
+        for w in runtime.delete(root, args.id, force=args.force):
+            log.warning(w)
     elif args.verb == "exec":
         return runtime.exec_(root, args.id, list(args.args), process_file=args.process, tty=args.tty,
                              cwd=args.cwd, env=list(args.env), user=args.user, detach=args.detach,
-                             pid_file=args.pid_file, console_socket=args.console_socket)
+                             pid_file=args.pid_file, console_socket=args.console_socket,
+                             preserve_fds=args.preserve_fds, caps=list(args.cap),
+                             additional_gids=list(args.additional_gids), no_new_privs=args.no_new_privs,
+                             apparmor=args.apparmor)
     elif args.verb == "ps":
         _ps(runtime.ps(root, args.id), args.format)
     elif args.verb == "pause":
@@ -193,11 +222,90 @@ def _verb(args: argparse.Namespace, log: _Log) -> int:
         runtime.resume(root, args.id)
     elif args.verb == "list":
         _list(root, args.format, args.quiet)
+    elif args.verb == "update":
+        runtime.update(root, args.id, _update_resources(args), "resources" if args.resources else "update")
+    elif args.verb == "events":
+        runtime.events(root, args.id, stats_once=args.stats, interval=_duration(args.interval),
+                       emit=_emit)
     elif args.verb == "features":
         sys.stdout.write(dumps(runtime.features()) + "\n")
     elif args.verb == "spec":
         runtime.spec_file(args.bundle)
     return 0
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
+# flag -> (the resources object's path, reads its value)
+_UPDATE_FLAGS = {
+    "memory": (("memory", "limit"), "bytes"), "memory_swap": (("memory", "swap"), "bytes"),
+    "cpu_share": (("cpu", "shares"), "int"), "cpu_quota": (("cpu", "quota"), "int"),
+    "cpu_period": (("cpu", "period"), "int"), "cpuset_cpus": (("cpu", "cpus"), "str"),
+    "pids_limit": (("pids", "limit"), "int"), "blkio_weight": (("blockIO", "weight"), "int"),
+}
+
+
+def _update_resources(args: argparse.Namespace) -> dict[str, object]:
+    """--resources F (or -: stdin), with each flag given set on top (runc's way)."""
+    from ..fields import decode_json
+
+    res: dict[str, object] = {}
+    if args.resources is not None:
+        try:
+            if args.resources == "-":
+                raw = sys.stdin.buffer.read(1 << 20)
+            else:
+                with open(args.resources, "rb") as f:
+                    raw = f.read(1 << 20)
+        except OSError as e:
+            raise NsRuntimeError(f"--resources {args.resources}: {(e.strerror or str(e)).lower()}") from None
+        decoded = decode_json("--resources", raw, 1 << 20)
+        if not isinstance(decoded, dict):
+            raise NsRuntimeError("--resources: not a JSON object (OCI LinuxResources)")
+        res = decoded
+    for name, ((group, key), kind) in _UPDATE_FLAGS.items():
+        text = getattr(args, name)
+        if text is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        value: object = text if kind == "str" else _number(flag, text, kind == "bytes")
+        sub = res.setdefault(group, {})
+        if not isinstance(sub, dict):
+            raise NsRuntimeError(f"--resources: {group}: not a JSON object")
+        sub[key] = value
+    if not res:
+        raise NsRuntimeError("update: --resources F or a limit flag (--memory, --pids-limit...) is required")
+    return res
+
+
+def _number(flag: str, text: str, sized: bool) -> int:
+    """An integer flag's value; with sized, k, m or g (binary: 1k = 1024) may follow."""
+    digits = text.rstrip("bBkKmMgG") if sized else text
+    unit = text[len(digits):].lower()
+    try:
+        return int(digits) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise NsRuntimeError(f"{flag} {text!r}: not a number" + (" (k, m, g allowed)" if sized else "")) from None
+
+
+def _emit(event: dict[str, object]) -> None:
+    sys.stdout.write(dumps(event) + "\n")
+    sys.stdout.flush()  # a reader (containerd's shim) acts on each line as it comes
+
+
+def _duration(text: str) -> float:
+    """5s, 500ms, 1m, 1.5 (seconds): runc's --interval."""
+    number, scale = text, 1.0
+    for suffix, unit in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], unit
+            break
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise NsRuntimeError(f"--interval {text!r}: not a positive duration (5s, 500ms, 1m)")
+    return seconds
 
 
 def _ps(pids: list[int], fmt: str) -> None:

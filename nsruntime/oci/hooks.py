@@ -37,7 +37,7 @@ import time
 from .. import init, libc
 from ..errors import ConfigError, NsRuntimeError
 from ..fields import _int, _list, _obj, _str
-from ..lean import dumps, frozen, suppress
+from ..lean import dumps, frozen, loads, suppress
 from ..signals import signal_name
 
 TYPE_CHECKING = False
@@ -278,3 +278,43 @@ def _drain(fd: int, buf: bytearray, *, block: bool) -> bool:
         buf += chunk[: max(0, MAX_OUTPUT - len(buf))]
         if block:  # one read per readiness: poll says when there is more
             return True
+
+
+class SpecHooks:
+    """A container's hooks at nsruntime's lifecycle points (nsruntime.spawn.Lifecycle).
+
+    prestart then createRuntime run in the runtime's namespaces (the creator) once the
+    container's namespaces and mounts exist and before its root is switched; createContainer in
+    the container's namespaces at the same point (its paths: the host's, as the root is not yet
+    switched); startContainer in the container, in its root, after `start` and before the
+    command's execve. The state they read says ``creating``, then ``created`` for startContainer,
+    with PID 1's host pid. poststart and poststop are the OCI verbs' to run (run_kind).
+    """
+
+    def __init__(self, hooks: Mapping[str, Sequence[Hook]], state: Mapping[str, object],
+                 reply_fifo: str | None = None) -> None:
+        self.hooks = {kind: tuple(hooks.get(kind) or ()) for kind in KINDS}
+        self.state = dict(state)
+        self.reply_fifo = reply_fifo if self.hooks["startContainer"] else None
+        # createContainer runs while the creator waits for Ready: its timeouts extend that wait
+        self.setup_time = float(sum(h.timeout or 0 for h in self.hooks["createContainer"]))
+
+    @property
+    def needed(self) -> bool:
+        """Whether any hook runs at a point of the container's setup (else no step is added)."""
+        return any(self.hooks[k] for k in ("prestart", "createRuntime", "createContainer", "startContainer"))
+
+    def runtime(self, pid: int) -> str:
+        state = dumps({**self.state, "pid": pid, "status": "creating"})
+        run_kind("prestart", self.hooks["prestart"], state.encode())
+        run_kind("createRuntime", self.hooks["createRuntime"], state.encode())
+        return state
+
+    def creating(self, state: str) -> None:
+        run_kind("createContainer", self.hooks["createContainer"], state.encode())
+
+    def starting(self, state: str) -> None:
+        if self.hooks["startContainer"]:
+            created = dumps({**loads(state), "status": "created"})
+            run_kind("startContainer", self.hooks["startContainer"], created.encode())
+

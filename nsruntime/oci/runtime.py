@@ -1,4 +1,4 @@
-"""The OCI verbs on a state root: create, start, state, kill, delete, run, list.
+"""The OCI verbs on a state root: create, start, state, kill, delete, run, exec, update, events, list.
 
 Each container has a directory ROOT/ID (0700, root's, refused inside the rootfs) holding
 nsruntime.state's records (pid, start ticks, state.json with PID 1's namespaces and cgroup, the
@@ -10,6 +10,9 @@ cgroups and links to release) and, until it is started, the FIFO ``start.fifo``:
          │  a subreaper, and lives on)
     nsrun start ── opens start.fifo for writing (ENXIO: nobody waits), unlinks it, writes a byte ──►
                                               the command's process execs the command
+
+With startContainer hooks, ``started.fifo`` too: the command's process holds it open until its
+execve closes it; a hook's failure is written there for `start` to read (spawn._starting).
 
 Status, from the records alone: no live PID 1 (nsruntime.state.StateDir.open_live checks its
 start time, namespaces and cgroup) is ``stopped``; a live one with start.fifo still there is
@@ -29,10 +32,12 @@ from ..cgroups import base as cgroups_base
 from ..errors import ConfigError, NsRuntimeError, StateError, TeardownError
 from ..lean import replace, send_fds, suppress
 from ..state import StateDir
+from . import hooks as oci_hooks
 from . import spec as oci_spec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from ..cgroups.base import CgroupSet
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = "/run/nsrun"
 FIFO = "start.fifo"
+REPLY_FIFO = "started.fifo"  # with startContainer hooks: their failure, told to `start` (spawn._starting)
 _ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 KILL_TIMEOUT = 10.0
 
@@ -62,6 +68,7 @@ class Record:
         self.path = os.path.join(os.path.abspath(root), cid)
         self.sdir = StateDir(self.path)
         self.fifo = os.path.join(self.path, FIFO)
+        self.reply_fifo = os.path.join(self.path, REPLY_FIFO)
 
     def exists(self) -> bool:
         return os.path.isfile(self.sdir.file("state.json"))
@@ -96,6 +103,19 @@ class Record:
                 if f.read().strip() == "1":
                     return True
         return False
+
+    def hooks(self) -> dict[str, tuple[oci_hooks.Hook, ...]]:
+        """The hooks of the config.json the container was created with."""
+        config = self.sdir.read_state().get("config")
+        spec = config.get("spec") if isinstance(config, dict) else None
+        raw = spec.get("hooks") if isinstance(spec, dict) else None
+        return oci_hooks.parse(raw) if raw is not None else {}
+
+    def hook_state(self, status: str, pid: int) -> dict[str, Any]:
+        """The state a hook reads on its stdin."""
+        oci = self.oci()
+        return {"ociVersion": oci_spec.SPEC_VERSION, "id": self.id, "status": status, "pid": pid,
+                "bundle": oci.get("bundle", ""), "annotations": oci.get("annotations", {})}
 
     def cgroups(self) -> CgroupSet:
         return cgroups.from_paths(self.sdir.read_state().get("cgroups") or [])
@@ -147,21 +167,36 @@ def _make_dir(rec: Record) -> None:
 
 
 def _remove_dir(rec: Record) -> None:
-    for name in (FIFO,):
+    for name in (FIFO, REPLY_FIFO):
         with suppress(FileNotFoundError):
             os.unlink(os.path.join(rec.path, name))
     with suppress(FileNotFoundError):
         os.rmdir(rec.path)
 
 
-def _load(bundle: str, cid: str) -> oci_spec.Spec:
+def _load(bundle: str, cid: str, preserve_fds: int = 0) -> oci_spec.Spec:
     """The bundle's spec; without a cgroupsPath the container's cgroup is named by its id (nsrun/ID,
-    as runc names it), not by a hash of its rootfs's path."""
+    as runc names it), not by a hash of its rootfs's path. preserve_fds: our fds 3..3+N-1 go on
+    to the command (each must be open)."""
     sp = oci_spec.load(bundle)
     if sp.config.cgroups.name is None:
         cfg = replace(sp.config, cgroups=replace(sp.config.cgroups, name=cid))
         sp = replace(sp, config=cfg)
+    if preserve_fds:
+        sp = replace(sp, config=replace(sp.config, preserve_fds=check_preserved(preserve_fds)))
     return sp
+
+
+def check_preserved(n: int) -> int:
+    """n, once fds 3..3+n-1 are known to be open here (else one would be some later file of ours)."""
+    if n < 0:
+        raise NsRuntimeError(f"--preserve-fds {n}: not a count")
+    for fd in range(3, 3 + n):
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise NsRuntimeError(f"--preserve-fds {n}: fd {fd} is not open") from None
+    return n
 
 
 NO_CONSOLE_SOCKET = "cannot allocate tty if nsrun will detach without setting console socket"
@@ -200,7 +235,7 @@ def send_console(sock: socket.socket, path: str, master: int) -> None:
 
 
 def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
-           console_socket: str | None = None) -> int:
+           console_socket: str | None = None, preserve_fds: int = 0) -> int:
     """Make the container, its command waiting for start; returns PID 1's host pid.
 
     PID 1 outlives this process (no death signal, no kill when our socket closes) and is
@@ -210,7 +245,7 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
     however short-lived the command. On failure nothing is left: records, cgroups, directory.
     """
     rec = Record(root, cid)
-    sp = _load(bundle, cid)
+    sp = _load(bundle, cid, preserve_fds)
     check_console(sp.terminal, True, console_socket)
     _make_dir(rec)
     console = None
@@ -218,6 +253,7 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
         if console_socket is not None:
             console = connect_console(console_socket)
         os.mkfifo(rec.fifo, 0o600)
+        lifecycle = _lifecycle(rec, sp)
         record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
                             "annotations": dict(sp.annotations)}, "spec": sp.config.source}
         # PID 1 is forked from here and keeps our command line, the host's bundle and log paths
@@ -227,7 +263,7 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
         with suppress(OSError, ValueError, IndexError):
             retitle(PID1_TITLE)
         c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, tty=sp.terminal, die_with_parent=False,
-                           raw_config=record, start_fifo=rec.fifo)
+                           raw_config=record, start_fifo=rec.fifo, lifecycle=lifecycle)
     except BaseException:
         if console is not None:
             console.close()
@@ -254,34 +290,94 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
     return c.pid
 
 
+def _lifecycle(rec: Record, sp: oci_spec.Spec) -> oci_hooks.SpecHooks | None:
+    """The hooks of the setup and the start, when the spec has any (else nsruntime adds no step);
+    the reply FIFO made for startContainer's."""
+    hooks = oci_hooks.SpecHooks(sp.hooks, {"ociVersion": oci_spec.SPEC_VERSION, "id": rec.id, "bundle": sp.bundle,
+                                           "annotations": dict(sp.annotations)}, rec.reply_fifo)
+    if not hooks.needed:
+        return None
+    if hooks.reply_fifo is not None:
+        os.mkfifo(hooks.reply_fifo, 0o600)
+    return hooks
+
+
 def _destroy(rec: Record, c: Container) -> None:
     with suppress(NsRuntimeError, OSError):
         c.destroy()
     _remove_dir(rec)
 
 
-def start(root: str, cid: str) -> None:
-    """Let the created container's command run (from any process)."""
+def start(root: str, cid: str) -> list[str]:
+    """Let the created container's command run (from any process); the poststart hooks' failures,
+    which are warnings. A failing startContainer hook fails the start: the container is then
+    stopped (its command never ran), for the caller to delete."""
     rec = Record(root, cid)
     rec.require()
     status, _pid = rec.status()
     if status != "created":
         raise StateError(f"cannot start a container that is {status}")
+    hooks = rec.hooks()
+    reply = -1
+    if os.path.exists(rec.reply_fifo):  # read before the start: what the command's process says after it
+        reply = os.open(rec.reply_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        fd = os.open(rec.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # no reader: the command's process is gone
-            raise StateError(f"cannot start container {cid}: its process no longer waits") from None
-        if e.errno == errno.ENOENT:
-            raise StateError(f"cannot start container {cid}: started already") from None
-        raise
-    try:
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            raise StateError(f"{rec.fifo}: not a FIFO")
-        os.unlink(rec.fifo)  # first: from here on state says running
-        os.write(fd, b"0")
+        try:
+            fd = os.open(rec.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no reader: the command's process is gone
+                raise StateError(f"cannot start container {cid}: its process no longer waits") from None
+            if e.errno == errno.ENOENT:
+                raise StateError(f"cannot start container {cid}: started already") from None
+            raise
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise StateError(f"{rec.fifo}: not a FIFO")
+            os.unlink(rec.fifo)  # first: from here on state says running
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        if reply >= 0:
+            _started(rec, reply, hooks.get("startContainer", ()))
     finally:
-        os.close(fd)
+        if reply >= 0:
+            os.close(reply)
+            with suppress(FileNotFoundError):
+                os.unlink(rec.reply_fifo)
+    if not hooks.get("poststart"):
+        return []
+    return [str(e) for e in oci_hooks.run_kind("poststart", hooks["poststart"],
+                                               rec.hook_state("running", rec.sdir.live_pid() or 0))]
+
+
+def _started(rec: Record, reply: int, hooks: tuple[oci_hooks.Hook, ...]) -> None:
+    """Wait (bounded by the hooks' timeouts) for the startContainer hooks' outcome: end of file
+    when the command's execve closed the FIFO, or a failure's text, after which PID 1 exits."""
+    from .. import libc
+
+    bound = creator.SETUP_TIMEOUT + sum(h.timeout or creator.SETUP_TIMEOUT for h in hooks)
+    deadline = time.monotonic() + bound
+    said = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not libc.wait_readable(reply, left):
+            raise StateError(f"container {rec.id}: the startContainer hooks did not finish within {bound:g} s")
+        try:
+            chunk = os.read(reply, 4096)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        said += chunk
+    if not said:
+        return
+    live = rec.sdir.open_live()
+    if live is not None:  # it exits once it has said why: `state` then says stopped
+        try:
+            libc.wait_readable(live[1], KILL_TIMEOUT)
+        finally:
+            os.close(live[1])
+    raise StateError(said.decode(errors="replace"))
 
 
 def kill(root: str, cid: str, signum: int, *, all_processes: bool = False) -> None:
@@ -335,12 +431,18 @@ def ps(root: str, cid: str) -> list[int]:
     return sorted(rec.cgroups().pids())
 
 
-def delete(root: str, cid: str, *, force: bool = False) -> None:
-    """Release what the container holds. Gone already: nothing to do (the shim calls it twice)."""
+def delete(root: str, cid: str, *, force: bool = False) -> list[str]:
+    """Release what the container holds, then run its poststop hooks; their failures, which are
+    warnings. Gone already: nothing to do (the shim calls it twice)."""
     rec = Record(root, cid)
     if not os.path.isdir(rec.path):
-        return
+        return []
+    poststop: tuple[oci_hooks.Hook, ...] = ()
+    hook_state: dict[str, Any] = {}
     if rec.exists():
+        poststop = rec.hooks().get("poststop", ())
+        recorded = rec.sdir.read_pid()
+        hook_state = rec.hook_state("stopped", recorded[0] if recorded else 0)
         status, _pid = rec.status()
         if status in ("running", "paused") and not force:
             raise StateError(f"cannot delete container {cid} that is not stopped: {status}")
@@ -363,35 +465,134 @@ def delete(root: str, cid: str, *, force: bool = False) -> None:
                 os.close(pidfd)
         creator.cleanup_stale(rec.sdir)
     _remove_dir(rec)
+    return [str(e) for e in oci_hooks.run_kind("poststop", poststop, hook_state)] if poststop else []
 
 
-def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None) -> int:
-    """create + start in the foreground: the command's exit status (128+N when signal N killed it)."""
-    import signal
+def run(root: str, cid: str, bundle: str, *, pid_file: str | None = None, detach: bool = False,
+        console_socket: str | None = None, warn: Callable[[str], None] | None = None, preserve_fds: int = 0) -> int:
+    """create + start. In the foreground (runc's default): wait for the command, forwarding the
+    signals we get and, with process.terminal, relaying its pty to and from our stdin and stdout
+    (raw while it runs when stdin is a terminal); then delete; the command's exit status (128+N
+    when signal N killed it). detach: create and start, then exit 0 leaving it running, its PID 1
+    reparented to our caller (a subreaper), a terminal's master sent to console_socket.
+    With hooks, the start goes through the start FIFO as `nsrun start` does (startContainer and
+    poststart at their points); their warnings and poststop's go to warn."""
+    from .. import init, joiner, libc
+
+    sp = _load(bundle, cid, preserve_fds)
+    check_console(sp.terminal, detach, console_socket)
+    if detach:
+        create(root, cid, bundle, pid_file=pid_file, console_socket=console_socket, preserve_fds=preserve_fds)
+        try:
+            for w in start(root, cid):
+                if warn is not None:
+                    warn(w)
+        except BaseException:
+            with suppress(NsRuntimeError, OSError):
+                delete(root, cid, force=True)
+            raise
+        return 0
+    rec = Record(root, cid)
+    _make_dir(rec)
+    # blocked from here on and read from a signalfd: nothing sent to us is lost or kills us halfway
+    init.block_signals()
+    sigfd = libc.signalfd(init.ALL_SIGNALS, libc.SFD_CLOEXEC | libc.SFD_NONBLOCK)
+    try:
+        try:
+            record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
+                                "annotations": dict(sp.annotations)}, "spec": sp.config.source}
+            lifecycle = None
+            if any(sp.hooks.values()):
+                os.mkfifo(rec.fifo, 0o600)
+                lifecycle = _lifecycle(rec, sp)
+            fifo = rec.fifo if os.path.exists(rec.fifo) else None
+            # without a FIFO or a terminal, Start goes with Go: one round trip less
+            c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, raw_config=record, tty=sp.terminal,
+                               start=fifo is None, start_fifo=fifo, lifecycle=lifecycle)
+        except BaseException:
+            _remove_dir(rec)
+            raise
+        poststop = sp.hooks.get("poststop", ())
+        state = rec.hook_state("stopped", c.pid)
+        try:
+            if pid_file is not None:
+                write_pid_file(pid_file, c.pid)
+
+            def go() -> None:
+                if fifo is None:
+                    c.start()
+                    return
+                for w in start(root, cid):
+                    if warn is not None:
+                        warn(w)
+
+            if c.console is not None:
+                from .. import console  # termios and tty: only for a terminal
+
+                with console.raw_mode(0):
+                    console.copy_winsize(0, c.console)
+                    go()
+                    joiner.forward_until_exit(sigfd, c.pidfd, c.signal, c.console)
+            else:
+                go()
+                joiner.forward_until_exit(sigfd, c.pidfd, c.signal, None)
+            status = c.poll()
+            assert status is not None
+            return status.exit_code
+        finally:
+            _destroy(rec, c)
+            for e in oci_hooks.run_kind("poststop", poststop, state) if poststop else []:
+                if warn is not None:
+                    warn(str(e))
+    finally:
+        os.close(sigfd)
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, init.ALL_SIGNALS)
+
+
+def update(root: str, cid: str, resources: object, where: str = "resources") -> None:
+    """Apply an OCI LinuxResources object (memory, cpu, pids, blockIO weight) to the live
+    container's cgroups, each controller in the directory that carries it. What config.json
+    refuses is refused here too, naming its path; devices are not changed (as runc)."""
+    from . import events as oci_events
 
     rec = Record(root, cid)
-    sp = _load(bundle, cid)
-    if sp.terminal:
-        raise NsRuntimeError("process.terminal: run does not relay a terminal yet (use create --console-socket, "
-                             "then start)")
-    _make_dir(rec)
+    rec.require()
+    status, _pid = rec.status()
+    if status == "stopped":
+        raise StateError(f"cannot update a container that is {status}")
+    wanted = oci_spec.resources(where, resources)
+    pids = resources.get("pids") if isinstance(resources, dict) else None
+    if isinstance(pids, dict) and pids.get("limit") == -1:
+        wanted = replace(wanted, pids_limit=-1)  # lifted (config.json's -1 asks for none from the start)
+    cg = rec.cgroups()
+    dirs = oci_events.controller_dirs(cg)
+    for leaf in cg.leaves:
+        carried = frozenset(c for c, (_v, d) in dirs.items() if d == leaf.path)
+        type(leaf)(leaf.path, limits=carried).apply(wanted)
+
+
+def events(root: str, cid: str, *, stats_once: bool, interval: float,
+           emit: Callable[[dict[str, Any]], None]) -> None:
+    """runc's events: one stats event (stats_once), or a stats event every interval and an oom
+    event when the OOM killer acts, until the container is gone."""
+    from . import events as oci_events
+
+    rec = Record(root, cid)
+    rec.require()
+    live = rec.sdir.open_live()
+    if live is None:
+        raise StateError(f"container {cid} is not running")
+    _pid, pidfd = live
     try:
-        record = {"nsrun": {"id": cid, "bundle": sp.bundle, "created": _now(), "owner": "",
-                            "annotations": dict(sp.annotations)}, "spec": sp.config.source}
-        c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, raw_config=record, start=True)
-    except BaseException:
-        _remove_dir(rec)
-        raise
-    try:
-        if pid_file is not None:
-            write_pid_file(pid_file, c.pid)
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(s, lambda signum, _frame: c.signal(signum))
-        status = c.wait()
-        assert status is not None
-        return status.exit_code
+        cg = rec.cgroups()
+        if stats_once:
+            emit({"type": "stats", "id": cid, "data": oci_events.stats(cg)})
+            return
+        oci_events.stream(cid, cg, pidfd, interval, emit)
     finally:
-        _destroy(rec, c)
+        os.close(pidfd)
 
 
 def ids(root: str) -> list[str]:
@@ -442,8 +643,8 @@ def default_spec(args: list[str] | None = None) -> dict[str, Any]:
 
 
 def features() -> dict[str, Any]:
-    """The runtime-spec features document: what this nsrun can do."""
-    from .. import apparmor
+    """The runtime-spec features document: exactly what this nsrun honours on this machine."""
+    from .. import apparmor, seccomp
 
     try:
         apparmor_on = apparmor.enabled()
@@ -452,16 +653,17 @@ def features() -> dict[str, Any]:
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": oci_spec.SPEC_VERSION,
-        "hooks": [],
+        "hooks": list(oci_hooks.KINDS),
         "mountOptions": oci_spec.MOUNT_OPTIONS,
         "linux": {
             "namespaces": sorted(oci_spec.NAMESPACE_TYPES),
             "capabilities": [f"CAP_{n}" for n in capability_names()],
             "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False, "rdma": False},
-            "seccomp": {"enabled": False},
+            "seccomp": seccomp.features(),
             "apparmor": {"enabled": apparmor_on},
             "selinux": {"enabled": False},
             "intelRdt": {"enabled": False},
+            "mountExtensions": {"idmap": {"enabled": False}},
         },
         "annotations": {"org.opencontainers.runc.checkpoint.enabled": "false"},
     }
@@ -490,9 +692,33 @@ def spec_file(bundle: str, args: list[str] | None = None) -> str:
 MAX_PROCESS_BYTES = 1 << 20
 
 
+def _exec_flags(proc: dict[str, Any], caps: list[str], gids: list[int], no_new_privs: bool,
+                apparmor: str | None) -> None:
+    """runc exec's --cap, --additional-gids, --no-new-privs, --apparmor, on the process in place.
+
+    A capability goes into the bounding, effective and permitted sets, and into ambient only
+    where the process has an inheritable set (ambient needs it), as runc does; a process without
+    capabilities (all kept) gains nothing from it."""
+    if caps and proc.get("capabilities") is not None:
+        sets = dict(proc["capabilities"])
+        for name in ("bounding", "effective", "permitted", *(("ambient",) if sets.get("inheritable") else ())):
+            sets[name] = [*(sets.get(name) or []), *caps]
+        proc["capabilities"] = sets
+    if gids:
+        user = dict(proc.get("user") or {})
+        user["additionalGids"] = [*(user.get("additionalGids") or []), *gids]
+        proc["user"] = user
+    if no_new_privs:
+        proc["noNewPrivileges"] = True
+    if apparmor is not None:
+        proc["apparmorProfile"] = apparmor
+
+
 def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = None, tty: bool = False,
           cwd: str | None = None, env: list[str] | None = None, user: str | None = None, detach: bool = False,
-          pid_file: str | None = None, console_socket: str | None = None) -> int:
+          pid_file: str | None = None, console_socket: str | None = None, preserve_fds: int = 0,
+          caps: list[str] | None = None, additional_gids: list[int] | None = None, no_new_privs: bool = False,
+          apparmor: str | None = None) -> int:
     """Run one more process in a created or running container (nsruntime's join).
 
     The process is the container's own (config.json's) with args, cwd, env (added), user and
@@ -542,7 +768,14 @@ def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = No
         if not uid.isdigit() or (sep and not gid.isdigit()):
             raise NsRuntimeError(f"--user {user!r}: not UID[:GID] (numbers)")
         proc["user"] = {**(proc.get("user") or {}), "uid": int(uid), **({"gid": int(gid)} if sep else {})}
+    _exec_flags(proc, caps or [], additional_gids or [], no_new_privs, apparmor)
     cfg, command, terminal = oci_spec.exec_process(sp, proc, where)
+    if cfg.apparmor_profile:
+        from .. import apparmor as aa
+
+        aa.check(cfg.apparmor_profile)  # here, before the join: never run unconfined
+    if preserve_fds:
+        cfg = replace(cfg, preserve_fds=check_preserved(preserve_fds))
     check_console(terminal, detach, console_socket)
     if detach:
         console = connect_console(console_socket) if console_socket is not None else None

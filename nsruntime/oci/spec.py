@@ -2,8 +2,8 @@
 
 Every field is either carried over to what the runtime does, or refused with one line naming its
 JSON path (``linux.resources.memory.reservation: not supported``): nothing is accepted and then
-ignored. Empty values of a field that is not supported (``"hooks": {}``, ``"devices": []``) are
-accepted, since they ask for nothing. docs/oci.md lists what is taken and what is refused.
+ignored. Empty values of a field that is not supported (``"hugepageLimits": []``,
+``"intelRdt": {}``) are accepted, since they ask for nothing. docs/oci.md lists what is taken and what is refused.
 
 Where the spec and container.json differ:
 - capabilities: OCI lists, set by set, what the process *keeps* (container.json's
@@ -27,6 +27,7 @@ from ..config import (
     CapabilitySets,
     Cgroups,
     ContainerConfig,
+    Device,
     DeviceRule,
     IdMap,
     Mount,
@@ -57,6 +58,8 @@ from ..consts import (
 from ..errors import ConfigError
 from ..fields import _bool, _cap, _int, _list, _obj, _q, _str, decode_json
 from ..lean import frozen, replace
+from . import hooks as oci_hooks
+from .hooks import Hook
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,7 +74,9 @@ MAX_SPEC_BYTES = 4 << 20
 NAMESPACE_TYPES = {"pid": "NEWPID", "network": "NEWNET", "mount": "NEWNS", "ipc": "NEWIPC", "uts": "NEWUTS",
                    "user": "NEWUSER", "cgroup": "NEWCGROUP"}
 # namespaces that can be joined by path (others are refused with their path)
-JOINABLE = ("network", "ipc", "uts")
+# (pid: PID 1 stays where it is born, the command's process and what it forks go into the pid
+# namespace joined; a mount or user namespace joined would leave no root or ids of the container's own)
+JOINABLE = ("network", "ipc", "uts", "pid", "cgroup")
 
 # mount options that set (or clear) a flag; the rest of a mount's options are its filesystem's data
 _SET_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "sync": MS_SYNCHRONOUS,
@@ -113,6 +118,7 @@ class Spec:
     terminal: bool
     annotations: tuple[tuple[str, str], ...]
     oci_version: str
+    hooks: dict[str, tuple[Hook, ...]]  # kind -> hooks, in order (nsruntime/oci/hooks.py runs them)
 
 
 def _refuse(path: str, why: str = "not supported") -> ConfigError:
@@ -156,8 +162,7 @@ def parse(data: object, bundle: str) -> Spec:
     version = _str("ociVersion", d["ociVersion"])
     if not version.startswith(SUPPORTED_VERSIONS):
         raise ConfigError("ociVersion", f"{_q(version)} is not a runtime-spec version this reads (1.0 to 1.2)")
-    # hooks run through nsruntime/oci/hooks.py, which lands separately: until then, refused
-    _only_empty(d, "", ("hooks",), "not run yet by nsrun (see docs/oci.md)")
+    hooks = oci_hooks.parse(d["hooks"]) if d.get("hooks") is not None else {}
     _only_empty(d, "", ("domainname",))
     if "process" not in d:
         raise ConfigError("process", "missing (nsrun runs a process)")
@@ -178,8 +183,6 @@ def parse(data: object, bundle: str) -> Spec:
         from .. import seccomp  # opens libseccomp: only for a profile, and before pivot_root
 
         seccomp_filter = seccomp.compile(linux["seccomp"], "linux.seccomp")
-    _only_empty(linux, "linux", ("devices",), "device nodes are not made yet (the runtime's /dev has null, zero, "
-                "full, random, urandom, tty, ptmx)")
     _only_empty(linux, "linux", ("intelRdt", "timeOffsets", "memoryPolicy", "netDevices"))
     if not _empty(linux.get("mountLabel")):
         raise _refuse("linux.mountLabel", "SELinux is not supported")
@@ -204,7 +207,12 @@ def parse(data: object, bundle: str) -> Spec:
             raise ConfigError("hostname", "needs a uts namespace of the container's own (not the host's, not "
                               "joined by path)")
     proc = _process("process", d["process"])
+    devices = _device_nodes("linux.devices", linux.get("devices") or [])
     cgroups = _resources("linux.resources", linux.get("resources") or {}, linux.get("cgroupsPath"))
+    if devices:  # as runc: each node made is also allowed in the devices cgroup
+        allowed = tuple(DeviceRule(True, "c" if d.type == "u" else d.type, d.major, d.minor, "rwm")
+                        for d in devices if d.type != "p")
+        cgroups = replace(cgroups, devices=cgroups.devices + allowed)
     sysctl = _sysctl("linux.sysctl", linux.get("sysctl") or {}, namespaces, joins, netns)
     cfg = ContainerConfig(
         hostname=hostname,
@@ -230,6 +238,7 @@ def parse(data: object, bundle: str) -> Spec:
         rlimits=proc["rlimits"],
         sysctl=sysctl,
         oom_score_adj=proc["oom"],
+        devices=devices,
         root_propagation=_ROOT_PROPAGATION[str(prop)] if not _empty(prop) else "rprivate",
         personality=_personality("linux.personality", linux["personality"]) if not _empty(linux.get("personality"))
         else None,
@@ -239,7 +248,8 @@ def parse(data: object, bundle: str) -> Spec:
     )
     annotations = _obj("annotations", d.get("annotations") or {}, set(d.get("annotations") or {}))
     return Spec(cfg, proc["args"], rootfs, bundle, proc["terminal"],
-                tuple((k, _str(f"annotations.{_cap(k)}", v, empty=True)) for k, v in annotations.items()), version)
+                tuple((k, _str(f"annotations.{_cap(k)}", v, empty=True)) for k, v in annotations.items()), version,
+                hooks)
 
 
 def exec_process(spec: Spec, value: object, path: str = "process") -> tuple[ContainerConfig, tuple[str, ...], bool]:
@@ -560,6 +570,46 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
         # and containerd's /default/ID expect); relative: below nsrun's own cgroup
         fields["from_root"] = s.startswith("/")
     return Cgroups(name=name, parent=parent, keep_parents=keep, **fields)
+
+
+_DEVICE_TYPES = ("c", "u", "b", "p")
+_MOUNTED_IN_DEV = ("pts", "shm", "mqueue")  # the runtime's mounts in /dev: no node goes below them
+
+
+def _device_nodes(path: str, value: object) -> tuple[Device, ...]:
+    out: list[Device] = []
+    for i, item in enumerate(_list(path, value)):
+        p = f"{path}[{i}]"
+        d = _obj(p, item, {"path", "type", "major", "minor", "fileMode", "uid", "gid"})
+        for req in ("path", "type"):
+            if req not in d:
+                raise ConfigError(f"{p}.{req}", "missing")
+        where = os.path.normpath(_abs_path(f"{p}.path", d["path"]))
+        parts = where.split("/")
+        if len(parts) < 3 or parts[1] != "dev" or parts[2] in _MOUNTED_IN_DEV:
+            raise _refuse(f"{p}.path", f"{_q(where)}: only below /dev (nodes go in the runtime's /dev tmpfs, not "
+                          "in /dev/pts, /dev/shm or /dev/mqueue)")
+        kind = _str(f"{p}.type", d["type"])
+        if kind not in _DEVICE_TYPES:
+            raise ConfigError(f"{p}.type", f"{_q(kind)} is not one of c, u, b, p")
+        numbers = [0, 0]
+        for j, k in enumerate(("major", "minor")):
+            if kind != "p" and d.get(k) is None:
+                raise ConfigError(f"{p}.{k}", f"missing (a {kind} device has one)")
+            numbers[j] = _int(f"{p}.{k}", d.get(k) or 0, 0, 2**32 - 1)
+        mode = _int(f"{p}.fileMode", d["fileMode"], 0, 2**32 - 1) & 0o7777 if d.get("fileMode") is not None \
+            else 0o666
+        uid = _int(f"{p}.uid", d.get("uid") or 0, 0, 2**32 - 2)
+        gid = _int(f"{p}.gid", d.get("gid") or 0, 0, 2**32 - 2)
+        if any(o.path == where for o in out):
+            raise ConfigError(f"{p}.path", f"{_q(where)} listed twice")
+        out.append(Device(where, kind, numbers[0], numbers[1], mode, uid, gid))
+    return tuple(out)
+
+
+def resources(path: str, value: object) -> Cgroups:
+    """An OCI LinuxResources object alone (`nsrun update --resources`): the limits it sets."""
+    return _resources(path, value, None)
 
 
 def _devices(path: str, value: object) -> tuple[DeviceRule, ...]:

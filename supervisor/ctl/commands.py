@@ -42,8 +42,10 @@ from supervisor.ctl.errors import (
 from supervisor.ctl.eventlog import EventFilter, Follower, parse_since, read_lines, tail_bytes
 from supervisor.ctl.render import EventPrinter, Output, Sample, describe, status_lines, top_rows, top_table
 
-# Where a program is on its way up or already up; "all" for stop/signal means these.
+# Where a program is on its way up or already up; "all" for stop means these.
 ACTIVE_STATES = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
+# What "signal SIG all" signals: a program whose process is up and counted as started.
+SIGNAL_PICKS = frozenset({"RUNNING"})
 
 
 def cmd_status(args: argparse.Namespace, o: Output) -> int:
@@ -130,7 +132,7 @@ def cmd_signal(args: argparse.Namespace, o: Output) -> int:
     results: list[dict[str, Any]] = []
     status = OK
     with connect(args) as client:
-        for name in _expand_all(client, args.names, lambda p: p["state"] == "RUNNING"):
+        for name in _expand_all(client, args.names, lambda p: p["state"] in SIGNAL_PICKS):
             try:
                 client.call("signal", name=name, signum=signum)
             except RemoteError as e:

@@ -167,3 +167,89 @@ def test_exec_console_socket_needs_detach_and_tty(bundle: Bundle,
     assert (p.returncode, p.stdout) == (
         1, "nsrun: cannot allocate tty if nsrun will detach without setting console socket\n")
 
+
+
+def test_run_relays_the_terminal_in_the_foreground(bundle: Bundle) -> None:
+    import pexpect
+
+    from tests.oci.test_nsrun import ENV, NSRUN
+
+    bundle.spec["process"]["terminal"] = True
+    bundle.spec["process"]["args"] = ["sh"]
+    bundle.write()
+    c = pexpect.spawn(NSRUN[0], [*NSRUN[1:], "--root", str(bundle.root), "run", "--bundle", str(bundle.dir), "t1"],
+                      dimensions=(30, 100), timeout=10, env=ENV)
+    try:
+        c.expect(r"# ")
+        c.sendline("tty; stty size; echo $((6*7))")
+        c.expect(r"/dev/pts/0\s+30 100\s+42")
+        c.sendline("exit 3")
+        c.expect(pexpect.EOF)
+    finally:
+        c.close(force=True)
+    assert c.exitstatus == 3
+    assert os.listdir(bundle.root) == []
+
+
+def test_run_relays_all_of_a_short_lived_terminal_commands_output_without_a_terminal_of_its_own(
+        bundle: Bundle) -> None:
+    import subprocess
+
+    from tests.oci.test_nsrun import ENV, NSRUN
+
+    bundle.spec["process"]["terminal"] = True
+    bundle.spec["process"]["args"] = ["sh", "-c", "tty; seq 1 2000; exit 4"]
+    bundle.write()
+    p = subprocess.run([*NSRUN, "--root", str(bundle.root), "run", "--bundle", str(bundle.dir), "t1"],
+                       stdin=subprocess.DEVNULL, capture_output=True, env=ENV, timeout=30)
+    assert p.returncode == 4, p.stderr
+    assert p.stdout.decode().replace("\r\n", "\n") == "/dev/pts/0\n" + "".join(f"{i}\n" for i in range(1, 2001))
+
+
+def test_run_takes_a_console_socket_only_when_detached_with_a_terminal(
+        bundle: Bundle, console_socket: tuple[socket.socket, Path]) -> None:
+    _listener, path = console_socket
+    bundle.spec["process"]["terminal"] = True
+    bundle.write()
+    p = bundle.nsrun("run", "--bundle", str(bundle.dir), "--console-socket", str(path), "t1")
+    assert (p.returncode, p.stdout) == (
+        1, "nsrun: cannot use console socket if nsrun will not detach or allocate tty\n")
+    p = bundle.nsrun("run", "--detach", "--bundle", str(bundle.dir), "t1")
+    assert (p.returncode, p.stdout) == (
+        1, "nsrun: cannot allocate tty if nsrun will detach without setting console socket\n")
+    assert os.listdir(bundle.root) == [] if bundle.root.exists() else True
+
+
+def test_run_detach_leaves_the_container_running_with_its_pid1_the_callers_child(bundle: Bundle) -> None:
+    p = bundle.nsrun("run", "--detach", "--bundle", str(bundle.dir), "--pid-file", str(bundle.dir / "pid"), "d1")
+    assert (p.returncode, p.stdout) == (0, "")
+    pid = int((bundle.dir / "pid").read_text())
+    bundle.pids.append(pid)
+    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert ppid == os.getpid(), "PID 1 is reparented to the caller, a subreaper"
+    assert bundle.state("d1")["status"] == "running"
+    from tests.conftest import wait_for
+
+    wait_for(bundle.marker, what="the command to run")
+    assert bundle.nsrun("delete", "--force", "d1").returncode == 0
+    bundle.reap(pid)
+
+
+def test_run_detach_with_a_terminal_sends_the_master_to_the_console_socket(
+        bundle: Bundle, console_socket: tuple[socket.socket, Path]) -> None:
+    listener, path = console_socket
+    bundle.spec["process"]["terminal"] = True
+    bundle.spec["process"]["args"] = READ_AND_RUN
+    bundle.write()
+    p = bundle.nsrun("run", "--detach", "--bundle", str(bundle.dir), "--pid-file", str(bundle.dir / "pid"),
+                     "--console-socket", str(path), "d1")
+    assert (p.returncode, p.stdout) == (0, "")
+    pid = int((bundle.dir / "pid").read_text())
+    bundle.pids.append(pid)
+    _name, master = receive_master(listener)
+    try:
+        assert type_and_read(master, b"tty; exit 6\n") == "/dev/pts/0\n"
+    finally:
+        os.close(master)
+    assert os.WEXITSTATUS(bundle.reap(pid)) == 6
+    assert bundle.nsrun("delete", "d1").returncode == 0

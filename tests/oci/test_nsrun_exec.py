@@ -152,3 +152,23 @@ def test_exec_tty_gives_the_process_a_terminal_of_the_containers_devpts(bundle: 
     p = bundle.nsrun("exec", "--tty", "c1", "sh", "-c", "tty; ls -1 /dev/pts")
     assert p.returncode == 0
     assert p.stdout.replace("\r\n", "\n") == "/dev/pts/0\n0\nptmx\n"
+
+
+def test_exec_cap_additional_gids_and_no_new_privs(bundle: Bundle) -> None:
+    started(bundle)
+    script = "grep -E '^(CapBnd|CapEff|CapPrm|NoNewPrivs)' /proc/self/status; id -G"
+    p = bundle.nsrun("exec", "--cap", "CAP_CHOWN", "-g", "7", "--additional-gids", "9", "--no-new-privs", "c1",
+                     "sh", "-c", script)
+    assert p.returncode == 0, p.stdout
+    # the spec's: CAP_AUDIT_WRITE (29), CAP_KILL (5), CAP_NET_BIND_SERVICE (10); plus CAP_CHOWN (0)
+    caps = f"{(1 << 29) | (1 << 5) | (1 << 10) | 1:016x}"
+    assert p.stdout.splitlines() == [f"CapPrm:\t{caps}", f"CapEff:\t{caps}", f"CapBnd:\t{caps}", "NoNewPrivs:\t1",
+                                     "0 7 9"]
+
+
+def test_exec_refuses_an_apparmor_profile_where_apparmor_is_absent(bundle: Bundle) -> None:
+    started(bundle)
+    p = bundle.nsrun("exec", "--apparmor", "myprofile", "c1", "true")
+    assert p.returncode == 1
+    assert p.stdout.startswith('nsrun: apparmor: profile "myprofile" asked for, but AppArmor is not enabled on this '
+                               "kernel"), p.stdout

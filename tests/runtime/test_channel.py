@@ -16,6 +16,8 @@ _messages = st.one_of(
     st.builds(channel.Userns, st.integers(0, 2**22)), st.builds(channel.Pid, st.integers(0, 2**22)),
     st.builds(channel.Exited, st.integers(0, 255), st.integers(0, 64)),
     st.builds(channel.Error, _texts.filter(lambda t: t.strip() == t and t.isprintable())),
+    st.just(channel.Prestart()),
+    st.builds(channel.Prestarted, _texts.filter(lambda t: t.strip() == t and t.isprintable())),
 )
 
 
@@ -33,6 +35,8 @@ def _read(*chunks: bytes) -> list[channel.Message]:
     (channel.Go(), b"go\n"), (channel.Start(), b"start\n"), (channel.Mapped(), b"mapped\n"),
     (channel.Ready(), b"ready\n"), (channel.Userns(41), b"userns 41\n"), (channel.Pid(12), b"pid 12\n"),
     (channel.Exited(137, 9), b"exited 137 9\n"), (channel.Error("mount /proc: EPERM"), b"error mount /proc: EPERM\n"),
+    (channel.Prestart(), b"prestart\n"),
+    (channel.Prestarted('{"pid": 12, "status": "creating"}'), b'prestarted {"pid": 12, "status": "creating"}\n'),
 ])  # fmt: skip
 def test_each_message_has_one_line_on_the_wire(message: channel.Message, wire: bytes) -> None:
     assert channel.render(message) == wire

@@ -21,6 +21,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config import ConfigError
+from tests.conftest import make_busybox_rootfs
 from tests.supervisor.test_daemon_process import Nsinitd
 
 ConfigWriter = Any
@@ -98,11 +99,13 @@ async def web(cfg: ConfigWriter, nursery: trio.Nursery) -> AsyncIterator[Callabl
     answering once its ``web.started`` event and the autostart programs' ``program.running`` are out."""
     procs: list[trio.Process] = []
 
-    async def start(auth: str = "token", programs: str = PROGRAMS, extra: str = "") -> Web:
+    async def start(auth: str = "token", programs: str = PROGRAMS, extra: str = "", control: bool = False) -> Web:
+        """``control``: nsinitd also listens on its control socket (cfg.root / "nsinitd.sock")."""
         port = free_port()
         path = cfg.write(programs + "\n" + web_table(port, token_file(cfg.root) if auth == "token" else None) + extra)
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "supervisor.nsinitd", "-c", str(path), "--no-socket"], stdout=subprocess.PIPE)
+            [sys.executable, "-m", "supervisor.nsinitd", "-c", str(path), *([] if control else ["--no-socket"])],
+            stdout=subprocess.PIPE)
         procs.append(proc)
         d = Nsinitd(proc)
         await d.wait_for("web.started")
@@ -199,6 +202,32 @@ async def test_a_stop_without_the_token_is_refused_and_reported(web: Callable[..
     r = await w.request("POST", "/program/web/stop", {"authorization": "Bearer wrong"})
     assert (r.status, r.json()["error"]["message"]) == (403, "permission denied: wrong token")
     assert await w.state("web") == "RUNNING"
+
+
+async def test_a_wrong_token_is_reported_as_such(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    r = await w.request("POST", "/all/stop", {"authorization": "Bearer not-it"})
+    assert (r.status, r.json()["error"]["message"]) == (403, "permission denied: wrong token")
+    event = await w.daemon.wait_for("web.refused")
+    assert (event["method"], event["path"], event["reason"], event["suppressed"]) == ("POST", "/all/stop",
+                                                                                       "wrong-token", 0)
+    assert event["client"].startswith("127.0.0.1:")
+    assert [await w.state(name) for name in ("web", "worker")] == ["RUNNING", "RUNNING"]
+
+
+def test_refusals_are_reported_at_most_10_a_second_and_the_rest_counted_in_the_next() -> None:
+    from supervisor.web import _RateLimit
+
+    now = [100.0]
+    limit = _RateLimit(10, clock=lambda: now[0])
+    assert [limit.take() for _ in range(12)] == [0] * 10 + [None, None]  # a burst: 10, then quiet
+    now[0] += 0.0625  # not yet a report's worth of time (0.1 s)
+    assert limit.take() is None
+    now[0] += 0.0625
+    assert limit.take() == 3  # the three suppressed since the last report
+    assert limit.take() is None
+    now[0] += 60  # a long quiet time fills the bucket to 10, no more
+    assert [limit.take() for _ in range(11)] == [1] + [0] * 9 + [None]
 
 
 async def test_a_cross_site_post_is_refused_even_with_the_token(web: Callable[..., Awaitable[Web]]) -> None:
@@ -316,6 +345,25 @@ async def test_events_stream_live_filtered_by_program(web: Callable[..., Awaitab
                                                              ("program.stopped", "worker")]
 
 
+async def test_events_since_replays_the_event_log_then_follows_live(
+        web: Callable[..., Awaitable[Web]], cfg: ConfigWriter) -> None:
+    w = await web(auth="none")
+    r = await w.request("GET", "/events?since=yesterday")
+    assert (r.status, r.body) == (400, b"since: expected RFC 3339 (2026-11-28T00:10:00Z) or 10m/2h/1d, "
+                                       b"got 'yesterday'\n")
+    reader = EventReader(await _open_events(w.port, "?since=1h&program=worker"))
+    async with reader.stream:
+        with trio.fail_after(10):
+            await reader.subscribed()
+            await w.request("POST", "/program/worker/stop")
+            seen = await reader.until("program.stopped", "worker")
+    logged = [json.loads(line) for line in (cfg.root / "events.jsonl").read_text().splitlines()]
+    # the log's events of worker from nsinitd's start, then those of the stop: none twice, none missed
+    assert seen == [e for e in logged if e.get("program") == "worker"]
+    assert [e["event"] for e in seen][:2] == ["program.starting", "program.running"]
+    assert [e["event"] for e in seen][-3:] == ["program.stopping", "program.exited", "program.stopped"]
+
+
 async def test_stalled_event_readers_leave_healthz_answering_within_100ms(web: Callable[..., Awaitable[Web]]) -> None:
     w = await web(auth="none", programs="""
         [programs.flapper]
@@ -336,6 +384,158 @@ async def test_stalled_event_readers_leave_healthz_answering_within_100ms(web: C
     finally:
         for s in stalled:
             await s.aclose()
+
+
+FLOOD_PROGRAMS = """
+    [programs.flapper]
+    command = ["sleep", "0.05"]
+    startsecs = 0
+    autorestart = "always"
+    backoff = { initial = 0.0, factor = 1.0, max = 0.0 }
+    startretries = 1000000
+    [programs.web]
+    command = ["sleep", "300"]
+    startsecs = 0.2
+"""
+
+
+def probe_latencies(port: int, control_socket: Path, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds each answer took: ``nsinitctl status``'s call over the control socket (a fresh
+    connection each time, as nsinitctl makes) and a GET /healthz on a fresh connection, taken in
+    turn, ``rounds`` of each. Each answer is checked, not only timed."""
+    from supervisor.ctl.client import Client
+
+    status: list[float] = []
+    healthz: list[float] = []
+    for _ in range(rounds):
+        t0 = time.monotonic()
+        with Client(os.fspath(control_socket), timeout=10) as client:
+            programs = client.call("status")
+        status.append(time.monotonic() - t0)
+        assert [p["name"] for p in programs] == ["flapper", "web"]
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/healthz")
+            r = conn.getresponse()
+            assert (r.status, r.read()) == (200, b"ok\n")
+        finally:
+            conn.close()
+        healthz.append(time.monotonic() - t0)
+    return status, healthz
+
+
+class EventReader:
+    """The events of a raw ``GET /events`` answer: the head, then HTTP/1.1 chunks of ``data:`` lines."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+        self.text = b""  # the body, unchunked, not yet parsed into events
+        self.events: list[dict[str, Any]] = []
+        self.more = trio.Event()  # set at the next event (then replaced)
+
+    async def _more(self) -> None:
+        chunk = await self.stream.receive_some(65536)
+        assert chunk, f"the event stream ended after {len(self.events)} events: {self.events[-3:]}"
+        self.buf += chunk
+
+    async def subscribed(self) -> None:
+        """Until the server's opening comment: it has subscribed, what follows is live."""
+        while b"\r\n\r\n" not in self.buf:
+            await self._more()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower()
+        await self._unchunk_until(lambda: b": nsinitd events\n\n" in self.text)
+        self.text = self.text.partition(b": nsinitd events\n\n")[2]
+
+    async def _unchunk_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            while b"\r\n" not in self.buf:
+                await self._more()
+            size = int(self.buf.split(b"\r\n", 1)[0], 16)
+            while len(self.buf) < self.buf.index(b"\r\n") + 2 + size + 2:
+                await self._more()
+            start = self.buf.index(b"\r\n") + 2
+            self.text += self.buf[start:start + size]
+            self.buf = self.buf[start + size + 2:]
+
+    async def until(self, event: str, program: str) -> list[dict[str, Any]]:
+        """Every event through the first ``event`` of ``program``."""
+        while not self.events or (self.events[-1]["event"], self.events[-1].get("program")) != (event, program):
+            await self._unchunk_until(lambda: b"\n\n" in self.text)
+            block, _, self.text = self.text.partition(b"\n\n")
+            assert block.startswith(b"data: "), block
+            self.events.append(json.loads(block[6:]))
+            self.more.set()
+            self.more = trio.Event()
+        return self.events
+
+
+async def test_a_flood_leaves_status_and_healthz_answering_within_100ms_and_loses_no_event(
+        web: Callable[..., Awaitable[Web]], cfg: ConfigWriter) -> None:
+    """300 idle connections, an /events reader that never reads, and 96 clients asking for the
+    page, /status.json and /metrics as fast as they are answered, while a program flaps (200
+    events and more): the control socket's status and /healthz each answer within 100 ms (the
+    worst of 20 probes of each taken meanwhile), and a reading /events client gets every event of
+    the event log, in order."""
+    w = await web(auth="none", programs=FLOOD_PROGRAMS, control=True)
+    log = cfg.root / "events.jsonl"
+    stalled = await _open_events(w.port, "", rcvbuf=1024)
+    reader = EventReader(await _open_events(w.port, ""))
+    idle: list[trio.SocketStream] = []
+    flood: trio.Process | None = None
+    async with stalled, reader.stream:
+        with trio.fail_after(10):
+            await reader.subscribed()
+        logged_before = len(log.read_text().splitlines())
+        try:
+            for i in range(300):
+                s = await trio.open_tcp_stream("127.0.0.1", w.port)
+                if i % 2:  # half never send a byte, half stop in the middle of a request head
+                    await s.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                idle.append(s)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader.until, "program.stopped", "web")
+                flood = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "tests.supervisor.web_flood", str(w.port), "96", "/", "/status.json",
+                     "/metrics"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                assert flood.stdin is not None and flood.stdout is not None
+                with trio.fail_after(60):
+                    said = b""
+                    while b"on\n" not in said:  # every flood client has been answered: it is on
+                        said += await flood.stdout.receive_some(65536)
+                    started = time.monotonic()
+                    status, healthz = await trio.to_thread.run_sync(
+                        probe_latencies, w.port, cfg.root / "nsinitd.sock", 20)
+                    ended = time.monotonic()
+                    while sum(e["program"] == "flapper" for e in reader.events) < 200:  # the flood goes on
+                        await reader.more.wait()
+                    await flood.stdin.aclose()
+                    while not said.endswith(b"}\n"):
+                        chunk = await flood.stdout.receive_some(65536)
+                        assert chunk, "the flood ended without its summary"
+                        said += chunk
+                    assert await flood.wait() == 0
+                    summary = json.loads(said.split(b"\n")[1])
+                    r = await w.request("POST", "/program/web/stop")  # the last event the reader waits for
+                    assert r.status == 200
+        finally:
+            if flood is not None and flood.returncode is None:
+                flood.kill()
+                await flood.wait()
+            for s in idle:
+                await s.aclose()
+    assert summary["statuses"] == {"200": len(summary["times"])}
+    # the flood went on while the probes were taken: each client was answered at least once meanwhile
+    assert sum(started <= t <= ended for t in summary["times"]) >= 96
+    assert max(status) < 0.1, f"nsinitctl status took {max(status) * 1000:.0f} ms at worst: {status}"
+    assert max(healthz) < 0.1, f"/healthz took {max(healthz) * 1000:.0f} ms at worst: {healthz}"
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    first = logged.index(reader.events[0])
+    assert first <= logged_before  # the reader's first event was logged before the flood began
+    assert reader.events == logged[first:first + len(reader.events)]
+    assert sum(e.get("program") == "flapper" for e in logged[logged_before:]) >= 200
 
 
 async def test_a_unix_socket_listener_is_root_only_and_removed_at_exit(cfg: ConfigWriter) -> None:
@@ -393,6 +593,33 @@ async def test_the_page_shows_each_programs_cpu_and_memory_from_its_cgroup(
     assert '<td class="cpu opt num"></td><td class="mem opt num"></td>' in page  # idle: no cgroup
 
 
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+async def test_a_container_killed_for_memory_says_oom_in_its_event_metrics_and_row(
+        web: Callable[..., Awaitable[Web]], tmp_path: Path) -> None:
+    # 16 MiB and no swap; tail keeps its line in memory, and /dev/zero has no newline: it grows
+    # until the kernel's OOM killer ends it, in the container's memory cgroup
+    rootfs = make_busybox_rootfs(tmp_path / "bb", {"cgroups": {"memory": 16 << 20, "memory_swap": 16 << 20}})
+    w = await web(auth="none", programs=f"""
+        [programs.hog]
+        container = "{rootfs}"
+        command = ["tail", "/dev/zero"]
+        startsecs = 0
+        autorestart = "never"
+    """)
+    exited = await w.daemon.wait_for("program.exited", "hog", timeout=30)
+    assert (exited["signal"], exited["exit_code"], exited["oom_killed"]) == ("SIGKILL", 137, True)
+    await w.daemon.wait_for("container.destroyed", "hog")
+    families = {f.name: f for f in text_string_to_metric_families((await w.request("GET", "/metrics")).body.decode())}
+    exits = {tuple(sorted(s.labels.items())): s.value for s in families["nsinit_program_exits"].samples
+             if s.name == "nsinit_program_exits_total"}
+    assert exits == {(("cause", "oom"), ("program", "hog")): 1.0}
+    row = {p["name"]: p for p in (await w.request("GET", "/status.json")).json()}["hog"]
+    assert (row["state"], row["signal"], row["oom_killed"]) == ("EXITED", "SIGKILL", True)
+    page = (await w.request("GET", "/")).body.decode()
+    assert '<tr id="p-hog" class="EXITED">' in page and '<td class="exit opt">SIGKILL (OOM)</td>' in page
+
+
 def test_last_exit_shows_the_code_or_signal_and_an_oom_kill() -> None:
     from supervisor.api import ProgramStatus
     from supervisor.web import last_exit
@@ -406,10 +633,11 @@ def test_last_exit_shows_the_code_or_signal_and_an_oom_kill() -> None:
 
 
 def test_all_picks_the_programs_nsinitctls_all_picks() -> None:
-    from supervisor.ctl.commands import _ACTIONS
+    from supervisor.ctl.commands import _ACTIONS, SIGNAL_PICKS
     from supervisor.web import ALL_PICKS
 
-    assert dict(ALL_PICKS) == {action: picked for action, (_, _, picked) in _ACTIONS.items()}
+    assert dict(ALL_PICKS) == {**{action: picked for action, (_, _, picked) in _ACTIONS.items()},
+                               "signal": SIGNAL_PICKS}
 
 
 async def test_stop_all_and_start_all_act_on_the_programs_nsinitctl_would(web: Callable[..., Awaitable[Web]]) -> None:
@@ -425,9 +653,30 @@ async def test_stop_all_and_start_all_act_on_the_programs_nsinitctl_would(web: C
     r = await w.request("POST", "/all/start", auth)
     assert r.status == 200 and [(p["name"], p["state"]) for p in r.json()["result"]] == \
         [("idle", "RUNNING"), ("web", "RUNNING"), ("worker", "RUNNING")]
-    r = await w.request("POST", "/all/signal", auth)
+    r = await w.request("POST", "/all/bogus", auth)
     assert (r.status, r.json()["error"]["message"]) == (
-        404, "no such action for all: signal (one of start, stop, restart)")
+        404, "no such action for all: bogus (one of start, stop, restart, signal)")
+
+
+async def test_signal_all_signals_every_running_program_like_nsinitctl(web: Callable[..., Awaitable[Web]]) -> None:
+    w = await web()
+    r = await w.request("POST", "/all/signal", FORM, b"signal=TERM")
+    assert (r.status, r.json()["error"]["code"]) == (401, "refused")
+    auth = {"authorization": f"Bearer {TOKEN}", **FORM}
+    r = await w.request("POST", "/all/signal", auth, b"signal=BOGUS")
+    assert (r.status, r.json()["error"]) == (400, {"code": "bad_request", "message": "signal: unknown signal 'BOGUS'"})
+    assert [e for e in w.daemon.events if e["event"] == "program.exited"] == []
+    r = await w.request("POST", "/all/signal", auth, b"signal=TERM")
+    # nsinitctl signal TERM all --json answers the same list; idle (STOPPED) is not picked
+    assert (r.status, r.json()) == (200, {"ok": True, "result": [{"name": "web", "signal": "SIGTERM"},
+                                                                  {"name": "worker", "signal": "SIGTERM"}]})
+    for name in ("web", "worker"):
+        exited = await w.daemon.wait_for("program.exited", name)
+        assert (exited["signal"], exited["exit_code"]) == ("SIGTERM", 143)
+        await w.daemon.wait_for("program.running", name, count=2)  # restarted: a signal is a failure
+    assert await w.state("idle") == "STOPPED"
+    r = await w.request("POST", "/all/signal?signal=1", {"authorization": f"Bearer {TOKEN}"})  # or in the query
+    assert (r.status, [p["signal"] for p in r.json()["result"]]) == (200, ["SIGHUP", "SIGHUP"])
 
 
 async def test_300_idle_connections_leave_healthz_answering_within_100ms(web: Callable[..., Awaitable[Web]]) -> None:
@@ -451,8 +700,10 @@ async def test_300_idle_connections_leave_healthz_answering_within_100ms(web: Ca
 
 def healthz_once_a_connection_is_taken(port: int) -> list[tuple[int, bytes]]:
     """Connect until the server takes the connection (each 503 comes at once, until it has read the
-    closes' EOF), then ask /healthz 20 times on it; each answer must come within 100 ms."""
-    deadline = time.monotonic() + 5
+    closes' EOF), then ask /healthz 20 times on it; each answer must come within 100 ms. Trying
+    for 3 s at most: well before the 5 s after which an idle connection would be closed anyway,
+    so a slot kept until then fails here."""
+    deadline = time.monotonic() + 3
     while True:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
@@ -499,6 +750,22 @@ async def test_connections_beyond_max_connections_are_refused_and_healthz_answer
             await s.aclose()
 
 
+async def until_logged(path: Path, text: bytes) -> None:
+    """Until the captured output file holds ``text``, woken by inotify on its directory (the
+    Follower of nsinitctl logs -f and of the page)."""
+    from supervisor.ctl.eventlog import Follower
+    from supervisor.web import _wait_for_change
+
+    follower = Follower(path, None)  # watching before the first read: no write slips between
+    try:
+        seen = b""
+        with trio.fail_after(10):
+            while text not in (seen := seen + follower.read()):
+                await _wait_for_change(follower)
+    finally:
+        follower.close()
+
+
 async def test_a_program_page_follows_its_output_live_through_rotation(
         web: Callable[..., Awaitable[Web]], cfg: ConfigWriter, tmp_path: Path) -> None:
     fifo = tmp_path / "say"
@@ -510,6 +777,7 @@ async def test_a_program_page_follows_its_output_live_through_rotation(
         stdout_maxbytes = 100
         stdout_backups = 2
     """)
+    await until_logged(cfg.root / "logs" / "talker.out", b"before\n")  # what the page's tail shows, not the stream
     stream = await trio.open_tcp_stream("127.0.0.1", w.port)
     async with stream:
         await stream.send_all(f"GET /program/talker/log/stdout HTTP/1.1\r\nHost: 127.0.0.1:{w.port}\r\n\r\n".encode())
