@@ -334,7 +334,12 @@ def test_a_signal_to_an_attached_podman_run_reaches_the_command(podman: Podman) 
         assert proc.stdout is not None
         assert libc.wait_readable(proc.stdout.fileno(), 30), "the container never said ready"
         assert proc.stdout.readline() == "ready\n"  # the trap is set
-        proc.send_signal(signal.SIGUSR1)
+        # podman proxies signals only once its attach is done, a moment after the container
+        # started; until then (Go's default for SIGUSR1) it drops them: send again until heard
+        for _ in range(30):
+            proc.send_signal(signal.SIGUSR1)
+            if libc.wait_readable(proc.stdout.fileno(), 1.0):
+                break
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
