@@ -172,14 +172,14 @@ def podman_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         tar.add(rootfs, arcname=".")
     cgroups_before = _libpod_cgroups()
     # podman's network code makes /run/containers/networks whatever the network (its run directory
-    # is not configurable in 4.3): removed at the end when the module made it and it stayed empty
-    # and nsrun's default root (podman passes no --root), likewise
+    # is not configurable in 4.3), and nsrun makes its default root (podman passes no --root):
+    # each is removed at the end when the module made it and it stayed empty
     run_dirs = [d for d in (RUN_CONTAINERS, RUN_CONTAINERS / "networks", Path(DEFAULT_ROOT)) if not d.exists()]
-    pm.ok("import", str(base / "busybox.tar"), IMAGE)
-    # a first container makes the cgroup parents (/libpod_parent, podman's conmon cgroup) that
-    # stay until the module ends, so that no test is blamed for them
-    pm.ok("run", "--rm", "--network", "none", IMAGE, "true")
     try:
+        pm.ok("import", str(base / "busybox.tar"), IMAGE)
+        # a first container makes the cgroup parents (/libpod_parent, podman's conmon cgroup) that
+        # stay until the module ends, so that no test is blamed for them
+        pm.ok("run", "--rm", "--network", "none", IMAGE, "true")
         yield pm
     finally:
         pm("rm", "--all", "--force", "--time", "0")
