@@ -92,6 +92,7 @@ class Mount:
     flags: int | None = None  # MS_NOSUID|MS_NODEV|MS_NOEXEC... of the mount; None: nosuid,nodev for a tmpfs
     data: str | None = None  # a tmpfs's options ("size=64m,mode=755"); None: mode=1777
     recursive: bool = True  # a bind takes the mounts below its source along (rbind)
+    copy_up: bool = False  # a tmpfs starts as a copy of the directory it covers (OCI "tmpcopyup", runc's)
 
 
 @frozen
@@ -141,6 +142,13 @@ class Cgroups:
     parent: str = "nsinit"
     memory: int | None = None
     memory_swap: int | None = None
+    # OCI only (podman's --memory-reservation, --memory-swappiness, --oom-kill-disable, --cpuset-mems)
+    memory_reservation: int | None = None  # a soft limit: v1 memory.soft_limit_in_bytes, v2 memory.low
+    memory_swappiness: int | None = None  # v1 only
+    oom_kill_disable: bool | None = None  # v1 only (True; None: the kernel's OOM killer as usual)
+    cpuset_mems: str | None = None
+    # (read_bps | write_bps | read_iops | write_iops, major, minor, rate) per device; None: none
+    blkio_throttle: tuple[tuple[str, int, int, int], ...] | None = None
     cpu_shares: int | None = None
     cpu_quota: int | None = None
     cpu_period: int | None = None
@@ -213,6 +221,11 @@ class ContainerConfig:
     oom_score_adj: int | None = None
     devices: tuple[Device, ...] = ()  # nodes made in /dev besides the runtime's own
     preserve_fds: int = 0  # the caller's fds 3..3+N-1 go on to the command (OCI --preserve-fds)
+    # the propagation of the container's mounts from the host: "rprivate" (none) or "rslave" (the
+    # host's mount events reach the container, never the other way: OCI rootfsPropagation)
+    root_propagation: str = "rprivate"
+    # personality(2) set right before execve (OCI linux.personality: PER_LINUX 0, PER_LINUX32 8)
+    personality: int | None = None
     # namespaces joined by path instead of made (NEWIPC, NEWUTS); a network namespace is a Network("netns")
     namespace_joins: tuple[tuple[str, str], ...] = ()
     # the decoded container.json this was parsed from: recorded in state.json for joins and cleanup

@@ -107,6 +107,8 @@ def exec_command(cfg: ContainerConfig, argv: list[str], env: dict[str, str], tty
         ids = _lookup_user(cfg.user) if cfg.user else None
         if ids and ids[3] and "HOME" not in env:
             env = {**env, "HOME": ids[3]}
+        if cfg.personality is not None:
+            libc.personality(cfg.personality)  # (before the seccomp filter, which may allow only some)
         if cfg.apparmor_profile:
             apparmor.apply(cfg.apparmor_profile)
         if cfg.no_new_privileges:

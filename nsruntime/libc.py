@@ -110,6 +110,9 @@ _prctl_name.argtypes = [_c.c_int, _c.c_char_p, _c.c_ulong, _c.c_ulong, _c.c_ulon
 _prctl_name.restype = _c.c_int
 _syscall = _libc.syscall
 _syscall.restype = _c.c_long
+_personality = _libc.personality
+_personality.argtypes = [_c.c_ulong]
+_personality.restype = _c.c_int
 _signalfd = _libc.signalfd
 _signalfd.argtypes = [_c.c_int, _c.c_char_p, _c.c_int]  # the sigset's bytes
 _signalfd.restype = _c.c_int
@@ -151,6 +154,12 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     if rc < 0:
         raise _fail(f"prctl({option}, {arg2})")
     return int(rc)
+
+
+def personality(persona: int) -> None:
+    """personality(2): the execution domain the next execve keeps (PER_LINUX32: uname says i686)."""
+    if _personality(persona) < 0:
+        raise _fail(f"personality({persona:#x})")
 
 
 def set_process_name(name: str) -> None:

@@ -1,7 +1,7 @@
 """The container's filesystem: runs in the container's PID 1, inside its new mount namespace.
 
-Order matters and is the kernel's, not ours: propagation private first (or every mount below
-reaches the host), the rootfs bound onto itself (pivot_root wants a mount point), /proc, /sys,
+Order matters and is the kernel's, not ours: propagation private (or slave) first (or every
+mount below reaches the host), the rootfs bound onto itself (pivot_root wants a mount point), /proc, /sys,
 /dev, then the config's mounts (on top of those three, not hidden below them), then pivot_root,
 then masks and read-only remounts from inside (/container.json among them).
 
@@ -142,6 +142,77 @@ def _mount_in_dev(dirfd: int, name: str, source: str | None, fstype: str | None,
         _mount_fd(fd, f"{where}/{name}", source, fstype, flags, data)
     finally:
         os.close(fd)
+
+
+def _mount_tmpfs_copy_up(root: str, dest: str, flags: int, data: str | None) -> None:
+    """A tmpfs on dest that starts as a copy of the directory it covers (OCI's "tmpcopyup", a runc
+    extension podman uses for --read-only and --tmpfs), with that directory's mode and owner unless
+    data names them. The directory is opened before the mount hides it and read through that fd;
+    the copy is written through an fd of the new tmpfs, so no path of the rootfs is followed. A
+    read-only tmpfs is filled first, then made read-only."""
+    below = resolve_in_root(root, dest, make="dir")
+    try:
+        src = os.open(f"/proc/self/fd/{below}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _mount_fd(below, dest, "tmpfs", "tmpfs", flags & ~libc.MS_RDONLY, data)
+            top = resolve_in_root(root, dest, make=None)
+            try:
+                dst = os.open(f"/proc/self/fd/{top}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            finally:
+                os.close(top)
+            try:
+                _copy_tree(src, dst)
+                st = os.fstat(src)
+                opts = [o.partition("=")[0] for o in (data or "").split(",")]
+                if "uid" not in opts and "gid" not in opts:
+                    os.fchown(dst, st.st_uid, st.st_gid)
+                if "mode" not in opts:
+                    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+    finally:
+        os.close(below)
+    if flags & libc.MS_RDONLY:
+        _remount_at(root, dest, flags | libc.MS_REMOUNT | libc.MS_BIND)
+
+
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _copy_tree(src: int, dst: int) -> None:
+    """Copy the entries of directory src into directory dst (both fds; *at() calls only, symlinks
+    copied as symlinks, never followed), with their modes, owners and times."""
+    for name in os.listdir(src):
+        st = os.stat(name, dir_fd=src, follow_symlinks=False)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFLNK:
+            os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
+            continue
+        if kind == stat.S_IFDIR:
+            os.mkdir(name, 0o700, dir_fd=dst)
+            s, d = os.open(name, _NOFOLLOW_DIR, dir_fd=src), os.open(name, _NOFOLLOW_DIR, dir_fd=dst)
+        elif kind == stat.S_IFREG:
+            s = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src)
+            d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst)
+        else:  # fifo, device, socket: the node itself
+            os.mknod(name, st.st_mode, st.st_rdev, dir_fd=dst)
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
+            continue
+        try:
+            if kind == stat.S_IFDIR:
+                _copy_tree(s, d)
+            else:
+                while os.sendfile(d, s, None, 1 << 20):
+                    pass
+            os.fchown(d, st.st_uid, st.st_gid)  # before the mode: chown clears set-id bits
+            os.fchmod(d, stat.S_IMODE(st.st_mode))
+            os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(s)
+            os.close(d)
 
 
 _CGROUP_ROOT = "/sys/fs/cgroup"
@@ -317,9 +388,11 @@ def prepare(cfg: ContainerConfig, rootfs: str) -> None:
     /proc, /sys and /dev before the config's mounts: a mount below one of them (/proc/sys/kernel,
     /dev/fuse) lands on top of it instead of on the rootfs's directory underneath, hidden.
     """
-    step = "make / private"
+    step = "make / private" if cfg.root_propagation == "rprivate" else "make / slave"
     try:
-        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        # a slave receives the host's mount events and sends none: either way nothing reaches the host
+        libc.mount(None, "/", None, libc.MS_REC | (libc.MS_SLAVE if cfg.root_propagation == "rslave" else
+                                                   libc.MS_PRIVATE))
         step = "bind rootfs"
         libc.mount(rootfs, rootfs, None, libc.MS_BIND | libc.MS_REC)
         step = "mount /proc"
@@ -337,7 +410,10 @@ def prepare(cfg: ContainerConfig, rootfs: str) -> None:
             step = f"mounts[{i}] ({m.destination})"
             if m.type == "tmpfs":
                 flags = libc.MS_NOSUID | libc.MS_NODEV if m.flags is None else m.flags  # (ro among m.flags)
-                _mount_at(rootfs, m.destination, "dir", "tmpfs", "tmpfs", flags, m.data or "mode=1777")
+                if m.copy_up:
+                    _mount_tmpfs_copy_up(rootfs, m.destination, flags, m.data)
+                else:
+                    _mount_at(rootfs, m.destination, "dir", "tmpfs", "tmpfs", flags, m.data or "mode=1777")
             elif m.type == "cgroup":
                 _mount_cgroups(rootfs, m, "NEWCGROUP" in cfg.namespaces)
             else:

@@ -201,10 +201,10 @@ def serve(sock: socket.socket) -> None:
 PID1_TITLE = b"nsinit-init"
 
 
-def _retitle(title: bytes) -> None:
+def retitle(title: bytes) -> None:
     """Make /proc/self/cmdline (what ps and top show) read ``title``, not the interpreter's path
-    and ``-m nsruntime.zygote FD``: every container PID 1 is a fork of this process and inherits
-    it. PR_SET_MM_ARG_START would need CAP_SYS_RESOURCE; the argv area itself is ours to write.
+    and ``-m nsruntime.zygote FD`` (or nsrun's arguments): every container PID 1 is a fork of this
+    process and inherits it. PR_SET_MM_ARG_START would need CAP_SYS_RESOURCE; the argv area itself is ours to write.
     Its last byte is left non-NUL, so the kernel reads the title up to its NUL (as for
     setproctitle) instead of the whole area with NUL padding."""
     import ctypes
@@ -224,7 +224,7 @@ def main() -> None:
 
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     with suppress(OSError, ValueError, IndexError):
-        _retitle(PID1_TITLE)
+        retitle(PID1_TITLE)
     with suppress(NsRuntimeError):
         libc.set_process_name("nsinit-zygote")  # comm; each PID 1 names itself nsinit-init
     sock = socket.socket(fileno=int(sys.argv[1]))

@@ -50,6 +50,11 @@ FIELD_CONTROLLERS: dict[str, tuple[str, str]] = {
     "cpuset_cpus": ("cpuset", "cpuset"),
     "pids_limit": ("pids", "pids"),
     "blkio_weight": ("blkio", "io"),
+    "memory_reservation": ("memory", "memory"),
+    "memory_swappiness": ("memory", ""),
+    "oom_kill_disable": ("memory", ""),
+    "cpuset_mems": ("cpuset", "cpuset"),
+    "blkio_throttle": ("blkio", "io"),
 }
 _ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:@-"
 
@@ -67,6 +72,9 @@ def _plan(cfg: Cgroups, layout: Layout) -> dict[Hierarchy, set[str]]:
             plan.setdefault(h, set()).add(c1)
         elif unified is not None and c2 in unified.available():
             plan.setdefault(unified, set()).add(c2)
+        elif not c2 and unified is not None and "memory" in unified.available():
+            raise SetupError(f"cgroups: {field}", "cgroup v2 has no such setting (the memory controller here is "
+                             "v2's)")
         else:
             raise SetupError(f"cgroups: {field}", f"no cgroup hierarchy offers the {c1 if c1 == c2 else c1 + '/' + c2} "
                              f"controller (layout: {layout.kind}; see /proc/self/mountinfo"

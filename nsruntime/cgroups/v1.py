@@ -78,6 +78,23 @@ class V1Dir(CgroupDir):
                   "blkio": cfg.blkio_weight is not None}  # fmt: skip
         if any(wanted[c] for c in self.limits & wanted.keys()):
             self._limits(cfg)
+        self._oci_limits(cfg)
+
+    def _oci_limits(self, cfg: Cgroups) -> None:
+        """What only an OCI config sets (podman's --memory-reservation, --memory-swappiness,
+        --oom-kill-disable, --cpuset-mems)."""
+        if "memory" in self.limits:
+            if cfg.memory_reservation is not None:
+                write(self.file("memory.soft_limit_in_bytes"), cfg.memory_reservation, "cgroups: memory_reservation")
+            if cfg.memory_swappiness is not None:
+                write(self.file("memory.swappiness"), cfg.memory_swappiness, "cgroups: memory_swappiness")
+            if cfg.oom_kill_disable:
+                write(self.file("memory.oom_control"), 1, "cgroups: oom_kill_disable")
+        if "cpuset" in self.limits and cfg.cpuset_mems is not None:
+            write(self.file("cpuset.mems"), cfg.cpuset_mems, "cgroups: cpuset_mems")
+        if "blkio" in self.limits:
+            for kind, major, minor, rate in cfg.blkio_throttle or ():
+                write(self.file(f"blkio.throttle.{kind}_device"), f"{major}:{minor} {rate}", "cgroups: blkio_throttle")
 
     def _limits(self, cfg: Cgroups) -> None:
         from cgroupspy import controllers

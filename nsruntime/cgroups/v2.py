@@ -52,6 +52,10 @@ def enable(base: str, leaf: str, controllers: frozenset[str]) -> None:
                                  f"write '+{c}' to {path}: {describe(e)}{hint}") from None
 
 
+# v1's blkio.throttle.KIND_device -> v2's io.max key
+_IO_MAX = {"read_bps": "rbps", "write_bps": "wbps", "read_iops": "riops", "write_iops": "wiops"}
+
+
 class V2Dir(CgroupDir):
     version = 2
 
@@ -77,6 +81,13 @@ class V2Dir(CgroupDir):
             write(self.file("pids.max"), "max" if cfg.pids_limit < 0 else cfg.pids_limit, "cgroups: pids_limit")
         if "io" in self.limits and cfg.blkio_weight is not None:
             write(self.file("io.weight"), f"default {blkio_to_io_weight(cfg.blkio_weight)}", "cgroups: blkio_weight")
+        if "memory" in self.limits and cfg.memory_reservation is not None:
+            write(self.file("memory.low"), cfg.memory_reservation, "cgroups: memory_reservation")
+        if "cpuset" in self.limits and cfg.cpuset_mems is not None:
+            write(self.file("cpuset.mems"), cfg.cpuset_mems, "cgroups: cpuset_mems")
+        if "io" in self.limits:
+            for kind, major, minor, rate in cfg.blkio_throttle or ():
+                write(self.file("io.max"), f"{major}:{minor} {_IO_MAX[kind]}={rate}", "cgroups: blkio_throttle")
 
     def kill_all(self) -> bool:
         try:

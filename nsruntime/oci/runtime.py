@@ -261,6 +261,12 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
             # the command's stdio is the pty; PID 1 and the waiting command keep none of ours:
             # containerd's shim reads create's output until EOF, which a copy held would never give
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        # PID 1 is forked from here and keeps our command line, the host's bundle and log paths
+        # (podman top, /proc/1/cmdline inside): this process is about to exit, so it takes PID 1's
+        from ..zygote import PID1_TITLE, retitle
+
+        with suppress(OSError, ValueError, IndexError):
+            retitle(PID1_TITLE)
         c = creator.create(sp.config, sp.rootfs, list(sp.args), rec.sdir, tty=sp.terminal, die_with_parent=False,
                            raw_config=record, start_fifo=rec.fifo, lifecycle=lifecycle,
                            stdio=(null, null, null) if null >= 0 else None)

@@ -88,7 +88,10 @@ _CLEAR_FLAGS = {"rw": MS_RDONLY, "suid": MS_NOSUID, "dev": MS_NODEV, "exec": MS_
                 "nostrictatime": MS_STRICTATIME, "nolazytime": MS_LAZYTIME, "symfollow": MS_NOSYMFOLLOW,
                 "defaults": 0}
 _PROPAGATION = {"private": True, "rprivate": True, "slave": False, "rslave": False}  # -> Mount.private
-MOUNT_OPTIONS = sorted([*_SET_FLAGS, *_CLEAR_FLAGS, *_PROPAGATION, "bind", "rbind"])
+# linux.rootfsPropagation -> ContainerConfig.root_propagation: always recursive, so that no mount
+# below the root stays shared with the host (runc would apply a plain "slave" to / alone)
+_ROOT_PROPAGATION = {"private": "rprivate", "rprivate": "rprivate", "slave": "rslave", "rslave": "rslave"}
+MOUNT_OPTIONS = sorted([*_SET_FLAGS, *_CLEAR_FLAGS, *_PROPAGATION, "bind", "rbind", "tmpcopyup"])
 
 # (destination, type) the runtime always mounts itself
 PROVIDED_MOUNTS = {("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "tmpfs"), ("/dev/pts", "devpts"),
@@ -180,13 +183,13 @@ def parse(data: object, bundle: str) -> Spec:
         from .. import seccomp  # opens libseccomp: only for a profile, and before pivot_root
 
         seccomp_filter = seccomp.compile(linux["seccomp"], "linux.seccomp")
-    _only_empty(linux, "linux", ("intelRdt", "personality", "timeOffsets", "memoryPolicy", "netDevices"))
+    _only_empty(linux, "linux", ("intelRdt", "timeOffsets", "memoryPolicy", "netDevices"))
     if not _empty(linux.get("mountLabel")):
         raise _refuse("linux.mountLabel", "SELinux is not supported")
     prop = linux.get("rootfsPropagation")
-    if not _empty(prop) and prop not in ("private", "rprivate"):
-        raise _refuse("linux.rootfsPropagation", f"{_q(str(prop))}: only private and rprivate (the root is always "
-                      "made recursively private)")
+    if not _empty(prop) and prop not in _ROOT_PROPAGATION:
+        raise _refuse("linux.rootfsPropagation", f"{_q(str(prop))}: not supported (private, rprivate, slave or "
+                      "rslave: the container's mounts never reach the host)")
     namespaces, joins, netns = _namespaces("linux.namespaces", linux.get("namespaces") or [])
     uid_maps = _idmaps("linux.uidMappings", linux.get("uidMappings") or [])
     gid_maps = _idmaps("linux.gidMappings", linux.get("gidMappings") or [])
@@ -236,6 +239,9 @@ def parse(data: object, bundle: str) -> Spec:
         sysctl=sysctl,
         oom_score_adj=proc["oom"],
         devices=devices,
+        root_propagation=_ROOT_PROPAGATION[str(prop)] if not _empty(prop) else "rprivate",
+        personality=_personality("linux.personality", linux["personality"]) if not _empty(linux.get("personality"))
+        else None,
         namespace_joins=joins,
         seccomp=seccomp_filter,
         source=data,
@@ -389,6 +395,21 @@ def _namespaces(path: str, value: object) -> tuple[tuple[str, ...], tuple[tuple[
     return tuple(sorted(made, key=order.index)), tuple(joins), netns
 
 
+_PERSONALITY_DOMAINS = {"LINUX": 0x0000, "LINUX32": 0x0008}  # PER_LINUX, PER_LINUX32 (linux/personality.h)
+
+
+def _personality(path: str, value: object) -> int:
+    """podman's --personality: the domain only, as runc takes it."""
+    d = _obj(path, value, {"domain", "flags"})
+    _only_empty(d, path, ("flags",))
+    if "domain" not in d:
+        raise ConfigError(f"{path}.domain", "missing")
+    domain = _str(f"{path}.domain", d["domain"])
+    if domain not in _PERSONALITY_DOMAINS:
+        raise ConfigError(f"{path}.domain", f"{_q(domain)} is not LINUX or LINUX32")
+    return _PERSONALITY_DOMAINS[domain]
+
+
 def _idmaps(path: str, value: object) -> tuple[IdMap, ...]:
     return _config_idmaps(path, value, ("containerID", "hostID", "size"))
 
@@ -419,8 +440,13 @@ def _mounts(path: str, value: object, bundle: str) -> tuple[Mount, ...]:
         private = False
         bind = kind == "bind"
         recursive = False
+        copy_up = False
         for j, o in enumerate(opts):
-            if o in _SET_FLAGS:
+            if o == "tmpcopyup":  # runc's extension, in podman's --read-only and --tmpfs mounts
+                if kind != "tmpfs" or "bind" in opts or "rbind" in opts:
+                    raise ConfigError(f"{p}.options[{j}]", f"{_q(o)} only applies to a tmpfs")
+                copy_up = True
+            elif o in _SET_FLAGS:
                 flags |= _SET_FLAGS[o]
             elif o in _CLEAR_FLAGS:
                 flags &= ~_CLEAR_FLAGS[o]
@@ -441,7 +467,7 @@ def _mounts(path: str, value: object, bundle: str) -> tuple[Mount, ...]:
                              flags=flags & ~MS_RDONLY, recursive=recursive))
         elif kind == "tmpfs":
             out.append(Mount(None, dest, writable=True, private=private, type="tmpfs", flags=flags,
-                             data=",".join(data) or None))
+                             data=",".join(data) or None, copy_up=copy_up))
         elif kind in ("cgroup", "cgroup2") and dest == "/sys/fs/cgroup":
             # the container's own cgroups, whichever of the two types is asked: the host's layout decides
             out.append(Mount(None, dest, writable=not flags & MS_RDONLY, private=private, type="cgroup",
@@ -460,10 +486,15 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
     mem = _obj(f"{path}.memory", d.get("memory") or {}, {"limit", "reservation", "swap", "kernel", "kernelTCP",
                                                           "swappiness", "disableOOMKiller", "useHierarchy",
                                                           "checkBeforeUpdate"})
-    _only_empty(mem, f"{path}.memory", ("reservation", "kernel", "kernelTCP", "swappiness", "useHierarchy",
-                                        "checkBeforeUpdate"))
-    if mem.get("disableOOMKiller"):
-        raise _refuse(f"{path}.memory.disableOOMKiller")
+    _only_empty(mem, f"{path}.memory", ("kernel", "kernelTCP", "useHierarchy", "checkBeforeUpdate"))
+    if mem.get("reservation") is not None:
+        reservation = _int(f"{path}.memory.reservation", mem["reservation"], -1, MAX_MEMORY)
+        if reservation >= 0:
+            fields["memory_reservation"] = reservation
+    if mem.get("swappiness") is not None:
+        fields["memory_swappiness"] = _int(f"{path}.memory.swappiness", mem["swappiness"], 0, 100)
+    if mem.get("disableOOMKiller") is not None and _bool(f"{path}.memory.disableOOMKiller", mem["disableOOMKiller"]):
+        fields["oom_kill_disable"] = True
     if mem.get("limit") is not None and mem["limit"] != -1:
         fields["memory"] = _memory(f"{path}.memory.limit", mem["limit"])
     if mem.get("swap") is not None:
@@ -473,7 +504,7 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
         fields["memory_swap"] = swap
     cpu = _obj(f"{path}.cpu", d.get("cpu") or {}, {"shares", "quota", "burst", "period", "realtimeRuntime",
                                                     "realtimePeriod", "cpus", "mems", "idle"})
-    _only_empty(cpu, f"{path}.cpu", ("burst", "realtimeRuntime", "realtimePeriod", "mems"))
+    _only_empty(cpu, f"{path}.cpu", ("burst", "realtimeRuntime", "realtimePeriod"))
     if cpu.get("idle"):
         raise _refuse(f"{path}.cpu.idle")
     if cpu.get("shares"):
@@ -487,6 +518,11 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
         if not _is_cpu_list(s):
             raise ConfigError(f"{path}.cpu.cpus", f'{_q(s)} is not a cpu list like "0-1,3"')
         fields["cpuset_cpus"] = s
+    if not _empty(cpu.get("mems")):
+        s = _str(f"{path}.cpu.mems", cpu["mems"])
+        if not _is_cpu_list(s):
+            raise ConfigError(f"{path}.cpu.mems", f'{_q(s)} is not a node list like "0-1,3"')
+        fields["cpuset_mems"] = s
     pids = _obj(f"{path}.pids", d.get("pids") or {}, {"limit"})
     if pids.get("limit") is not None:
         n = _int(f"{path}.pids.limit", pids["limit"], -1, MAX_PIDS)
@@ -498,9 +534,20 @@ def _resources(path: str, value: object, cgroups_path: object) -> Cgroups:
     blkio = _obj(f"{path}.blockIO", d.get("blockIO") or {}, {"weight", "leafWeight", "weightDevice",
                                                              "throttleReadBpsDevice", "throttleWriteBpsDevice",
                                                              "throttleReadIOPSDevice", "throttleWriteIOPSDevice"})
-    _only_empty(blkio, f"{path}.blockIO", ("leafWeight", "weightDevice", "throttleReadBpsDevice",
-                                           "throttleWriteBpsDevice", "throttleReadIOPSDevice",
-                                           "throttleWriteIOPSDevice"))
+    _only_empty(blkio, f"{path}.blockIO", ("leafWeight", "weightDevice"))
+    throttle = []
+    for key, kind in (("throttleReadBpsDevice", "read_bps"), ("throttleWriteBpsDevice", "write_bps"),
+                      ("throttleReadIOPSDevice", "read_iops"), ("throttleWriteIOPSDevice", "write_iops")):
+        for i, item in enumerate(_list(f"{path}.blockIO.{key}", blkio.get(key) or [])):
+            p = f"{path}.blockIO.{key}[{i}]"
+            dev = _obj(p, item, {"major", "minor", "rate"})
+            for k in ("major", "minor", "rate"):
+                if k not in dev:
+                    raise ConfigError(f"{p}.{k}", "missing")
+            throttle.append((kind, _int(f"{p}.major", dev["major"], 0, 4095), _int(f"{p}.minor", dev["minor"], 0,
+                             2**20 - 1), _int(f"{p}.rate", dev["rate"], 0, 2**64 - 1)))
+    if throttle:
+        fields["blkio_throttle"] = tuple(throttle)
     if blkio.get("weight"):
         fields["blkio_weight"] = _int(f"{path}.blockIO.weight", blkio["weight"], 10, 1000)
     rules = list(_devices(f"{path}.devices", d.get("devices") or []))

@@ -2,7 +2,7 @@
 drive runc: a subprocess per verb, on a bundle built here (a busybox rootfs and a config.json),
 the test being the child subreaper that reaps the container's PID 1.
 
-Real podman and containerd runs are for later (docs/oci.md says so).
+Real clients drive it in test_podman.py and test_containerd.py.
 """
 
 from __future__ import annotations
