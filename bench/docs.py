@@ -16,6 +16,7 @@ from typing import Any
 
 from .lib import REPO
 from .main import OUT
+from .report import CRUN_TARGET, RUNC_TARGET
 
 DOC = REPO / "docs" / "performance.md"
 
@@ -51,7 +52,7 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
 
     cold = res["parts"].get("cold", {})
     n, runc, crun = _med(cold, "nsinit"), _med(cold, "runc"), _med(cold, "crun")
-    for peer, v, lim in (("runc", runc, 1.0), ("crun", crun, 2.5)):
+    for peer, v, lim in (("runc", runc, RUNC_TARGET), ("crun", crun, CRUN_TARGET)):
         r = n / v if n and v else None
         rows.append((f"cold start: nsinit <= {lim}x {peer}", "-" if r is None else f"{r:.2f}x "
                      f"({n * 1000:.0f} ms vs {v * 1000:.0f} ms)", verdict(None if r is None else r <= lim)))
