@@ -18,7 +18,7 @@ import pytest
 import nsruntime
 from nsruntime import cli
 from nsruntime.state import StateDir
-from tests.conftest import REPO, make_busybox_rootfs, nsinit, records
+from tests.conftest import NSINIT, REPO, make_busybox_rootfs, nsinit, records
 
 pytestmark = pytest.mark.privileged
 
@@ -114,6 +114,27 @@ def test_exec_passes_what_follows_the_command_verbatim(busybox_rootfs: Path) -> 
     assert (r.returncode, r.stdout, r.stderr) == (0, "--help --root x --\n", "")
     r = nsinit(busybox_rootfs, "exec", "--", "--help")  # after --, --help is the command
     assert r.returncode == 127 and "--help" in r.stderr
+
+
+def _with_closed(busybox_rootfs: Path, fd: int, *command: str) -> subprocess.CompletedProcess[str]:
+    """`nsinit exec COMMAND...` started by a shell with descriptor fd closed (`N>&-`)."""
+    line = " ".join([*(f"'{a}'" for a in (*NSINIT, "exec", *command)), f"{fd}>&-"])
+    return subprocess.run(["sh", "-c", line], cwd=busybox_rootfs, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_closed_stdout_becomes_dev_null_for_the_command(busybox_rootfs: Path) -> None:
+    # before: nsinit's own descriptors took number 1, the command wrote into one of them ("write
+    # error: Bad file descriptor") and nsinit itself died on sys.stdout being None
+    r = _with_closed(busybox_rootfs, 1, "sh", "-c", "echo lost; echo $(readlink /proc/$$/fd/1) >&2")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "/dev/null\n")
+
+
+def test_a_closed_stdin_or_stderr_becomes_dev_null_too(busybox_rootfs: Path) -> None:
+    r = _with_closed(busybox_rootfs, 0, "sh", "-c", "cat; readlink /proc/self/fd/0")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "/dev/null\n", "")
+    r = _with_closed(busybox_rootfs, 2, "sh", "-c", "echo lost >&2; readlink /proc/self/fd/2")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "/dev/null\n", "")
 
 
 def test_the_exec_path_does_not_import_argparse(busybox_rootfs: Path) -> None:
