@@ -97,7 +97,7 @@ def supervisors(r: dict[str, Any], out: list[str]) -> None:
         procs = {c: f"x{k} ({mem.get('pss_kib_by_comm', {}).get(c, 0) / k / 1024:.1f} MiB each)"
                  for c, k in mem.get("processes", {}).items()}
         agg[key] = {"start": start or 0, "restart": restart or 0, "shutdown": shutdown or 0, "pss": pss or 0,
-                    "status": status or 0}
+                    "status": status or 0, "ctl": ctl or 0}
 
         def s(v: float | None) -> str:
             return "-" if v is None else f"{v:.2f} s"
@@ -133,6 +133,9 @@ def supervisors(r: dict[str, Any], out: list[str]) -> None:
                    f"{_verdict(c500['status'] <= 0.1)}")
         out.append(f"   target: <= 2 MiB PSS overhead per container: {c500['pss'] / 1024:.2f} MiB"
                    f"{_verdict(c500['pss'] <= 2048)}")
+        if c500["ctl"]:
+            out.append(f"   target (issue 18): `nsinitctl status` with 500 running < 20 ms, whole process: "
+                       f"{_ms(c500['ctl'])}{_verdict(c500['ctl'] < 0.02)}")
 
 
 def reap(r: dict[str, Any], out: list[str]) -> None:
