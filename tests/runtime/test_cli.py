@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,20 @@ def test_a_closed_stdin_or_stderr_becomes_dev_null_too(busybox_rootfs: Path) -> 
     assert (r.returncode, r.stdout, r.stderr) == (0, "/dev/null\n", "")
     r = _with_closed(busybox_rootfs, 2, "sh", "-c", "echo lost >&2; readlink /proc/self/fd/2")
     assert (r.returncode, r.stdout, r.stderr) == (0, "/dev/null\n", "")
+
+
+def test_the_command_starts_with_default_dispositions_and_no_blocked_signal(busybox_rootfs: Path) -> None:
+    def ignore_and_block() -> None:  # what `nohup` and a careless parent leave behind
+        for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGRTMIN + 2):
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGWINCH})
+
+    r = subprocess.run([*NSINIT, "exec", "cat", "/proc/self/status"], cwd=busybox_rootfs, capture_output=True,
+                       text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       preexec_fn=ignore_and_block)
+    assert r.returncode == 0, r.stderr
+    masks = dict(line.split(":\t") for line in r.stdout.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    assert masks == {"SigBlk": "0000000000000000", "SigIgn": "0000000000000000", "SigCgt": "0000000000000000"}
 
 
 def test_the_exec_path_does_not_import_argparse(busybox_rootfs: Path) -> None:
