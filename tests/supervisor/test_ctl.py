@@ -228,7 +228,8 @@ def test_the_status_fast_path_reads_only_its_own_command_lines() -> None:
     assert fast.parse(["status", "a", "--socket", "/y"]) == ("/y", ["a"])
     assert fast.parse(["--socket=/z", "status"]) == ("/z", [])
     for argv in ([], ["-s", "/x"], ["stop", "a"], ["-s", "-x", "status"], ["-s"], ["-c", "f", "status"],
-                 ["--sock", "/x", "status"], ["status", "--", "a"], ["-s/x", "status"], ["status", ""], ["status", "-h"]):
+                 ["--sock", "/x", "status"], ["status", "--", "a"], ["-s/x", "status"], ["status", ""],
+                 ["status", "-h"]):
         assert fast.parse(argv) is None, argv
     assert fast.MAX_ANSWER == proto.MAX_RESPONSE_BYTES
 
