@@ -109,19 +109,12 @@ def _error_reply(error: object) -> int | None:
     through the full path would be refused (and logged by nsinitd) twice."""
     if not (isinstance(error, dict) and isinstance(error.get("code"), str) and isinstance(error.get("message"), str)):
         return None
-    from supervisor import protocol as proto  # the full client's imports, on this path only
-    from supervisor.ctl.client import remote_error
-    from supervisor.ctl.errors import CtlError, RemoteError, status_for
+    from supervisor.ctl.errors import status_for  # the full client's modules, on this path only
     from supervisor.ctl.render import Output
 
-    try:
-        raise remote_error(proto.Error(1, error["code"], error["message"]))
-    except CtlError as e:
-        message, code = e.message, e.status
-    except RemoteError as e:
-        message, code = e.message, status_for(e.code)
-    Output(sys.stdout, sys.stderr, json=False).error(message)
-    return code
+    # what supervisor.ctl.run does with the daemon's error (a refusal included: status_for says 5)
+    Output(sys.stdout, sys.stderr, json=False).error(error["message"])
+    return status_for(error["code"])
 
 
 def status(argv: list[str]) -> int | None:
