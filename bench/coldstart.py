@@ -7,23 +7,25 @@ that private mount namespace (the host's mount table never changes):
   layout whose cgroup2 lists a controller;
 * every runtime keeps its state on a tmpfs of the run's (``--root`` for runc and crun,
   ``$NSINIT_STATE_ROOT`` for nsinit), as on a host whose /run is a tmpfs;
-* a named cgroup v1 hierarchy is mounted with ``favordynmods``. Moving a process into a cgroup
-  (runc and crun write its pid to ``cgroup.procs``) takes the kernel's global threadgroup lock for
-  writing, which waits for an RCU grace period (5-15 ms here) unless another move happened within
-  about the last grace period. Without the option, a peer's figure depended on which contender the
-  random order put before it: 8 ms after a runc or crun, 17 ms after a Python process. The option is
-  the kernel's own remedy (it keeps the lock in its slow-reader mode while the hierarchy exists),
-  so runc and crun are measured the way they run fastest. nsinit never moves a process by pid (it
+* while samples are taken, a thread moves a parked process of ours between two cgroups every 2 ms.
+  Moving a process into a cgroup (runc and crun write its pid to ``cgroup.procs``) takes the
+  kernel's global threadgroup lock for writing, which waits for an RCU grace period (5-15 ms here)
+  unless another move happened within about the last grace period. Without the keeper, a peer's
+  figure depended on which contender the random order put before it: 8 ms after a runc or crun,
+  17 ms after a Python process. Kept warm, runc and crun are measured the way they run fastest
+  (as on a host that starts containers all the time). nsinit never moves a process by pid (it
   clones into its cgroup2 directory and joins v1 hierarchies through ``tasks`` with "0"), so the
-  option does not help it; it costs every fork and exit a little, nsinit's included.
+  keeper does not help it; its CPU (a write every 2 ms) is spread over every contender alike.
+  (The kernel's own switch for this, a hierarchy mounted with ``favordynmods``, is not used: it
+  would change the whole host's lock mode for as long as the hierarchy lives.)
 
 Besides the four contenders the same rounds time the interpreter alone (``python -S``, and with
 site), and the interpreter plus the imports `nsinit exec` makes: the difference between those and
 the full start is what nsinit's own work costs.
 
 A second, shorter set of rounds keeps the evidence: it times nsinit, runc and crun under the
-conditions above and with one of them taken away (no favordynmods, after 50 ms in which the bench
-moved nothing; the state on the host's /run), so the report shows what each costs each runtime.
+conditions above and with one of them taken away (no keeper and 50 ms in which the bench moved
+nothing; the state on the host's /run), so the report shows what each costs each runtime.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,9 +62,9 @@ CONDITION_ROUNDS = 6 if QUICK else 20
 IMPORTS = "import nsruntime.cli, nsruntime.creator, nsruntime.joiner, nsruntime.config"
 RUNTIMES = ("runc", "crun")
 # the conditions of the main rounds, and the same with one thing taken away
-FAST = "favordynmods, state on tmpfs"
-NO_FDM = "no favordynmods, 50 ms without a move"
-ON_RUN = "favordynmods, state in /run"
+FAST = "moves kept warm, state on tmpfs"
+NO_FDM = "no move for 50 ms before each"
+ON_RUN = "moves kept warm, state in /run"
 QUIET_S = 0.05  # a few RCU grace periods: the lock's fast mode comes back after about one
 
 
@@ -88,25 +91,67 @@ def mask_controllers() -> None:
         subprocess.run(["mount", "--bind", "/dev/null", CONTROLLERS], check=True)
 
 
-class DynMods:
-    """A named cgroup v1 hierarchy mounted with favordynmods, for as long as it is mounted."""
+class Keeper:
+    """A thread that moves a parked process of ours between two cgroups every ``period`` seconds,
+    so that no contender's own move waits for an RCU grace period (see the module's docstring)."""
 
-    def __init__(self, where: Path) -> None:
-        self.where = where
-        self.name = f"nsinit-bench-{os.getpid()}"
-        self.mounted = False
-        where.mkdir(exist_ok=True)
+    def __init__(self, period: float = 0.002) -> None:
+        self.period = period
+        self.base = _cgroup_mount()
+        self.park = os.path.join(self.base, f"{PREFIX}keeper-{os.getpid()}")
+        os.mkdir(self.park)
+        r, self._w = os.pipe()
+        self.parked = os.fork()
+        if self.parked == 0:  # a process that only waits, for us to move around
+            os.close(self._w)
+            os.read(r, 1)
+            os._exit(0)
+        os.close(r)
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
 
-    def mount(self) -> None:
-        if not self.mounted:
-            subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={self.name},favordynmods", self.name,
-                            str(self.where)], check=True, capture_output=True)
-            self.mounted = True
+    def _move(self) -> None:
+        for d in (self.park, self.base):
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(self.parked))
 
-    def umount(self) -> None:
-        if self.mounted:
-            subprocess.run(["umount", str(self.where)], check=True)
-            self.mounted = False
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = stop = threading.Event()
+            self._move()
+
+            def run() -> None:
+                while not stop.wait(self.period):
+                    self._move()
+
+            self._thread = threading.Thread(target=run, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None and self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        os.write(self._w, b"x")
+        os.waitpid(self.parked, 0)
+        os.rmdir(self.park)
+
+
+def _cgroup_mount() -> str:
+    """A cgroup hierarchy to move the parked process in: v1 pids if mounted, else the first cgroup mount."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            kind, options = fields[fields.index("-") + 1], fields[-1]
+            if kind in ("cgroup", "cgroup2"):
+                found.append((not (kind == "cgroup" and "pids" in options.split(",")), fields[4]))
+    if not found:
+        raise Skip("no cgroup hierarchy mounted")
+    return min(found)[1]
 
 
 def checked(name: str, argv: list[str], cwd: str | None = None, env: dict[str, str] | None = None) -> Any:
@@ -124,21 +169,21 @@ def checked(name: str, argv: list[str], cwd: str | None = None, env: dict[str, s
     return one
 
 
-def conditions(fdm: DynMods, on_tmpfs: dict[str, Callable[[], float]], on_run: dict[str, Callable[[], float]],
+def conditions(keeper: Keeper, on_tmpfs: dict[str, Callable[[], float]], on_run: dict[str, Callable[[], float]],
                rounds: int) -> dict[str, dict[str, list[float]]]:
     """nsinit, runc and crun under the main rounds' conditions and with one taken away, interleaved."""
     out: dict[str, dict[str, list[float]]] = {c: {n: [] for n in on_tmpfs} for c in (FAST, NO_FDM, ON_RUN)}
     for _ in range(rounds):
         for cond in random.sample(list(out), len(out)):
             if cond == NO_FDM:
-                fdm.umount()
+                keeper.stop()
             else:
-                fdm.mount()
+                keeper.start()
             for name in random.sample(list(on_tmpfs), len(on_tmpfs)):
                 if cond == NO_FDM:
                     time.sleep(QUIET_S)  # nothing of the bench's moved a process since the last sample
                 out[cond][name].append((on_run if cond == ON_RUN else on_tmpfs)[name]())
-    fdm.mount()
+    keeper.stop()
     return out
 
 
@@ -149,8 +194,6 @@ def main(work: Path, out: Path, floor: str) -> None:
     state = work / "state"
     state.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700,size=64m", "nsinit-bench-state", str(state)], check=True)
-    fdm = DynMods(work / "fdm")
-    fdm.mount()
     python = sys.executable
     nsinit = resolve("nsinit")
     result: dict[str, Any] = {"skipped": {}, "rounds": ROUNDS, "argv": {}, "conditions_rounds": CONDITION_ROUNDS,
@@ -187,17 +230,20 @@ def main(work: Path, out: Path, floor: str) -> None:
     if "nsinit" in contenders:
         on_run["nsinit"] = checked("nsinit", [nsinit, "exec", "/bin/true"], cwd=str(rootfs))
     log(f"cold start: {ROUNDS} interleaved rounds of {', '.join(contenders)}")
+    keeper = Keeper()
     try:
+        keeper.start()
         samples = interleave(contenders, ROUNDS)
+        keeper.stop()
         measured = {n: contenders[n] for n in ("nsinit", *RUNTIMES) if n in contenders and n in on_run}
         log(f"cold start: {CONDITION_ROUNDS} rounds of {', '.join(measured)} under {FAST}; {NO_FDM}; {ON_RUN}")
-        cond = conditions(fdm, measured, on_run, CONDITION_ROUNDS)
+        cond = conditions(keeper, measured, on_run, CONDITION_ROUNDS)
     finally:
         for exe, cid in ids:
             for args in (["--root", str(state / Path(exe).name)], []):
                 with contextlib.suppress(OSError, subprocess.SubprocessError):
                     subprocess.run([exe, *args, "delete", "--force", cid], capture_output=True, timeout=30)
-        fdm.umount()
+        keeper.close()
         subprocess.run(["umount", str(state)], check=False)
     result["stats"] = {n: summary(s) for n, s in samples.items()}
     result["samples"] = samples
