@@ -194,7 +194,7 @@ class Nsinitd:
                 lat.append(time.perf_counter() - t)
             r["status_raw"] = summary(lat)
             try:
-                r["status_nsinitctl"] = _time_cmd([resolve("nsinitctl"), "-s", self.sock, "status", "--json"], 3)
+                r["status_nsinitctl"] = _time_cmd([resolve("nsinitctl"), "-s", self.sock, "status"], 5)
             except Skip as e:
                 r["status_nsinitctl"] = {"error": str(e)}
             t = time.perf_counter()

@@ -272,13 +272,33 @@ def main(argv: list[str] | None = None) -> int:
     """Run nsinit; as the console script (argv None) it leaves through os._exit once done."""
     if argv is None:
         gc.disable()  # a one-shot process: collections would only cost start time
+        _open_closed_stdio()
         code = _main(sys.argv[1:])
         # skip the interpreter's finalization of every imported module: ~15 ms of a cold start
-        with suppress(OSError, ValueError):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):  # None when started with that descriptor closed
+            if stream is not None:
+                with suppress(OSError, ValueError):
+                    stream.flush()
         os._exit(code)
     return _main(argv)
+
+
+def _open_closed_stdio() -> None:
+    """Open /dev/null as 0, 1 or 2 where the caller left it closed (`nsinit exec CMD >&-`).
+
+    Otherwise the first descriptor nsinit opens takes that number (the state directory, a socket)
+    and the command inherits it as its stdin, stdout or stderr: writes fail with EBADF, reads
+    hit nsinit's own files. Go's runtime and glibc (for set-id programs) do the same at start."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, 0 and 1 being open
+            if null != fd:
+                os.dup2(null, fd, inheritable=True)
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)
 
 
 def _main(argv: list[str]) -> int:

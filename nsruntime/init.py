@@ -43,8 +43,11 @@ def reset_signals() -> None:
     with suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)
     for s in ALL_SIGNALS:
-        with suppress(OSError, ValueError):
-            signal.signal(s, signal.SIG_DFL)
+        # the interpreter records every disposition (read at its start, changed only through it):
+        # one sigaction for each that isn't the default, not sixty on the way to every command
+        if signal.getsignal(s) != signal.SIG_DFL:
+            with suppress(OSError, ValueError):
+                signal.signal(s, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 

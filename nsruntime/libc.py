@@ -8,11 +8,11 @@ Nothing here returns -1 upward.
 from __future__ import annotations
 
 import _socket
+import _struct as struct  # struct.py only re-exports it
 import errno
 import fcntl
 import os
 import select
-import struct
 
 from .consts import *  # noqa: F403  # (libc.CLONE_NEWNS...: the numbers live in consts, which has no ctypes)
 from .consts import CLONE_PARENT, PR_SET_CHILD_SUBREAPER

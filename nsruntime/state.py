@@ -29,7 +29,7 @@ import fcntl
 import os
 
 from .errors import StateError
-from .lean import dumps, loads, suppress
+from .lean import dumps, loads, read_file, suppress
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -73,8 +73,7 @@ def is_within(path: str, root: str) -> bool:
 def start_time(pid: int) -> int | None:
     """Start time of pid in clock ticks since boot, or None when there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        data = read_file(f"/proc/{pid}/stat")
     except (FileNotFoundError, ProcessLookupError):
         return None
     # the command name may hold spaces and parentheses: split after the last ')'
@@ -118,14 +117,12 @@ def namespace_inodes(pid: int, kinds: list[str]) -> dict[str, int]:
 def cgroup_line(pid: int) -> str:
     """pid's line of /proc/PID/cgroup for the cgroup2 hierarchy ("0::/path"), or every line where
     there is none (v1 only)."""
-    with open(f"/proc/{pid}/cgroup") as f:
-        text = f.read()
+    text = read_file(f"/proc/{pid}/cgroup").decode()
     return next((line for line in text.splitlines() if line.startswith("0::")), text)
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    return read_file(path).decode()
 
 
 def write_atomic(path: str, text: str, mode: int = 0o644) -> None:

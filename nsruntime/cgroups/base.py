@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 
 from ..errors import SetupError, TeardownError
+from ..lean import read_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -65,8 +66,7 @@ def write_each(path: str, values: Sequence[str], step: str) -> None:
 def read(path: str) -> str | None:
     """A cgroup file's content, or None when the file is not there (controller not enabled)."""
     try:
-        with open(path) as f:
-            return f.read()
+        return read_file(path).decode()
     except FileNotFoundError:
         return None
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from ..lean import frozen
+from ..lean import frozen, read_file
 
 MOUNTINFO = "/proc/self/mountinfo"
 PROC_CGROUP = "/proc/self/cgroup"
@@ -169,11 +169,7 @@ def parse(mountinfo: str, proc_cgroup: str, *, any_root: bool = False) -> Layout
 
 
 def detect(mountinfo_path: str = MOUNTINFO, proc_cgroup_path: str = PROC_CGROUP, *, any_root: bool = False) -> Layout:
-    with open(mountinfo_path) as f:
-        mountinfo = f.read()
-    with open(proc_cgroup_path) as f:
-        proc_cgroup = f.read()
-    return parse(mountinfo, proc_cgroup, any_root=any_root)
+    return parse(read_file(mountinfo_path).decode(), read_file(proc_cgroup_path).decode(), any_root=any_root)
 
 
 def named_netns(netns_dir: str = NETNS_DIR) -> str | None:

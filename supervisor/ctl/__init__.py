@@ -45,18 +45,32 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import IO, NoReturn
 
-from supervisor.ctl.commands import FOLLOWING, build_parser
-from supervisor.ctl.errors import INTERRUPTED, OK, CtlError, RemoteError, status_for
-from supervisor.ctl.render import Output
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from typing import IO, NoReturn
 
 __all__ = ["build_parser", "main", "run"]
+
+# The modules below are imported when a command runs, not with the package: `nsinitctl status`
+# (supervisor.ctl.fast) imports this package and must not pay for argparse, json, re, dataclasses.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """nsinitctl's argparse parser (supervisor.ctl.commands)."""
+    from supervisor.ctl.commands import build_parser as build
+
+    return build()
 
 
 def run(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
     """Run one nsinitctl command; returns its exit status."""
+    from supervisor.ctl.commands import FOLLOWING
+    from supervisor.ctl.errors import INTERRUPTED, OK, CtlError, RemoteError, status_for
+    from supervisor.ctl.render import Output
+
     o = Output(out or sys.stdout, err or sys.stderr, json=False)
     try:
         args = build_parser().parse_args(argv)
@@ -74,14 +88,22 @@ def run(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[s
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    from supervisor.ctl.fast import status as fast_status
+
     try:
-        status = run(argv)
+        # the console script's `status` first, without the full client's imports (ctl/fast.py)
+        quick = fast_status(sys.argv[1:]) if argv is None else None
+        status = run(argv) if quick is None else quick
     except BrokenPipeError:
+        from supervisor.ctl.errors import OK
+
         # `nsinitctl events | head`: the reader left; that's not an error of ours.
         with contextlib.suppress(OSError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         status = OK
     except KeyboardInterrupt:
+        from supervisor.ctl.errors import INTERRUPTED
+
         status = INTERRUPTED
     sys.exit(status)

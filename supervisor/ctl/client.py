@@ -21,13 +21,12 @@ from typing import Any
 
 from supervisor import protocol as proto
 from supervisor.ctl.errors import FAILED, REFUSED, UNREACHABLE, USAGE, CtlError, RemoteError
-
-DEFAULT_SOCKET = "/run/nsinit/nsinitd.sock"
+from supervisor.ctl.fast import DEFAULT_SOCKET as DEFAULT_SOCKET  # owned by the fast path, which imports little
+from supervisor.ctl.fast import QUICK_TIMEOUT as QUICK_TIMEOUT
 
 # How long nsinitctl waits for nsinitd. A daemon stuck in a blocking call accepts connections (the
 # kernel does that for it) and never answers: without a bound, nsinitctl would wait with it forever.
 CONNECT_TIMEOUT = 5.0  # a live nsinitd takes a connection at once; a full backlog is a stuck one
-QUICK_TIMEOUT = 10.0  # a request answered from the daemon's memory (status, pid, logs, ...)
 ACTION_TIMEOUT = 30.0  # a request that waits on programs: a start waits startsecs, a stop stopwaitsecs
 ACTION_COMMANDS = frozenset({"start", "stop", "restart", "reload", "shutdown"})
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from supervisor.ctl.eventlog import EventFilter, event_time
+from supervisor.ctl.table import describe as describe
+from supervisor.ctl.table import format_duration as format_duration
+from supervisor.ctl.table import status_lines as status_lines
 
 
 @dataclass
@@ -32,17 +35,6 @@ class Output:
         self.err.flush()
 
 
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    clock = f"{hours}:{minutes:02d}:{secs:02d}"
-    if days:
-        return f"{days} day{'s' if days > 1 else ''}, {clock}"
-    return clock
-
-
 def format_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -52,25 +44,6 @@ def format_bytes(n: int | None) -> str:
             return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
         value /= 1024
     raise AssertionError  # pragma: no cover
-
-
-def describe(program: dict[str, Any], now: float) -> str:
-    state = program.get("state")
-    if state == "RUNNING" and program.get("pid"):
-        return f"pid {program['pid']}, uptime {format_duration(now - float(program.get('since') or now))}"
-    if program.get("description"):
-        return str(program["description"])
-    if program.get("exit_code") is not None:
-        text = f"exit status {program['exit_code']}"
-        if program.get("signal"):
-            text += f" ({program['signal']})"
-        return text
-    return ""
-
-
-def status_lines(programs: Sequence[dict[str, Any]], now: float) -> list[str]:
-    width = max([len(str(p["name"])) for p in programs] + [16]) + 2
-    return [f"{p['name']:<{width}}{p['state']:<10}{describe(p, now)}".rstrip() for p in programs]
 
 
 # -- events --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import nsruntime
 from nsruntime import cli
 from nsruntime.state import StateDir
-from tests.conftest import REPO, make_busybox_rootfs, nsinit, records
+from tests.conftest import NSINIT, REPO, make_busybox_rootfs, nsinit, records
 
 pytestmark = pytest.mark.privileged
 
@@ -114,6 +115,41 @@ def test_exec_passes_what_follows_the_command_verbatim(busybox_rootfs: Path) -> 
     assert (r.returncode, r.stdout, r.stderr) == (0, "--help --root x --\n", "")
     r = nsinit(busybox_rootfs, "exec", "--", "--help")  # after --, --help is the command
     assert r.returncode == 127 and "--help" in r.stderr
+
+
+def _with_closed(busybox_rootfs: Path, fd: int, *command: str) -> subprocess.CompletedProcess[str]:
+    """`nsinit exec COMMAND...` started by a shell with descriptor fd closed (`N>&-`)."""
+    line = " ".join([*(f"'{a}'" for a in (*NSINIT, "exec", *command)), f"{fd}>&-"])
+    return subprocess.run(["sh", "-c", line], cwd=busybox_rootfs, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_closed_stdout_becomes_dev_null_for_the_command(busybox_rootfs: Path) -> None:
+    # before: nsinit's own descriptors took number 1, the command wrote into one of them ("write
+    # error: Bad file descriptor") and nsinit itself died on sys.stdout being None
+    r = _with_closed(busybox_rootfs, 1, "sh", "-c", "echo lost; echo $(readlink /proc/$$/fd/1) >&2")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "/dev/null\n")
+
+
+def test_a_closed_stdin_or_stderr_becomes_dev_null_too(busybox_rootfs: Path) -> None:
+    r = _with_closed(busybox_rootfs, 0, "sh", "-c", "cat; readlink /proc/self/fd/0")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "/dev/null\n", "")
+    r = _with_closed(busybox_rootfs, 2, "sh", "-c", "echo lost >&2; readlink /proc/self/fd/2")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "/dev/null\n", "")
+
+
+def test_the_command_starts_with_default_dispositions_and_no_blocked_signal(busybox_rootfs: Path) -> None:
+    def ignore_and_block() -> None:  # what `nohup` and a careless parent leave behind
+        for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGRTMIN + 2):
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGWINCH})
+
+    r = subprocess.run([*NSINIT, "exec", "cat", "/proc/self/status"], cwd=busybox_rootfs, capture_output=True,
+                       text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       preexec_fn=ignore_and_block)
+    assert r.returncode == 0, r.stderr
+    masks = dict(line.split(":\t") for line in r.stdout.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    assert masks == {"SigBlk": "0000000000000000", "SigIgn": "0000000000000000", "SigCgt": "0000000000000000"}
 
 
 def test_the_exec_path_does_not_import_argparse(busybox_rootfs: Path) -> None:

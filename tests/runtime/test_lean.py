@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -21,6 +22,22 @@ _json_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
 @given(_json_values)
 def test_dumps_writes_what_json_dumps_writes(value: object) -> None:
     assert lean.dumps(value) == json.dumps(value)
+
+
+@given(_json_values)
+def test_loads_skips_a_utf8_byte_order_mark_as_json_does(value: object) -> None:
+    data = b"\xef\xbb\xbf" + json.dumps(value, ensure_ascii=False).encode()
+    assert lean.loads(data) == json.loads(data)
+
+
+def test_read_file_reads_what_open_reads(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 1000)  # past one 64 KiB read
+    assert lean.read_file(str(big)) == big.read_bytes()
+    (tmp_path / "empty").write_bytes(b"")
+    assert lean.read_file(str(tmp_path / "empty")) == b""
+    with pytest.raises(FileNotFoundError):
+        lean.read_file(str(tmp_path / "none"))
 
 
 @given(_json_values, st.sampled_from(["", " ", "\n", "\t \r\n"]))

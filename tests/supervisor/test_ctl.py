@@ -23,7 +23,8 @@ import pytest
 import trio
 
 from supervisor import __version__, ctl, server
-from supervisor.ctl import client, errors, eventlog, render
+from supervisor import protocol as proto
+from supervisor.ctl import client, errors, eventlog, fast, render
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -183,6 +184,70 @@ async def test_status_prints_one_line_per_program(sock: Path) -> None:
     lines = out.splitlines()
     assert [line.split()[:2] for line in lines] == [["db", "RUNNING"], ["web", "RUNNING"], ["worker", "RUNNING"]]
     assert "pid 1001, uptime 1:02:0" in lines[1]
+
+
+async def _fast_and_full(argv: list[str], capsys: pytest.CaptureFixture[str],
+                         monkeypatch: pytest.MonkeyPatch) -> tuple[tuple[int | None, str], tuple[int, str, str]]:
+    """(status, stdout) of ctl/fast.py and (status, stdout, stderr) of the full client, at one instant."""
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # the uptimes are printed from it
+    capsys.readouterr()
+    with trio.fail_after(20):
+        quick = await trio.to_thread.run_sync(fast.status, argv)
+    fast_out = capsys.readouterr().out
+    return (quick, fast_out), await nsinitctl(*argv)
+
+
+@pytest.mark.parametrize("names", [[], ["web"], ["worker", "db", "worker"]])
+async def test_the_status_fast_path_prints_what_the_full_client_prints(
+        sock: Path, api: Any, names: list[str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await nsinitctl("-s", str(sock), "stop", "web")
+    await nsinitctl("-s", str(sock), "start", "web")
+    (quick, fast_out), full = await _fast_and_full(["-s", str(sock), "status", *names], capsys, monkeypatch)
+    assert full[0] == 0 and full[2] == ""
+    assert (quick, fast_out) == (0, full[1])
+
+
+@pytest.mark.parametrize("argv", [
+    ["status", "web"],  # stopped: the full path says so and exits 3
+    ["status", "nope"],  # unknown: exit 2 and a message
+    ["status", "--json"],
+    ["--timeout", "3", "status"],
+])
+async def test_the_status_fast_path_leaves_the_rest_to_the_full_client(
+        sock: Path, api: Any, argv: list[str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await nsinitctl("-s", str(sock), "stop", "web")
+    (quick, fast_out), _ = await _fast_and_full(["-s", str(sock), *argv], capsys, monkeypatch)
+    assert (quick, fast_out) == (None, "")
+
+
+def test_the_status_fast_path_reads_only_its_own_command_lines() -> None:
+    assert fast.parse(["status"]) == (client.DEFAULT_SOCKET, [])
+    assert fast.parse(["-s", "/x", "status", "a", "b"]) == ("/x", ["a", "b"])
+    assert fast.parse(["status", "a", "--socket", "/y"]) == ("/y", ["a"])
+    assert fast.parse(["--socket=/z", "status"]) == ("/z", [])
+    for argv in ([], ["-s", "/x"], ["stop", "a"], ["-s", "-x", "status"], ["-s"], ["-c", "f", "status"],
+                 ["--sock", "/x", "status"], ["status", "--", "a"], ["-s/x", "status"], ["status", ""],
+                 ["status", "-h"]):
+        assert fast.parse(argv) is None, argv
+    assert fast.MAX_ANSWER == proto.MAX_RESPONSE_BYTES
+
+
+async def test_the_status_fast_path_imports_no_argparse_json_re_or_dataclasses(sock: Path) -> None:
+    def imported(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+        # -S: no site, so no .pth file (an editable install's finder imports re, pathlib...) hides ours
+        p = subprocess.run([sys.executable, "-S", "-X", "importtime", *argv], env=ENV, cwd=REPO,
+                           capture_output=True, text=True, timeout=30)
+        return p, {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+
+    _, startup = await trio.to_thread.run_sync(imported, "-c", "pass")
+    p, mods = await trio.to_thread.run_sync(imported, "-m", "supervisor.ctl", "-s", str(sock), "status")
+    assert p.returncode == 0 and p.stdout.split()[:2] == ["db", "RUNNING"], p.stderr[-600:]
+    assert "supervisor.ctl.fast" in mods
+    heavy = {"argparse", "json", "re", "dataclasses", "enum", "typing", "pathlib", "datetime", "socket",
+             "supervisor.protocol", "supervisor.ctl.commands"}
+    assert not (mods - startup) & heavy, sorted((mods - startup) & heavy)
 
 
 async def test_status_named_not_running_is_3(sock: Path, api: Any) -> None:
