@@ -31,7 +31,11 @@ if TYPE_CHECKING:
     from .container import Container, describe, exit_report, reattach
     from .creator import Creating, begin_create, cleanup_stale, create
     from .joiner import Joined, join, open_join
+    from .lean import loads as json_loads
+    from .lean import replace as replace_config
     from .libc import set_subreaper
+    from .oci.spec import Spec as OciSpec
+    from .oci.spec import load as load_oci_bundle
     from .state import StateDir, proc_state
     from .zygote import Zygote
 
@@ -46,6 +50,8 @@ _LAZY = {
     "proc_state": "state", "StateDir": "state",
     "Zygote": "zygote", "set_subreaper": "libc",
     "Hierarchy": "cgroups.detect", "detect_cgroups": "cgroups.detect:detect",
+    "OciSpec": "oci.spec:Spec", "load_oci_bundle": "oci.spec:load", "replace_config": "lean:replace",
+    "json_loads": "lean:loads",
 }  # fmt: skip
 
 
@@ -69,6 +75,7 @@ __all__ = [
     "Hierarchy",
     "Joined",
     "NsRuntimeError",
+    "OciSpec",
     "SetupError",
     "StateDir",
     "StateError",
@@ -83,10 +90,13 @@ __all__ = [
     "detect_cgroups",
     "exit_report",
     "join",
+    "json_loads",
     "load_config",
+    "load_oci_bundle",
     "open_join",
     "proc_state",
     "reattach",
+    "replace_config",
     "set_subreaper",
     "signal_name",
     "signal_number",

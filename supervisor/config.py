@@ -33,7 +33,7 @@ from nsruntime import signal_number
 from .machine import AutoRestart, Policy
 
 if TYPE_CHECKING:
-    from nsruntime.oci.spec import Spec as OciSpec
+    from nsruntime import OciSpec
 
 AUTORESTART_CHOICES: tuple[AutoRestart, ...] = ("always", "on-failure", "never")
 WebAuth = Literal["token", "none"]
@@ -454,12 +454,12 @@ def load_bundle(key: str, bundle: Path) -> OciSpec:
 
     nsinitd gives a program no terminal (it captures its output) and runs no OCI hooks (nsrun's
     lifecycle does): a bundle asking for either is refused rather than run without."""
-    from nsruntime.oci import spec as oci_spec
+    from nsruntime import load_oci_bundle
 
     if not (bundle / "config.json").is_file():
         raise ConfigError(key, f"{bundle}: no config.json there")
     try:
-        sp = oci_spec.load(str(bundle))
+        sp = load_oci_bundle(str(bundle))
     except ContainerConfigError as e:
         raise ConfigError(key, f"{bundle / 'config.json'}: {e}" if e.path != str(bundle / "config.json")
                           else str(e)) from None

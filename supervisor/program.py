@@ -530,7 +530,7 @@ class Program:
                     sp = load_bundle(f"programs.{self.name}.bundle", self.cfg.bundle)
                 except SupervisorConfigError as e:
                     raise ContainerConfigError(str(e)) from None
-                from nsruntime.lean import replace
+                from nsruntime import replace_config as replace
 
                 # recorded in nsrun's shape, so that a join (nsinitctl exec) reads it as config.json
                 source = {"nsrun": {"bundle": str(self.cfg.bundle)}, "spec": sp.config.source}

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from nsruntime.lean import loads
+from nsruntime import json_loads as loads
 from supervisor.ctl.table import status_lines
 
 DEFAULT_SOCKET = "/run/nsinit/nsinitd.sock"
