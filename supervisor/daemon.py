@@ -33,7 +33,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -201,6 +201,10 @@ async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
                 await Cgroup(sub).remove(reaper, timeout=5.0)
             except OSError as e:
                 print(f"nsinitd: warning: stale cgroup: {e}", file=sys.stderr)
+
+
+def _ignore(prog: Program) -> None:
+    pass
 
 
 def _left_starting(state: ProcessState) -> bool:
@@ -581,10 +585,11 @@ class Daemon:
         """Start in ascending priority; each priority level leaves STARTING before the next."""
         await self._start_levels([self.programs[p.name] for p in pcfgs])
 
-    async def _start_levels(self, progs: Sequence[Program]) -> None:
+    async def _start_levels(self, progs: Sequence[Program], answer: Callable[[Program], None] = _ignore) -> None:
         """Start in ascending priority: a level's programs are asked in name order (each spawn then
         goes on in its own task) and awaited together; the next level only once every program of
-        this one has left STARTING (RUNNING, BACKOFF, FATAL, EXITED...)."""
+        this one has left STARTING (RUNNING, BACKOFF, FATAL, EXITED...). answer: called for each
+        program as its level is done, as start() returns for one."""
         for level in self._levels(progs, descending=False):
             waiting: set[Program] = set()
             for prog in level:
@@ -595,14 +600,18 @@ class Daemon:
             async with trio.open_nursery() as n:
                 for prog in level:
                     n.start_soon(prog.start if prog in waiting else partial(prog.wait_until, _left_starting))
+            for prog in level:
+                answer(prog)
 
-    async def _stop_levels(self, progs: Sequence[Program], *, finish: bool = False, bounded: bool = True) -> None:
+    async def _stop_levels(self, progs: Sequence[Program], *, finish: bool = False, bounded: bool = True,
+                           answer: Callable[[Program], None] = _ignore) -> None:
         """Stop in descending priority: every program of a level is signalled at once and the
         level is awaited together, each program for at most its own stop bound (stopwaitsecs,
         SIGKILL, teardown), before the next level is touched. A program that won't die (D state)
         is left STOPPING once its bound is over: its callers report it. finish: end the program
         tasks too (shutdown, removal on reload). Not bounded: each program's stop is awaited to
-        its end (a reload must not start a program's successor beside it)."""
+        its end (a reload must not start a program's successor beside it). answer: as for
+        _start_levels."""
 
         async def one(prog: Program) -> None:
             with trio.move_on_after(self._stop_bound(prog) if bounded else math.inf):
@@ -612,6 +621,8 @@ class Daemon:
             async with trio.open_nursery() as n:
                 for prog in reversed(level):
                     n.start_soon(one, prog)
+            for prog in level:
+                answer(prog)
 
     async def _stop_all(self) -> None:
         """Stop every program in descending priority and end their tasks."""
@@ -713,14 +724,12 @@ class Daemon:
             self._check_open()
         except ControlError as e:
             return [answers.get(name, e) for name in dict.fromkeys(names)]
-        await self._start_levels(progs)
-        answers.update((p.name, self._status(p)) for p in progs)
+        await self._start_levels(progs, lambda p: answers.update({p.name: self._status(p)}))
         return self._in_order(names, answers)
 
     async def stop_many(self, names: Sequence[str]) -> list[ProgramStatus | ControlError]:
         progs, answers = self._many(names)
-        await self._stop_levels(progs)
-        answers.update((p.name, self._status(p)) for p in progs)
+        await self._stop_levels(progs, answer=lambda p: answers.update({p.name: self._status(p)}))
         return self._in_order(names, answers)
 
     async def restart_many(self, names: Sequence[str]) -> list[ProgramStatus | ControlError]:
@@ -736,8 +745,7 @@ class Daemon:
                 answers[prog.name] = ControlError("failed", f"{prog.name} did not stop ({prog.describe()})")
             else:
                 up.append(prog)
-        await self._start_levels(up)
-        answers.update((p.name, self._status(p)) for p in up)
+        await self._start_levels(up, lambda p: answers.update({p.name: self._status(p)}))
         return self._in_order(names, answers)
 
     def signal(self, name: str, signum: int) -> None:
