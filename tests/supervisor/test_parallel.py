@@ -225,3 +225,44 @@ async def test_the_control_socket_answers_each_name_in_order_with_the_one_progra
     refused = await r.daemon.restart_many(["up", "ghost"])
     assert [(type(e).__name__, getattr(e, "code", None)) for e in refused] == [
         ("ControlError", "bad_state"), ("ControlError", "no_such_program")]
+
+
+async def test_the_shutdown_signals_a_priority_group_together_and_the_next_once_it_is_down(
+        cfg: ConfigWriter, run_daemon, fifos: tuple[Fifo, Fifo]) -> None:  # type: ignore[no-untyped-def]
+    report, gate = fifos
+    r = await run_daemon(cfg.load("".join(trapping(n, p, report.path, gate.path)
+                                          for n, p in [("db", 1), ("web1", 2), ("web2", 2)])))
+    await r.daemon.start_many(["db", "web1", "web2"])
+    assert sorted(await report.lines(3)) == ["up:db", "up:web1", "up:web2"]
+    r.daemon.request_shutdown("test")
+    assert sorted(await report.lines(2)) == ["term:web1", "term:web2"]
+    assert r.watcher.find("program.exited") == [] and r.watcher.find("program.stopping", "db") == []
+    gate.write_lines(2)
+    assert await report.lines(1) == ["term:db"]
+    assert [e["program"] for e in r.watcher.find("program.stopped")] in (["web1", "web2"], ["web2", "web1"])
+    gate.write_lines(1)
+    with trio.fail_after(15):
+        await r.daemon.done.wait()
+    assert [e["program"] for e in r.watcher.find("program.stopped")][2:] == ["db"]
+
+
+async def test_a_reload_stops_the_removed_programs_of_a_priority_together(
+        cfg: ConfigWriter, run_daemon, fifos: tuple[Fifo, Fifo]) -> None:  # type: ignore[no-untyped-def]
+    report, gate = fifos
+    both = "".join(trapping(n, 1, report.path, gate.path) for n in ("a", "b"))
+    r = await run_daemon(cfg.load(both + PLAIN.format(name="kept", priority=1)))
+    await r.daemon.start_many(["a", "b"])
+    assert sorted(await report.lines(2)) == ["up:a", "up:b"]
+    cfg.write(PLAIN.format(name="kept", priority=1))
+    async with trio.open_nursery() as n:
+        changes: list[dict[str, list[str]]] = []
+
+        async def reload() -> None:
+            changes.append(await r.daemon.reload())
+
+        n.start_soon(reload)
+        assert sorted(await report.lines(2)) == ["term:a", "term:b"]  # both, before either is gone
+        gate.write_lines(2)
+    assert changes == [{"added": [], "removed": ["a", "b"], "changed": []}]
+    assert sorted(r.daemon.programs) == ["kept"]
+    assert sorted(e["program"] for e in r.watcher.find("program.stopped")) == ["a", "b"]
