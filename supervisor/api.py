@@ -68,6 +68,19 @@ class SupervisorAPI(Protocol):
     async def restart(self, name: str) -> ProgramStatus:
         """stop then start."""
 
+    async def start_many(self, names: Sequence[str]) -> list[ProgramStatus | ControlError]:
+        """start of each name at once, by ascending priority groups (a group leaves STARTING
+        before the next is started); one answer per name (each once), in their order: the
+        status, or the ControlError start would raise (no_such_program, bad_state)."""
+
+    async def stop_many(self, names: Sequence[str]) -> list[ProgramStatus | ControlError]:
+        """stop of each name at once, by descending priority groups (a group is down, or past
+        its programs' stop bounds, before the next is signalled); answers as start_many."""
+
+    async def restart_many(self, names: Sequence[str]) -> list[ProgramStatus | ControlError]:
+        """stop_many, then start_many of those that stopped; answers as restart would give:
+        ControlError(failed) for a program that did not stop."""
+
     def signal(self, name: str, signum: int) -> None:
         """Send signum to the program's command; ControlError(bad_state) when not running."""
 

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import signal
 import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -199,6 +201,14 @@ async def _clean_stale_cgroups(parent: Path, reaper: Reaper) -> None:
                 await Cgroup(sub).remove(reaper, timeout=5.0)
             except OSError as e:
                 print(f"nsinitd: warning: stale cgroup: {e}", file=sys.stderr)
+
+
+def _ignore(prog: Program) -> None:
+    pass
+
+
+def _left_starting(state: ProcessState) -> bool:
+    return state is not ProcessState.STARTING
 
 
 class Daemon:
@@ -562,33 +572,66 @@ class Daemon:
         await self._programs_nursery.start(prog.run)
         return prog
 
+    @staticmethod
+    def _levels(progs: Sequence[Program], *, descending: bool) -> list[list[Program]]:
+        """Programs in priority groups: ascending (start) or descending (stop) priority; within a
+        group by name (ascending), for the order of spawns."""
+        levels: dict[int, list[Program]] = {}
+        for prog in sorted(progs, key=lambda p: p.name):
+            levels.setdefault(prog.cfg.priority, []).append(prog)
+        return [levels[prio] for prio in sorted(levels, reverse=descending)]
+
     async def _start_group(self, pcfgs: Sequence[config_mod.ProgramConfig]) -> None:
         """Start in ascending priority; each priority level leaves STARTING before the next."""
-        levels: dict[int, list[Program]] = {}
-        for p in pcfgs:
-            levels.setdefault(p.priority, []).append(self.programs[p.name])
-        for prio in sorted(levels):
-            for prog in levels[prio]:  # spawned in name order, then awaited together
-                await prog.command(machine.Start())
-            for prog in levels[prio]:
-                await prog.wait_until(lambda s: s is not ProcessState.STARTING)
+        await self._start_levels([self.programs[p.name] for p in pcfgs])
+
+    async def _start_levels(self, progs: Sequence[Program], answer: Callable[[Program], None] = _ignore) -> None:
+        """Start in ascending priority: a level's programs are asked in name order (each spawn then
+        goes on in its own task) and awaited together; the next level only once every program of
+        this one has left STARTING (RUNNING, BACKOFF, FATAL, EXITED...). answer: called for each
+        program as its level is done, as start() returns for one."""
+        for level in self._levels(progs, descending=False):
+            waiting: set[Program] = set()
+            for prog in level:
+                if prog.state is ProcessState.STOPPING:
+                    waiting.add(prog)  # start() waits for its stop, then starts it
+                elif prog.state not in (ProcessState.STARTING, ProcessState.RUNNING):
+                    await prog.command(machine.Start())
+            async with trio.open_nursery() as n:
+                for prog in level:
+                    n.start_soon(prog.start if prog in waiting else partial(prog.wait_until, _left_starting))
+            for prog in level:
+                answer(prog)
+
+    async def _stop_levels(self, progs: Sequence[Program], *, finish: bool = False, bounded: bool = True,
+                           answer: Callable[[Program], None] = _ignore) -> None:
+        """Stop in descending priority: every program of a level is signalled at once and the
+        level is awaited together, each program for at most its own stop bound (stopwaitsecs,
+        SIGKILL, teardown), before the next level is touched. A program that won't die (D state)
+        is left STOPPING once its bound is over: its callers report it. finish: end the program
+        tasks too (shutdown, removal on reload). Not bounded: each program's stop is awaited to
+        its end (a reload must not start a program's successor beside it). answer: as for
+        _start_levels."""
+
+        async def one(prog: Program) -> None:
+            with trio.move_on_after(self._stop_bound(prog) if bounded else math.inf):
+                await (prog.finish() if finish else prog.stop())
+
+        for level in self._levels(progs, descending=True):
+            async with trio.open_nursery() as n:
+                for prog in reversed(level):
+                    n.start_soon(one, prog)
+            for prog in level:
+                answer(prog)
 
     async def _stop_all(self) -> None:
         """Stop every program in descending priority and end their tasks."""
         async with self._lock:
             sd_notify("STOPPING=1")
             self.bus.emit("supervisor.stopping", reason=self._shutdown_reason or "requested")
-            levels: dict[int, list[Program]] = {}
-            for prog in self.programs.values():
-                levels.setdefault(prog.cfg.priority, []).append(prog)
-            for prio in sorted(levels, reverse=True):
-                # bounded: a program that won't die (D state) is left to the cancellation below,
-                # which reports it stuck; the shutdown never hangs on it
-                bound = max(self._stop_bound(p) for p in levels[prio])
-                with trio.move_on_after(bound):
-                    async with trio.open_nursery() as n:
-                        for prog in levels[prio]:
-                            n.start_soon(prog.finish)
+            # bounded: a program that won't die (D state) is left to the cancellation of the
+            # programs' nursery, which reports it stuck; the shutdown never hangs on it
+            await self._stop_levels(list(self.programs.values()), finish=True)
 
     def reopen_logs(self) -> None:
         self.bus.reopen()
@@ -659,6 +702,52 @@ class Daemon:
         await prog.start()
         return self._status(prog)
 
+    def _many(self, names: Sequence[str]) -> tuple[list[Program], dict[str, ProgramStatus | ControlError]]:
+        """The programs named (each once) and the answers already known: no_such_program."""
+        progs: list[Program] = []
+        answers: dict[str, ProgramStatus | ControlError] = {}
+        for name in dict.fromkeys(names):
+            try:
+                progs.append(self._get(name))
+            except ControlError as e:
+                answers[name] = e
+        return progs, answers
+
+    @staticmethod
+    def _in_order(names: Sequence[str],
+                  answers: dict[str, ProgramStatus | ControlError]) -> list[ProgramStatus | ControlError]:
+        return [answers[name] for name in dict.fromkeys(names)]
+
+    async def start_many(self, names: Sequence[str]) -> list[ProgramStatus | ControlError]:
+        progs, answers = self._many(names)
+        try:
+            self._check_open()
+        except ControlError as e:
+            return [answers.get(name, e) for name in dict.fromkeys(names)]
+        await self._start_levels(progs, lambda p: answers.update({p.name: self._status(p)}))
+        return self._in_order(names, answers)
+
+    async def stop_many(self, names: Sequence[str]) -> list[ProgramStatus | ControlError]:
+        progs, answers = self._many(names)
+        await self._stop_levels(progs, answer=lambda p: answers.update({p.name: self._status(p)}))
+        return self._in_order(names, answers)
+
+    async def restart_many(self, names: Sequence[str]) -> list[ProgramStatus | ControlError]:
+        progs, answers = self._many(names)
+        try:
+            self._check_open()
+        except ControlError as e:
+            return [answers.get(name, e) for name in dict.fromkeys(names)]
+        await self._stop_levels(progs)
+        up = []
+        for prog in progs:
+            if prog.state is ProcessState.STOPPING:
+                answers[prog.name] = ControlError("failed", f"{prog.name} did not stop ({prog.describe()})")
+            else:
+                up.append(prog)
+        await self._start_levels(up, lambda p: answers.update({p.name: self._status(p)}))
+        return self._in_order(names, answers)
+
     def signal(self, name: str, signum: int) -> None:
         prog = self._get(name)
         if prog.child is None or prog.state not in SIGNALLABLE_STATES:
@@ -720,10 +809,9 @@ class Daemon:
                 self.bus.emit("config.error", error=str(e))
                 raise ControlError("failed", str(e)) from None
             added, removed, changed = self._changes(new)
-            going = sorted((self.programs[n] for n in removed + changed),
-                           key=lambda p: p.cfg.priority, reverse=True)
+            going = [self.programs[n] for n in removed + changed]
+            await self._stop_levels(going, finish=True, bounded=False)
             for prog in going:
-                await prog.finish()
                 del self.programs[prog.name]
             self.config = Config(self.config.path, self.config.supervisor, new.programs, self.config.web)
             await self._keeper_zygote()

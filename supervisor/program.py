@@ -473,11 +473,13 @@ class Program:
                     await self._hold(keeper, child, held)
             else:
                 cgroup = Cgroup(self.ctx.cgroup_root / self.name) if self.ctx.cgroup_root else None
-                async with self.ctx.spawn_lock:
-                    if keeper is not None:
-                        child = await spawn_kept(keeper, self.cfg, env, (devnull, out_w, err_w), held,
-                                                 self._log_paths(), cgroup)
-                    else:
+                if keeper is not None:
+                    # not under the spawn lock: the keeper's client takes the requests in turn, and
+                    # other programs' transitions (exits, stops) go on while the keeper forks
+                    child = await spawn_kept(keeper, self.cfg, env, (devnull, out_w, err_w), held,
+                                             self._log_paths(), cgroup)
+                else:
+                    async with self.ctx.spawn_lock:
                         child = spawn_plain(self.cfg.command, env, (devnull, out_w, err_w), self.ctx.reaper, cgroup)
                 try:
                     write_pid_files(self.state_dir, child.pid)

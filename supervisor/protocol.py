@@ -62,6 +62,10 @@ COMMANDS: Final[Mapping[str, Mapping[str, tuple[_Kind, bool]]]] = {
     "start": {"name": (_Kind.STR, True)},
     "stop": {"name": (_Kind.STR, True)},
     "restart": {"name": (_Kind.STR, True)},
+    # many programs at once, by priority groups (each group together); one answer per name
+    "start_many": {"names": (_Kind.NAMES, True)},
+    "stop_many": {"names": (_Kind.NAMES, True)},
+    "restart_many": {"names": (_Kind.NAMES, True)},
     "signal": {"name": (_Kind.STR, True), "signum": (_Kind.INT, True)},
     "exec_target": {"name": (_Kind.STR, True)},
     "log_path": {"name": (_Kind.STR, True), "stream": (_Kind.STREAM, True)},

@@ -53,7 +53,7 @@ import trio
 
 from supervisor import __version__
 from supervisor import protocol as proto
-from supervisor.api import ControlError, SupervisorAPI
+from supervisor.api import ControlError, ProgramStatus, SupervisorAPI
 from supervisor.states import STOPPED_STATES
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python doesn't name it
@@ -158,6 +158,44 @@ async def _restart(api: SupervisorAPI, args: Args) -> Json:
     return (await api.restart(args["name"])).to_json()
 
 
+def _refusal(api: SupervisorAPI, name: str, refused: frozenset[str], message: str) -> ControlError | None:
+    """Why start/stop refuses ``name`` (what the one-program handlers above raise), or None."""
+    try:
+        state = api.status((name,))[0].state
+    except ControlError as e:
+        return e
+    return ControlError("bad_state", message) if state in refused else None
+
+
+async def _many(names: list[str], refusal: Callable[[str], ControlError | None],
+                act: Callable[[list[str]], Awaitable[list[ProgramStatus | ControlError]]]) -> Json:
+    """One answer per name, in their order (each once): the program's status, or
+    ``{"name", "error": {"code", "message"}}`` as nsinitctl --json prints a refused one. The
+    refusals are made before anything changes, then the rest is acted on at once."""
+    names = list(dict.fromkeys(names))
+    answers: dict[str, ProgramStatus | ControlError] = {}
+    for name in names:
+        if (refused := refusal(name)) is not None:
+            answers[name] = refused
+    acting = [n for n in names if n not in answers]
+    answers.update(zip(acting, await act(acting), strict=True))
+    return [{"name": name, "error": {"code": a.code, "message": a.message}} if isinstance(a, ControlError)
+            else a.to_json() for name, a in ((n, answers[n]) for n in names)]
+
+
+async def _start_many(api: SupervisorAPI, args: Args) -> Json:
+    return await _many(args["names"], lambda n: _refusal(api, n, frozenset({"RUNNING"}), "already started"),
+                       api.start_many)
+
+
+async def _stop_many(api: SupervisorAPI, args: Args) -> Json:
+    return await _many(args["names"], lambda n: _refusal(api, n, _NOT_RUNNING, "not running"), api.stop_many)
+
+
+async def _restart_many(api: SupervisorAPI, args: Args) -> Json:
+    return await _many(args["names"], lambda n: _refusal(api, n, frozenset(), ""), api.restart_many)
+
+
 async def _signal(api: SupervisorAPI, args: Args) -> Json:
     signum = args["signum"]
     if signum not in signal.valid_signals() or signum == 0:
@@ -225,6 +263,9 @@ CALLS: Final[Mapping[str, Call]] = {
     "start": _start,
     "stop": _stop,
     "restart": _restart,
+    "start_many": _start_many,
+    "stop_many": _stop_many,
+    "restart_many": _restart_many,
     "signal": _signal,
     "exec_target": _exec_target,
     "log_path": _log_path,
