@@ -278,25 +278,35 @@ def create(root: str, cid: str, bundle: str, *, pid_file: str | None = None,
     finally:
         if null >= 0:
             os.close(null)
+    master, c.console = c.console, None
+    _hand_over(console, console_socket, master, "process.terminal: the container's init sent no pty master",
+               pid_file, c.pid, lambda: _destroy(rec, c))
+    return c.pid
+
+
+def _hand_over(console: socket.socket | None, console_socket: str | None, master: int | None, no_master: str,
+               pid_file: str | None, pid: int, undo: Callable[[], None]) -> None:
+    """The end of create and of a detached exec: the pty master to the console socket, then the
+    pid file; on a failure of either, undo (kill what was made) and raise."""
     if console is not None and console_socket is not None:
-        master, c.console = c.console, None
         try:
             if master is None:
-                raise NsRuntimeError("process.terminal: the container's init sent no pty master")
+                raise NsRuntimeError(no_master)
             send_console(console, console_socket, master)
         except BaseException:
-            _destroy(rec, c)
+            undo()
             raise
         finally:
             if master is not None:
                 os.close(master)
+    elif master is not None:
+        os.close(master)
     if pid_file is not None:
         try:
-            write_pid_file(pid_file, c.pid)
+            write_pid_file(pid_file, pid)
         except OSError as e:
-            _destroy(rec, c)
+            undo()
             raise NsRuntimeError(f"--pid-file {pid_file}: {(e.strerror or str(e)).lower()}") from None
-    return c.pid
 
 
 def _lifecycle(rec: Record, sp: oci_spec.Spec) -> oci_hooks.SpecHooks | None:
@@ -795,29 +805,13 @@ def exec_(root: str, cid: str, args: list[str], *, process_file: str | None = No
                 console.close()
             raise
         j.wait()  # the helper, gone as soon as the command runs
-        if console is not None and console_socket is not None:
-            master, j.console = j.console, None
-            try:
-                if master is None:
-                    raise NsRuntimeError("exec --tty: the join sent no pty master")
-                send_console(console, console_socket, master)
-            except BaseException:
-                import signal
 
-                with suppress(ProcessLookupError):
-                    os.kill(j.cmd_pid, signal.SIGKILL)
-                raise
-            finally:
-                if master is not None:
-                    os.close(master)
-        if pid_file is not None:
-            try:
-                write_pid_file(pid_file, j.cmd_pid)
-            except OSError as e:
-                import signal
+        def kill() -> None:
+            with suppress(ProcessLookupError):
+                os.kill(j.cmd_pid, 9)  # SIGKILL
 
-                with suppress(ProcessLookupError):
-                    os.kill(j.cmd_pid, signal.SIGKILL)
-                raise NsRuntimeError(f"--pid-file {pid_file}: {(e.strerror or str(e)).lower()}") from None
+        master, j.console = j.console, None
+        _hand_over(console, console_socket, master, "exec --tty: the join sent no pty master", pid_file, j.cmd_pid,
+                   kill)
         return 0
     return joiner.join(rec.sdir, command, tty=terminal, config=cfg)
